@@ -1,0 +1,41 @@
+# FeatAug — the two commands a new user needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.feataug-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup demo demo-full test test-slow bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt tools/install_detectron2.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" -c constraints.txt
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PY) tools/install_detectron2.py
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/feataug demo --profile quick
+
+demo-full: setup
+	$(VENV)/bin/feataug demo --profile full
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: setup
+	$(PIP) install -q -c constraints.txt -e ".[bench]"
+	$(VENV)/bin/feataug bench --out bench.json
+
+lint: setup
+	$(PIP) install -q ruff
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

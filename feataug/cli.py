@@ -1,0 +1,64 @@
+"""The ``feataug`` console command.
+
+Each subcommand lives in a library module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; the module is imported only when its subcommand runs, so
+``feataug --help`` and ``feataug env`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("feataug.env", "versions of torch, torchvision, detectron2, CUDA and COCO evaluators"),
+    "pretrain": ("pretrain.engine", "self-supervised pretraining (MoCo v2 / SimSiam / BYOL + FA)"),
+    "lincls": ("pretrain.lincls", "linear evaluation of a pretrained backbone"),
+    "convert": ("transfer.convert", "convert a pretraining checkpoint into Detectron2 weights"),
+    "detect": ("transfer.detect", "fine-tune and evaluate Faster/Mask R-CNN with Detectron2"),
+    "coco-eval": ("transfer.coco_eval", "COCO-evaluate a results file against ground truth"),
+    "prepare-data": ("feataug.data", "fetch and convert the registry datasets"),
+    "demo": ("feataug.demo", "end-to-end demo: pretrain, convert, fine-tune, evaluate"),
+    "bench": ("feataug.bench", "benchmarks against peer implementations"),
+    "study": ("feataug.study", "run a grid of FA pretraining experiments"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return argparse.ArgumentParser(
+        prog="feataug",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="FeatAug: feature-augmented self-supervised pretraining and detection transfer.",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `feataug COMMAND --help` for its options.",
+        usage="feataug [-h] [--version] COMMAND [ARGS ...]",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    top.add_argument("--version", action="store_true", help="print the version and exit")
+    if not argv or argv[0] not in COMMANDS:
+        args, rest = top.parse_known_args(argv)
+        if args.version:
+            from feataug import __version__
+
+            print(f"feataug {__version__}")
+            return 0
+        if rest:
+            top.error(f"unknown command {rest[0]!r}")
+        top.print_help()
+        return 0 if not argv else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"feataug {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Self-supervised pretraining with feature augmentation (MoCo v2, SimSiam, BYOL)."""

@@ -1,0 +1,120 @@
+"""Every pretraining config key, with its default, in one place (Detectron2-style).
+
+Config files hold only what differs from these defaults; command-line ``KEY VALUE`` pairs
+override both (``cfg.merge_from_list``).
+"""
+
+from __future__ import annotations
+
+from fvcore.common.config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 1
+_C.OUTPUT_DIR = "output/pretrain"
+_C.SEED = 0
+# Deterministic kernels (slower); the kill-and-resume test relies on it.
+_C.DETERMINISTIC = False
+
+# ----------------------------------------------------------------------------- model
+_C.MODEL = CN()
+_C.MODEL.METHOD = "moco"  # moco | simsiam | byol
+_C.MODEL.BACKBONE = "resnet50"  # resnet18 | resnet34 | resnet50
+# "imagenet": 7x7/2 conv + max-pool; "cifar": 3x3/1 conv, no pool (tiny images only; the
+# converter refuses it because Detectron2's stem is the ImageNet one).
+_C.MODEL.STEM = "imagenet"
+_C.MODEL.ZERO_INIT_RESIDUAL = False
+# Projector / predictor MLPs. 0 means "the method's published default".
+_C.MODEL.PROJ_HIDDEN_DIM = 0
+_C.MODEL.PROJ_DIM = 0
+_C.MODEL.PRED_HIDDEN_DIM = 0
+
+_C.MODEL.MOCO = CN()
+_C.MODEL.MOCO.K = 65536  # queue length
+_C.MODEL.MOCO.M = 0.999  # key-encoder momentum
+_C.MODEL.MOCO.T = 0.2  # InfoNCE temperature
+_C.MODEL.MOCO.MLP = True  # MoCo v2 projection head
+_C.MODEL.MOCO.SHUFFLE_BN = True  # shuffle-BN across GPUs under DDP (else SyncBN)
+
+_C.MODEL.BYOL = CN()
+_C.MODEL.BYOL.BASE_MOMENTUM = 0.996  # tau_base; tau follows 1 - (1 - tau_base)(cos(pi k/K) + 1)/2
+
+# ----------------------------------------------------------------------------- feature augmentation
+_C.FA = CN()
+_C.FA.ENABLED = False
+_C.FA.OP = "noise"  # noise | dropout | extrapolate | interpolate | hardmix | generator
+_C.FA.POSITION = "projector"  # backbone | projector
+_C.FA.ARCH = "basic"  # basic | pre_predictor | post_predictor | separate_predictor
+_C.FA.STOP_GRAD = "none"  # none | input | all
+_C.FA.ROLE = "positive"  # MoCo: positive | negative | both
+_C.FA.NUM = 1  # augmented copies per sample
+_C.FA.LOSS_WEIGHT = 1.0
+# operator hyper-parameters
+_C.FA.NOISE_STD = 0.1  # sigma, relative to the batch feature std
+_C.FA.DROPOUT_P = 0.1
+_C.FA.ALPHA = 2.0  # Beta(alpha, alpha) for extrapolate / interpolate
+_C.FA.HARDMIX_TOPN = 1024  # N hardest queue negatives mixed
+_C.FA.HARDMIX_NUM = 1024  # synthesized negatives per query (half neg-neg, half query-neg)
+_C.FA.GEN_HIDDEN_DIM = 512
+_C.FA.GEN_NOISE_DIM = 64
+
+# ----------------------------------------------------------------------------- data
+_C.DATA = CN()
+_C.DATA.ROOT = ""
+_C.DATA.FORMAT = "folder"  # folder | idx | list
+_C.DATA.IMAGE_SIZE = 224
+# Optional labeled split for the kNN monitor (same FORMAT); empty disables it.
+_C.DATA.KNN_TRAIN_ROOT = ""
+_C.DATA.KNN_VAL_ROOT = ""
+_C.DATA.MAX_IMAGES = 0  # >0: use only the first N images (smoke runs)
+
+# ordinary data augmentation
+_C.DA = CN()
+_C.DA.SYMMETRIC = True  # same pipeline for both views (MoCo v2) or BYOL's asymmetric pair
+_C.DA.STRENGTH = "strong"  # weak | strong
+_C.DA.MIN_SCALE = 0.2  # RandomResizedCrop scale lower bound
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 4
+_C.DATALOADER.PERSISTENT_WORKERS = True
+
+# ----------------------------------------------------------------------------- solver
+_C.SOLVER = CN()
+_C.SOLVER.OPTIMIZER = "sgd"  # sgd | lars
+_C.SOLVER.BASE_LR = 0.03  # for a batch of 256; scaled by BATCH_SIZE / 256
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+_C.SOLVER.BATCH_SIZE = 256  # total over all processes
+_C.SOLVER.EPOCHS = 200
+_C.SOLVER.MAX_ITER = 0  # >0: stop after this many iterations
+_C.SOLVER.WARMUP_EPOCHS = 0
+_C.SOLVER.SCHEDULE = "cosine"  # cosine | step | constant
+_C.SOLVER.FIX_PRED_LR = False  # SimSiam: predictor keeps the base lr
+_C.SOLVER.AMP = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+_C.SOLVER.CHANNELS_LAST = False
+_C.SOLVER.CHECKPOINT_PERIOD = 10  # epochs between numbered checkpoints (last.pth: every epoch)
+_C.SOLVER.CHECKPOINT_ITERS = 0  # >0: also refresh last.pth every N iterations
+
+# ----------------------------------------------------------------------------- monitoring
+_C.LOG_PERIOD = 10  # iterations between metrics.jsonl lines
+_C.KNN = CN()
+_C.KNN.PERIOD = 0  # epochs between kNN evaluations; 0 disables
+_C.KNN.K = 200
+_C.KNN.T = 0.1
+
+
+def get_cfg() -> CN:
+    """A fresh copy of the defaults."""
+    return _C.clone()
+
+
+def load_cfg(config_file: str | None = None, opts: list[str] | None = None) -> CN:
+    """Defaults <- config file <- ``KEY VALUE`` overrides, then frozen."""
+    cfg = get_cfg()
+    if config_file:
+        cfg.merge_from_file(config_file)
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got {opts}")
+        cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg

@@ -1,0 +1,1 @@
+"""Transfer of pretrained backbones to Detectron2 object detection."""
