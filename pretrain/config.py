@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from fvcore.common.config import CfgNode as CN
 
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the value."""
+
+
 _C = CN()
 _C.VERSION = 1
 _C.OUTPUT_DIR = "output/pretrain"
 _C.SEED = 0
 # Deterministic kernels (slower); the kill-and-resume test relies on it.
 _C.DETERMINISTIC = False
+# auto: CUDA when available (one GPU per process under torchrun), else CPU | cpu | cuda
+_C.DEVICE = "auto"
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -65,6 +72,8 @@ _C.DATA.IMAGE_SIZE = 224
 # Optional labeled split for the kNN monitor (same FORMAT); empty disables it.
 _C.DATA.KNN_TRAIN_ROOT = ""
 _C.DATA.KNN_VAL_ROOT = ""
+# Format of the kNN / linear-probe splits (folder | idx | list); empty: DATA.FORMAT
+_C.DATA.KNN_FORMAT = ""
 _C.DATA.MAX_IMAGES = 0  # >0: use only the first N images (smoke runs)
 
 # ordinary data augmentation
@@ -88,6 +97,8 @@ _C.SOLVER.EPOCHS = 200
 _C.SOLVER.MAX_ITER = 0  # >0: stop after this many iterations
 _C.SOLVER.WARMUP_EPOCHS = 0
 _C.SOLVER.SCHEDULE = "cosine"  # cosine | step | constant
+_C.SOLVER.STEPS = (120, 160)  # schedule "step": lr x GAMMA at each of these epochs
+_C.SOLVER.GAMMA = 0.1
 _C.SOLVER.FIX_PRED_LR = False  # SimSiam: predictor keeps the base lr
 _C.SOLVER.AMP = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
 _C.SOLVER.CHANNELS_LAST = False
@@ -96,10 +107,26 @@ _C.SOLVER.CHECKPOINT_ITERS = 0  # >0: also refresh last.pth every N iterations
 
 # ----------------------------------------------------------------------------- monitoring
 _C.LOG_PERIOD = 10  # iterations between metrics.jsonl lines
+_C.TENSORBOARD = True  # OUTPUT_DIR/tb event files
 _C.KNN = CN()
 _C.KNN.PERIOD = 0  # epochs between kNN evaluations; 0 disables
 _C.KNN.K = 200
 _C.KNN.T = 0.1
+
+# ----------------------------------------------------------------------------- linear evaluation
+# ``feataug lincls``: a linear classifier on the frozen trunk (MoCo protocol: SGD, lr 30,
+# momentum 0.9, no weight decay, RandomResizedCrop + flip; cosine decay here).
+_C.LINCLS = CN()
+_C.LINCLS.TRAIN_ROOT = ""  # labelled split in DATA.KNN_FORMAT; empty: DATA.KNN_TRAIN_ROOT
+_C.LINCLS.VAL_ROOT = ""  # empty: DATA.KNN_VAL_ROOT
+_C.LINCLS.EPOCHS = 100
+_C.LINCLS.BATCH_SIZE = 256
+_C.LINCLS.BASE_LR = 30.0  # for a batch of 256; scaled by BATCH_SIZE / 256
+_C.LINCLS.MOMENTUM = 0.9
+_C.LINCLS.WEIGHT_DECAY = 0.0
+# True: a fresh augmented view every epoch (the paper protocol). False: features of the
+# center crop computed once, then only the linear layer trains (fast on a CPU).
+_C.LINCLS.AUGMENT = True
 
 
 def get_cfg() -> CN:

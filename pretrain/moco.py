@@ -1,0 +1,194 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020) with feature augmentation.
+
+x1 -> query encoder f_q (trunk + projector) -> q;  x2 -> key encoder f_k -> k, where f_k is a
+momentum copy of f_q (θ_k ← m θ_k + (1 − m) θ_q, updated at the start of every forward, as in the
+paper). Loss: InfoNCE of q against its key k⁺ and the K queued keys, temperature T; then k is
+enqueued (FIFO, wrap-around). Under DDP keys are gathered from every process and, with
+MODEL.MOCO.SHUFFLE_BN, the key batch is shuffled across processes so BN cannot cheat.
+
+FA (see ``pretrain/fa.py`` for every key): augmented queries q̃ = normalize(FA(z_q)) (POSITION
+projector) or normalize(projector(FA(h_q))) (POSITION backbone), with the key encoder's feature as
+the positive z⁺.
+- ROLE positive: ``loss_fa`` = InfoNCE(q̃, k⁺, queue), ``loss = loss_ssl + w·loss_fa``.
+- ROLE negative: q̃ of the other images in the batch join every query's negatives.
+- ROLE both: the two.
+- OP hardmix: FA.HARDMIX_NUM synthesised hard negatives per query join its negatives.
+Augmented features are never enqueued.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import build_backbone
+from .build import METHOD_REGISTRY, float32
+from .config import ConfigError
+from .dist import broadcast_, concat_all_gather, get_rank, get_world_size
+from .fa import FeatureAugmenter, fa_dim, register_as
+from .heads import moco_projector
+
+
+def info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor,
+    T: float,
+    extra: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE, averaged over the batch; the positive is logit 0.
+
+        L = − log [ exp(q·k⁺/T) / (exp(q·k⁺/T) + Σ_j exp(q·n_j/T)) ]
+
+    q, k: [N, C] unit vectors; queue: [K, C] unit negatives; extra: [N, M] similarities to extra
+    per-query negatives (``-inf`` masks an entry). Returns (loss, logits [N, 1+K(+M)]).
+    """
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(1)  # [N, 1]
+    l_neg = torch.einsum("nc,kc->nk", q, queue)  # [N, K]
+    logits = torch.cat([l_pos, l_neg] + ([extra] if extra is not None else []), dim=1) / T
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels), logits
+
+
+@register_as(METHOD_REGISTRY, "moco")
+class MoCo(nn.Module):
+    """MoCo v2 + FA. ``forward(x1, x2)``: x1 the query view, x2 the key view."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        mc = cfg.MODEL
+        self.K, self.m, self.T = mc.MOCO.K, mc.MOCO.M, mc.MOCO.T
+        self.shuffle_bn = mc.MOCO.SHUFFLE_BN
+        self._arch = {"name": mc.BACKBONE, "stem": mc.STEM}
+
+        self.backbone = build_backbone(mc.BACKBONE, mc.STEM, mc.ZERO_INIT_RESIDUAL)
+        feat_dim = self.backbone.feat_dim
+        dim = mc.PROJ_DIM or 128
+        self.projector = moco_projector(feat_dim, mc.PROJ_HIDDEN_DIM or feat_dim, dim, mc.MOCO.MLP)
+        self.backbone_k = copy.deepcopy(self.backbone)
+        self.projector_k = copy.deepcopy(self.projector)
+        for p in self._key_params():
+            p.requires_grad_(False)
+
+        self.register_buffer("queue", F.normalize(torch.randn(self.K, dim), dim=1))  # [K, C]
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+        fa = cfg.FA
+        self.fa = FeatureAugmenter(cfg, fa_dim(cfg, feat_dim, dim)) if fa.ENABLED else None
+        self.fa_position, self.fa_role, self.fa_weight = fa.POSITION, fa.ROLE, fa.LOSS_WEIGHT
+
+    # ------------------------------------------------------------------ engine interface
+    def arch(self) -> dict:
+        return dict(self._arch)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def after_step(self, progress: float) -> None:
+        """No-op: the key encoder is updated inside ``forward``, as in the paper."""
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.backbone(x1)  # [N, F]
+        z = self.projector(h)  # [N, C]
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            h_k, z_k = self._key_features(x2)  # [N, F], [N, C]
+        hardmix = self.fa is not None and self.fa.op_name == "hardmix"
+        z_aug = None  # [NUM*N, C] augmented queries, before normalisation
+        if self.fa is not None and not hardmix:
+            if self.fa_position == "backbone":
+                z_aug = self.projector(self.fa(h, h_k))
+            else:
+                z_aug = self.fa(z, z_k)
+
+        with float32(x1):
+            q = F.normalize(z.float(), dim=1)  # [N, C]
+            k = F.normalize(z_k.float(), dim=1)  # [N, C]
+            queue = self.queue.clone().detach()  # [K, C]; the enqueue below must not touch it
+            q_aug = F.normalize(z_aug.float(), dim=1) if z_aug is not None else None
+            extra = None
+            if hardmix:
+                extra = torch.einsum("nc,nmc->nm", q, self.fa.op(q, queue))  # [N, M]
+            elif q_aug is not None and self.fa_role in ("negative", "both"):
+                extra = self._other_image_similarities(q, q_aug)  # [N, NUM*N]
+            loss_ssl, logits = info_nce(q, k, queue, self.T, extra)
+            out = {
+                "loss_ssl": loss_ssl,
+                "acc": (logits.argmax(1) == 0).float().mean().detach() * 100,
+            }
+            loss = loss_ssl
+            if q_aug is not None and self.fa_role in ("positive", "both"):
+                num = q_aug.shape[0] // q.shape[0]
+                loss_fa, _ = info_nce(q_aug, k.repeat(num, 1), queue, self.T)
+                out["loss_fa"] = loss_fa
+                loss = loss + self.fa_weight * loss_fa
+        out["loss"] = loss
+        self._dequeue_and_enqueue(k)
+        return out
+
+    @staticmethod
+    def _other_image_similarities(q: torch.Tensor, q_aug: torch.Tensor) -> torch.Tensor:
+        """q·q̃ for augmented queries of *other* images; own-image entries are ``-inf``."""
+        n = q.shape[0]
+        sim = torch.einsum("nc,mc->nm", q, q_aug)  # [N, NUM*N]
+        rows = torch.arange(n, device=q.device)
+        source = torch.arange(q_aug.shape[0], device=q.device) % n  # image of each augmented row
+        return sim.masked_fill(rows[:, None] == source[None, :], float("-inf"))
+
+    # ------------------------------------------------------------------ key encoder and queue
+    def _query_params(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters()) + list(self.projector.parameters())
+
+    def _key_params(self) -> list[nn.Parameter]:
+        return list(self.backbone_k.parameters()) + list(self.projector_k.parameters())
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """θ_k ← m θ_k + (1 − m) θ_q"""
+        key = self._key_params()
+        torch._foreach_mul_(key, self.m)
+        torch._foreach_add_(key, self._query_params(), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def _key_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled and projected key features [N, F], [N, C] (shuffle-BN under DDP)."""
+        shuffle = self.shuffle_bn and get_world_size() > 1
+        if shuffle:
+            x, idx_unshuffle = self._batch_shuffle_ddp(x)
+        h = self.backbone_k(x)
+        z = self.projector_k(h)
+        if shuffle:
+            h = self._batch_unshuffle_ddp(h, idx_unshuffle)
+            z = self._batch_unshuffle_ddp(z, idx_unshuffle)
+        return h, z
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Write the (gathered) keys at ``queue_ptr``, wrapping around; the oldest go first."""
+        keys = concat_all_gather(keys)  # [W*N, C]
+        n = keys.shape[0]
+        if n > self.K:
+            raise ConfigError(f"MODEL.MOCO.K={self.K} is smaller than the global batch of {n} keys")
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % self.K  # [W*N]
+        self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give this process a random slice of the global batch; returns it and the inverse."""
+        x_all = concat_all_gather(x)  # [W*N, ...]
+        perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device))
+        idx_this = perm.view(get_world_size(), -1)[get_rank()]
+        out = x_all[idx_this]
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out, torch.argsort(perm)
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+        x_all = concat_all_gather(x)  # [W*N, ...]
+        return x_all[idx_unshuffle.view(get_world_size(), -1)[get_rank()]]

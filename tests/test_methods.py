@@ -1,0 +1,429 @@
+"""MoCo v2 / SimSiam / BYOL: losses against hand computations, queue, momentum, training steps."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from pretrain.backbone import build_backbone
+from pretrain.build import build_model
+from pretrain.byol import cosine_momentum, regression_loss
+from pretrain.config import ConfigError, get_cfg, load_cfg
+from pretrain.moco import info_nce
+from pretrain.simsiam import negative_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
+METHODS = ("moco", "simsiam", "byol")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run fastest single-threaded, and CI shares its cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(method: str, **fa):
+    """ResNet-18, small heads, K=16; ``fa`` keys (lower-case) switch FA on."""
+    cfg = get_cfg()
+    cfg.MODEL.METHOD = method
+    cfg.MODEL.BACKBONE = "resnet18"
+    cfg.MODEL.PROJ_HIDDEN_DIM, cfg.MODEL.PROJ_DIM, cfg.MODEL.PRED_HIDDEN_DIM = 64, 32, 16
+    cfg.MODEL.MOCO.K = 16
+    cfg.FA.GEN_HIDDEN_DIM, cfg.FA.GEN_NOISE_DIM = 16, 4
+    for key, value in fa.items():
+        cfg.FA[key.upper()] = value
+    if fa and "enabled" not in fa:
+        cfg.FA.ENABLED = True
+    return cfg
+
+
+def build(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def views(n: int = 4, size: int = 32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
+
+
+def cos(a, b):
+    return F.cosine_similarity(a, b, dim=1)
+
+
+# ----------------------------------------------------------------------------- backbone
+def test_backbone_is_torchvision_resnet18():
+    torch.manual_seed(0)
+    net = build_backbone("resnet18")
+    assert net.feat_dim == 512
+    tv = torchvision.models.resnet18()
+    missing, unexpected = tv.load_state_dict(net.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    x = torch.randn(2, 3, 64, 64)
+    net.eval(), tv.eval()
+    with torch.no_grad():
+        y = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
+        torch.testing.assert_close(net(x), y.mean(dim=(2, 3)))
+
+
+def test_backbone_resnet50_names_and_options():
+    net = build_backbone("resnet50", zero_init_residual=True)
+    expected = {k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
+    assert set(net.state_dict()) == expected and net.feat_dim == 2048
+    assert all(
+        float(b.bn3.weight.abs().sum()) == 0 for layer in (net.layer1, net.layer4) for b in layer
+    )
+
+    cifar = build_backbone("resnet18", stem="cifar")
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert isinstance(cifar.maxpool, torch.nn.Identity)
+    feats = {}
+    cifar.layer4.register_forward_hook(lambda m, i, o: feats.update(l4=o.shape))
+    assert cifar(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    assert feats["l4"][-2:] == (4, 4)  # 32 / 8: only layers 2-4 downsample
+    with pytest.raises(ConfigError, match="MODEL.BACKBONE"):
+        build_backbone("resnet101")
+    with pytest.raises(ConfigError, match="MODEL.STEM"):
+        build_backbone("resnet18", stem="tiny")
+
+
+# ----------------------------------------------------------------------------- losses by hand
+def test_info_nce_equals_hand_computation():
+    q = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]]), dim=1)
+    k = F.normalize(torch.tensor([[0.8, 0.6, 0.0], [0.0, 1.0, 0.0]]), dim=1)
+    queue = F.normalize(torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 0.6, 0.8]]), dim=1)
+    T = 0.5
+
+    def hand(i, extra=()):
+        dot = lambda a, b: sum(float(x) * float(y) for x, y in zip(a, b, strict=True))  # noqa: E731
+        pos = dot(q[i], k[i]) / T
+        negs = [dot(q[i], n) / T for n in queue] + [e / T for e in extra]
+        return -pos + math.log(math.exp(pos) + sum(math.exp(v) for v in negs))
+
+    loss, logits = info_nce(q, k, queue, T)
+    assert logits.shape == (2, 4)
+    assert math.isclose(float(loss), (hand(0) + hand(1)) / 2, rel_tol=1e-6)
+    # extra negatives join the denominator; -inf entries are ignored
+    extra = torch.tensor([[0.3, float("-inf")], [float("-inf"), -0.2]])
+    loss, logits = info_nce(q, k, queue, T, extra)
+    assert logits.shape == (2, 6)
+    assert math.isclose(float(loss), (hand(0, [0.3]) + hand(1, [-0.2])) / 2, rel_tol=1e-6)
+
+
+def test_simsiam_and_byol_losses_equal_their_formulas():
+    p = torch.tensor([[3.0, 4.0], [1.0, 0.0]], requires_grad=True)
+    z = torch.tensor([[4.0, 3.0], [0.0, 2.0]], requires_grad=True)
+    # cos = 24/25 and 0
+    assert math.isclose(float(negative_cosine(p, z)), -(0.96 + 0.0) / 2, rel_tol=1e-6)
+    assert math.isclose(float(regression_loss(p, z)), ((2 - 2 * 0.96) + 2) / 2, rel_tol=1e-6)
+    (negative_cosine(p, z) + regression_loss(p, z)).backward()
+    assert z.grad is None and p.grad is not None  # stop-gradient on the target
+
+
+# ----------------------------------------------------------------------------- MoCo mechanics
+def test_queue_enqueue_dequeue_wraps_around():
+    cfg = tiny_cfg("moco")
+    cfg.MODEL.MOCO.K = 5
+    model = build(cfg)
+    batches = [torch.full((2, 32), float(v)) for v in (1, 2, 3)]  # A, B, C
+    for b in batches:
+        model._dequeue_and_enqueue(b)
+    rows = model.queue[:, 0].tolist()
+    assert rows == [3.0, 1.0, 2.0, 2.0, 3.0]  # C wrapped: rows 4 and 0; A's first key evicted
+    assert int(model.queue_ptr) == 1
+    with pytest.raises(ConfigError, match="MODEL.MOCO.K"):
+        model._dequeue_and_enqueue(torch.zeros(6, 32))
+
+
+def test_momentum_update_formula():
+    cfg = tiny_cfg("moco")
+    cfg.MODEL.MOCO.M = 0.9
+    model = build(cfg)
+    with torch.no_grad():
+        for p in model._query_params():
+            p.add_(torch.randn_like(p))
+    q_old = [p.detach().clone() for p in model._query_params()]
+    k_old = [p.detach().clone() for p in model._key_params()]
+    assert not all(torch.equal(a, b) for a, b in zip(q_old, k_old, strict=True))
+    model._momentum_update_key_encoder()
+    for k_new, k, q in zip(model._key_params(), k_old, q_old, strict=True):
+        torch.testing.assert_close(k_new, 0.9 * k + 0.1 * q)
+
+
+def test_moco_forward_equals_manual_computation():
+    cfg = tiny_cfg("moco")
+    cfg.MODEL.MOCO.M, cfg.MODEL.MOCO.T = 0.5, 0.2
+    model = build(cfg)
+    with torch.no_grad():  # make the two encoders differ so the momentum update matters
+        for p in model._query_params():
+            p.mul_(1.1)
+    ref = copy.deepcopy(model)
+    x1, x2 = views()
+    out = model(x1, x2)
+
+    with torch.no_grad():
+        for pk, pq in zip(ref._key_params(), ref._query_params(), strict=True):
+            pk.copy_(0.5 * pk + 0.5 * pq)
+        q = F.normalize(ref.projector(ref.backbone(x1)), dim=1)
+        k = F.normalize(ref.projector_k(ref.backbone_k(x2)), dim=1)
+        pos = (q * k).sum(1) / 0.2
+        neg = q @ ref.queue.t() / 0.2
+        loss = (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
+        acc = (pos > neg.max(1).values).float().mean() * 100
+    torch.testing.assert_close(out["loss"], loss)
+    torch.testing.assert_close(out["acc"], acc)
+    torch.testing.assert_close(model.queue[:4], k)  # keys enqueued at the old pointer
+    torch.testing.assert_close(model.queue[4:], ref.queue[4:])
+    assert int(model.queue_ptr) == 4
+    for a, b in zip(model._key_params(), ref._key_params(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+SHUFFLE_BN_RANK = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist
+    from pretrain.build import build_model
+    from pretrain.config import get_cfg
+    rank, init_file, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+    cfg = get_cfg()
+    cfg.MODEL.METHOD, cfg.MODEL.BACKBONE, cfg.MODEL.MOCO.K = "moco", "resnet18", 16
+    cfg.MODEL.PROJ_HIDDEN_DIM, cfg.MODEL.PROJ_DIM = 64, 32
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(10 + rank)
+    x1, x2 = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    torch.manual_seed(100 + rank)  # different permutations per rank: rank 0's must win
+    model.eval()  # BN uses running statistics: a correct unshuffle gives the local features back
+    with torch.no_grad():
+        h, z = model._key_features(x2)
+        h_ref = model.backbone_k(x2)
+        z_ref = model.projector_k(h_ref)
+    model.train()
+    model(x1, x2)
+    torch.save(dict(h=h, z=z, h_ref=h_ref, z_ref=z_ref, queue=model.queue, ptr=model.queue_ptr),
+               f"{out}/rank{rank}.pt")
+""")
+
+
+def test_shuffle_bn_across_two_gloo_processes(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(SHUFFLE_BN_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(tmp_path / "init"), str(tmp_path)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for r in (r0, r1):
+        torch.testing.assert_close(r["h"], r["h_ref"])
+        torch.testing.assert_close(r["z"], r["z_ref"])
+    assert torch.equal(r0["queue"], r1["queue"]) and int(r0["ptr"]) == 8  # 2 ranks x 4 keys
+
+
+# ----------------------------------------------------------------------------- SimSiam / BYOL
+def test_simsiam_forward_equals_formula():
+    model = build(tiny_cfg("simsiam"))
+    x1, x2 = views()
+    out = model(x1, x2)
+    with torch.no_grad():
+        z1, z2 = model.projector(model.backbone(x1)), model.projector(model.backbone(x2))
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        expected = -0.5 * cos(p1, z2).mean() - 0.5 * cos(p2, z1).mean()
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()  # gradient reaches the trunk through the predictor side only
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_byol_forward_equals_formula_and_ema_schedule():
+    cfg = tiny_cfg("byol")
+    cfg.MODEL.BYOL.BASE_MOMENTUM = 0.9
+    model = build(cfg)
+    with torch.no_grad():
+        for p in model._online_params():
+            p.add_(0.01 * torch.randn_like(p))
+    x1, x2 = views()
+    out = model(x1, x2)
+    with torch.no_grad():
+        p1 = model.predictor(model.projector(model.backbone(x1)))
+        p2 = model.predictor(model.projector(model.backbone(x2)))
+        t1 = model.projector_t(model.backbone_t(x1))
+        t2 = model.projector_t(model.backbone_t(x2))
+        expected = (2 - 2 * cos(p1, t2)).mean() + (2 - 2 * cos(p2, t1)).mean()
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model._target_params())
+
+    assert math.isclose(cosine_momentum(0.9, 0.0), 0.9)
+    assert math.isclose(cosine_momentum(0.9, 0.5), 0.95)
+    assert math.isclose(cosine_momentum(0.9, 1.0), 1.0)
+    online = [p.detach().clone() for p in model._online_params()]
+    target = [p.detach().clone() for p in model._target_params()]
+    model.after_step(0.5)
+    assert math.isclose(model.momentum, 0.95)
+    for new, t, o in zip(model._target_params(), target, online, strict=True):
+        torch.testing.assert_close(new, 0.95 * t + 0.05 * o)
+
+
+# ----------------------------------------------------------------------------- FA off == baseline
+@pytest.mark.parametrize("method", METHODS)
+def test_fa_off_is_exactly_the_baseline(method):
+    x1, x2 = views()
+    base = build(tiny_cfg(method))
+    off = build(
+        tiny_cfg(method, enabled=False, op="generator", num=3, loss_weight=5.0, position="backbone")
+    )
+    assert off.fa is None
+    sd_base, sd_off = base.state_dict(), off.state_dict()
+    assert sd_base.keys() == sd_off.keys() and all(
+        torch.equal(sd_base[k], sd_off[k]) for k in sd_base
+    )
+    loss_base = base(x1, x2)["loss"]
+    assert torch.equal(off(x1, x2)["loss"], loss_base)
+
+    on = build(tiny_cfg(method, op="noise", loss_weight=0.5))  # same seed: same encoder weights
+    out = on(x1, x2)
+    torch.testing.assert_close(out["loss_ssl"], loss_base, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["loss"], out["loss_ssl"] + 0.5 * out["loss_fa"])
+
+
+# ----------------------------------------------------------------------------- training
+TRAIN_FA = {
+    "moco": dict(op="interpolate", role="both", num=2),
+    "simsiam": dict(op="generator", arch="separate_predictor", position="backbone"),
+    "byol": dict(op="dropout", arch="pre_predictor", dropout_p=0.2),
+}
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa_off", "fa_on"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_few_sgd_steps_stay_finite(method, fa):
+    model = build(tiny_cfg(method, **TRAIN_FA[method]) if fa else tiny_cfg(method))
+    opt = torch.optim.SGD(model.param_groups(), lr=0.05, momentum=0.9)
+    trunk0 = model.backbone.conv1.weight.detach().clone()
+    x1, x2 = views()
+    for it in range(3):
+        out = model(x1, x2)
+        assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+        assert ("loss_fa" in out) == fa
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        model.after_step((it + 1) / 3)
+    assert not torch.equal(model.backbone.conv1.weight, trunk0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_channels_last_and_bf16_autocast(method):
+    model = build(tiny_cfg(method, op="generator")).to(memory_format=torch.channels_last)
+    x1, x2 = (x.to(memory_format=torch.channels_last) for x in views())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x1, x2)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert torch.isfinite(model.backbone.conv1.weight.grad).all()
+
+
+# ----------------------------------------------------------------------------- engine interface
+def test_param_groups_arch_and_state_dict():
+    moco = build(tiny_cfg("moco"))
+    (group,) = moco.param_groups()
+    assert {id(p) for p in group["params"]} == {id(p) for p in moco.parameters() if p.requires_grad}
+    assert not {id(p) for p in moco.backbone_k.parameters()} & {id(p) for p in group["params"]}
+    assert {"queue", "queue_ptr"} <= set(moco.state_dict())
+    assert moco.arch() == {"name": "resnet18", "stem": "imagenet"}
+    tv_keys = {k for k in torchvision.models.resnet18().state_dict() if not k.startswith("fc.")}
+    assert set(moco.backbone.state_dict()) == tv_keys
+
+    cfg = tiny_cfg("simsiam", arch="separate_predictor")
+    cfg.SOLVER.FIX_PRED_LR = True
+    sim = build(cfg)
+    rest, pred = sim.param_groups()
+    assert pred["fix_lr"] is True and "fix_lr" not in rest
+    expected_pred = list(sim.predictor.parameters()) + list(sim.fa.predictor.parameters())
+    assert [id(p) for p in pred["params"]] == [id(p) for p in expected_pred]
+    assert len(rest["params"]) + len(pred["params"]) == len(list(sim.parameters()))
+
+    byol = build(tiny_cfg("byol"))
+    decay, no_decay = byol.param_groups()
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in no_decay["params"])
+    trainable = {id(p) for p in byol.parameters() if p.requires_grad}
+    assert {id(p) for p in decay["params"] + no_decay["params"]} == trainable
+    assert not trainable & {id(p) for p in byol._target_params()}
+
+
+@pytest.mark.parametrize(
+    "method, fa, match",
+    [
+        ("mocov3", {}, "MODEL.METHOD"),
+        ("moco", dict(op="mixup"), "FA.OP"),
+        ("moco", dict(arch="pre_predictor"), "FA.ARCH"),
+        ("simsiam", dict(role="negative"), "FA.ROLE"),
+        ("byol", dict(op="hardmix", role="negative"), "FA.ROLE"),
+        ("simsiam", dict(op="hardmix"), "hardmix"),
+        ("moco", dict(op="hardmix", role="positive"), "hardmix"),
+        ("byol", dict(arch="post_predictor", position="backbone"), "FA.POSITION"),
+        ("moco", dict(op="generator", stop_grad="all"), "generator"),
+        ("moco", dict(num=0), "FA.NUM"),
+        ("moco", dict(stop_grad="some"), "FA.STOP_GRAD"),
+    ],
+)
+def test_bad_configs_raise_config_error(method, fa, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(tiny_cfg(method, **fa))
+
+
+# ----------------------------------------------------------------------------- config files
+def test_config_files_load_and_build():
+    names = {p.name for p in CONFIGS}
+    expected = {
+        f"{m}_r50.yaml"
+        for m in ("moco_v2", "moco_v2_fa", "simsiam", "simsiam_fa", "byol", "byol_fa")
+    }
+    assert expected | {"tiny_moco_fa_r18.yaml"} <= names
+    for path in CONFIGS:
+        cfg = load_cfg(str(path))
+        model = build_model(cfg)
+        assert model.arch()["name"] == cfg.MODEL.BACKBONE
+        assert (model.fa is not None) == cfg.FA.ENABLED
+        if "_r50" in path.name:
+            assert cfg.MODEL.BACKBONE == "resnet50" and cfg.DATA.IMAGE_SIZE == 224
+            assert cfg.SOLVER.BATCH_SIZE == 256
+        del model
+
+
+def test_tiny_config_trains():
+    cfg = load_cfg(str(CONFIGS[0].parent / "tiny_moco_fa_r18.yaml"))
+    assert cfg.MODEL.BACKBONE == "resnet18" and cfg.FA.ENABLED and cfg.DATALOADER.NUM_WORKERS == 2
+    model = build(cfg)
+    opt = torch.optim.SGD(model.param_groups(), lr=0.03, momentum=0.9)
+    x1, x2 = views(n=4, size=cfg.DATA.IMAGE_SIZE)
+    for _ in range(2):
+        out = model(x1, x2)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        assert torch.isfinite(out["loss"]) and "loss_fa" in out
