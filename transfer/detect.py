@@ -1,0 +1,422 @@
+"""``feataug detect``: fine-tune and evaluate Faster/Mask R-CNN with Detectron2.
+
+Detectron2's ``train_net`` flags, plus dataset registration from the command line and K-seed
+trials::
+
+    feataug detect --config-file configs/detection/tiny_faster_R18_FPN.yaml \\
+        --register-voc trees_train data/trees trainval --register-voc trees_test data/trees test \\
+        --trials 5 DATASETS.TRAIN "('trees_train',)" DATASETS.TEST "('trees_test',)" \\
+        MODEL.WEIGHTS r18.pkl OUTPUT_DIR out/trees
+
+Every run writes ``OUTPUT_DIR/eval_results.json`` (the evaluators' nested dict). With
+``--trials K`` trial ``k`` runs with ``SEED`` = base + k (base = ``SEED``, or 0 when negative) in
+``OUTPUT_DIR/trial<k>/``, and ``OUTPUT_DIR/trials.json`` / ``trials.md`` hold every metric's mean
+and sample standard deviation (n - 1 denominator; 0 for a single trial). ``--resume`` skips
+trials that already have results and resumes the others from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from feataug.io import atomic_write_text
+
+__all__ = [
+    "DetectError",
+    "add_arguments",
+    "main",
+    "setup",
+    "run",
+    "run_detection",
+    "flatten_metrics",
+    "summarize_trials",
+    "format_trials_markdown",
+]
+
+logger = logging.getLogger("transfer.detect")
+
+
+class DetectError(Exception):
+    """A detection run that cannot start (bad flags, unregistered data, class mismatch)."""
+
+
+# ------------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "KEY VALUE pairs override the config, e.g. SOLVER.MAX_ITER 100 MODEL.WEIGHTS w.pkl.\n"
+        "Datasets named in DATASETS.TRAIN/TEST must be registered (--register-*) or be Detectron2's\n"
+        "standard names under $DETECTRON2_DATASETS (voc_2007_trainval, voc_2012_trainval,\n"
+        "voc_2007_test, coco_2017_train, coco_2017_val, ...)."
+    )
+    parser.add_argument(
+        "--config-file", required=True, metavar="FILE", help="detection config (yaml)"
+    )
+    parser.add_argument(
+        "--register-voc",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "ROOT", "SPLIT"),
+        help="register a VOC-format split (ROOT/Annotations, ROOT/JPEGImages, "
+        "ROOT/ImageSets/Main/SPLIT.txt); repeatable",
+    )
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format json and its image folder; repeatable",
+    )
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) per machine")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank")
+    parser.add_argument(
+        "--dist-url",
+        default="auto",
+        help="init method of torch.distributed, e.g. tcp://host:port (auto: a free local port)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="resume from OUTPUT_DIR's last checkpoint"
+    )
+    parser.add_argument(
+        "--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS, no training"
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        metavar="K",
+        help="train K times with seeds SEED..SEED+K-1; write OUTPUT_DIR/trials.{md,json}",
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from transfer.config import ConfigError
+    from transfer.datasets import DatasetError
+
+    try:
+        _check_args(args)
+        cfg = setup(args)  # validates config and datasets before any process starts
+    except (ConfigError, DatasetError, DetectError) as e:
+        print(f"feataug detect: error: {e}", file=sys.stderr)
+        return 2
+    if args.num_gpus * args.num_machines == 1:
+        try:
+            run(cfg, args)
+        except DatasetError as e:  # records are read lazily, when training or testing starts
+            print(f"feataug detect: error: {e}", file=sys.stderr)
+            return 1
+    else:
+        from detectron2.engine import launch
+
+        launch(
+            _worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    print(f"feataug detect: outputs in {cfg.OUTPUT_DIR}")
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.trials is not None and args.trials < 1:
+        raise DetectError(f"--trials must be >= 1, got {args.trials}")
+    if args.trials is not None and args.eval_only:
+        raise DetectError("--trials trains K models; it cannot be combined with --eval-only")
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
+        raise DetectError(
+            "need --num-gpus >= 1, --num-machines >= 1, 0 <= --machine-rank < --num-machines"
+        )
+    if args.num_gpus * args.num_machines > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DetectError(
+                "multi-process training (--num-gpus/--num-machines > 1) needs CUDA GPUs"
+            )
+        if args.num_gpus > torch.cuda.device_count():
+            raise DetectError(
+                f"--num-gpus {args.num_gpus} but {torch.cuda.device_count()} GPU(s) visible"
+            )
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
+
+
+def run_detection(
+    config_file: str | os.PathLike,
+    opts: Sequence[str] = (),
+    *,
+    register_voc: Sequence[Sequence[str]] = (),
+    register_coco: Sequence[Sequence[str]] = (),
+    trials: int | None = None,
+    eval_only: bool = False,
+    resume: bool = False,
+) -> dict:
+    """Library form of ``feataug detect`` in this process (one process, no ``launch``).
+
+    ``register_voc``: ``(NAME, ROOT, SPLIT)`` triples; ``register_coco``: ``(NAME, JSON,
+    IMAGE_ROOT)``. Returns the evaluation results (nested dict as in ``eval_results.json``), or
+    ``{"trials": [...], "summary": {...}}`` with ``trials``. Raises ``ConfigError``,
+    ``DatasetError`` or :class:`DetectError` on bad input.
+    """
+    args = argparse.Namespace(
+        config_file=str(config_file),
+        register_voc=[[str(v) for v in r] for r in register_voc],
+        register_coco=[[str(v) for v in r] for r in register_coco],
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+        resume=resume,
+        eval_only=eval_only,
+        trials=trials,
+        opts=[str(o) for o in opts],
+    )
+    _check_args(args)
+    return run(setup(args), args)
+
+
+# ------------------------------------------------------------------------------------ setup
+def setup(args: argparse.Namespace):
+    """Register datasets and build the (frozen) config for ``args``; raise on bad input."""
+    import torch
+
+    from transfer import datasets
+    from transfer.config import get_detection_cfg
+
+    cfg = get_detection_cfg(args.config_file, args.opts)
+    datasets.register_standard_voc()
+    classes = cfg.DATASETS.CLASS_NAMES_FILE or None
+    for name, root, split in args.register_voc:
+        datasets.register_voc(name, root, split, classes, replace=True)
+    for name, json_file, image_root in args.register_coco:
+        datasets.register_coco(name, json_file, image_root, replace=True)
+
+    _check_datasets(cfg, eval_only=args.eval_only)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not Path(weights).is_file():
+        raise DetectError(f"{weights}: MODEL.WEIGHTS file not found")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        print("feataug detect: CUDA is not available, running on CPU", file=sys.stderr)
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def _check_datasets(cfg, eval_only: bool) -> None:
+    """Every named dataset is registered, test sets have a known evaluator, and the number of
+    classes agrees with the data (or is taken from it under ``DATASETS.AUTO_NUM_CLASSES``)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    train, test = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
+    if not train and not eval_only:
+        raise DetectError(
+            "DATASETS.TRAIN is empty: name the training sets, e.g. DATASETS.TRAIN \"('x',)\""
+        )
+    if not test and eval_only:
+        raise DetectError("--eval-only needs DATASETS.TEST")
+    for name in train + test:
+        if name not in DatasetCatalog.list():
+            raise DetectError(
+                f"dataset {name!r} is not registered: use --register-voc / --register-coco, "
+                "or a standard name with its files under $DETECTRON2_DATASETS"
+            )
+        meta = MetadataCatalog.get(name)
+        for key in ("json_file", "dirname"):  # the standard names exist even without their files
+            path = getattr(meta, key, None)
+            if path and not Path(path).exists():
+                raise DetectError(
+                    f"{path}: not found (dataset {name!r}; is DETECTRON2_DATASETS set?)"
+                )
+    for name in test:
+        kind = getattr(MetadataCatalog.get(name), "evaluator_type", None)
+        if kind not in ("pascal_voc", "coco"):
+            raise DetectError(
+                f"test set {name!r} has evaluator_type {kind!r}; expected pascal_voc or coco"
+            )
+
+    # Class lists of the sets that have one (Detectron2's COCO names set it only on loading).
+    known = {
+        n: list(MetadataCatalog.get(n).thing_classes)
+        for n in train + test
+        if hasattr(MetadataCatalog.get(n), "thing_classes")
+    }
+    if cfg.DATASETS.AUTO_NUM_CLASSES:
+        if not known:
+            raise DetectError("DATASETS.AUTO_NUM_CLASSES: no dataset declares its classes")
+        first, classes = next(iter(known.items()))
+        for name, other in known.items():
+            if other != classes:
+                raise DetectError(
+                    f"datasets {first!r} and {name!r} have different classes ({len(classes)} vs "
+                    f"{len(other)}); give one class list with DATASETS.CLASS_NAMES_FILE"
+                )
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
+        return
+    for name, classes in known.items():
+        if len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            raise DetectError(
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
+                f"{name!r} has {len(classes)} classes (set DATASETS.AUTO_NUM_CLASSES True to follow the data)"
+            )
+
+
+# -------------------------------------------------------------------------------------- run
+def _worker(args: argparse.Namespace) -> None:
+    """Entry of every process started by ``launch``."""
+    cfg = setup(args)  # spawned processes do not inherit the registrations
+    run(cfg, args)
+
+
+def run(cfg, args: argparse.Namespace) -> dict:
+    """Train/evaluate once, or ``args.trials`` times; returns the results (rank 0)."""
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    rank = comm.get_rank()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    for name in ("detectron2", "fvcore", "transfer"):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:2])
+    if args.trials is None:
+        return _run_once(cfg, args)
+
+    base = cfg.SEED if cfg.SEED >= 0 else 0
+    trials = []
+    for k in range(args.trials):
+        tcfg = cfg.clone()
+        tcfg.defrost()
+        tcfg.SEED = base + k
+        tcfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, f"trial{k}")
+        tcfg.freeze()
+        done = Path(tcfg.OUTPUT_DIR, "eval_results.json")
+        if args.resume and done.is_file():
+            logger.info(f"trial {k}: results exist in {done}, skipped")
+            results = json.loads(done.read_text())
+        else:
+            logger.info(f"trial {k + 1}/{args.trials}: seed {tcfg.SEED}, output {tcfg.OUTPUT_DIR}")
+            results = _run_once(tcfg, args)
+        trials.append(
+            {"trial": k, "seed": tcfg.SEED, "output_dir": tcfg.OUTPUT_DIR, "results": results}
+        )
+    summary = write_trials(cfg.OUTPUT_DIR, trials) if comm.is_main_process() else None
+    return {"trials": trials, "summary": summary}
+
+
+def _run_once(cfg, args: argparse.Namespace) -> dict:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+
+    from transfer.trainer import Trainer
+
+    rank = comm.get_rank()
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    if comm.is_main_process():
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        results = getattr(trainer, "_last_eval_results", None) or {}
+    results = _plain(results or {})
+    if comm.is_main_process():
+        atomic_write_text(
+            os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), json.dumps(results, indent=2)
+        )
+    return results
+
+
+def _plain(obj):
+    """Evaluator output (OrderedDicts, numpy scalars) as JSON-ready values (NaN/inf -> None)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (float, np.floating, np.integer)) and not isinstance(obj, bool):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    return obj
+
+
+# ----------------------------------------------------------------------------------- trials
+def flatten_metrics(results: Mapping, prefix: str = "") -> dict[str, float]:
+    """``{"bbox": {"AP": 1.0}}`` -> ``{"bbox/AP": 1.0}`` (any depth; None kept as NaN)."""
+    flat: dict[str, float] = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name + "/"))
+        elif value is None or isinstance(value, (int, float, np.number)):
+            flat[name] = float("nan") if value is None else float(value)
+    return flat
+
+
+def summarize_trials(per_trial: Sequence[Mapping[str, float]]) -> dict[str, dict]:
+    """Per metric: ``mean``, ``std`` (sample standard deviation, n - 1 denominator; 0 when one
+    value), ``n`` and ``values``, over the trials that report a finite value. Metric order: first
+    appearance."""
+    names: list[str] = []
+    for metrics in per_trial:
+        names += [m for m in metrics if m not in names]
+    out = {}
+    for m in names:
+        values = [float(t[m]) for t in per_trial if m in t and math.isfinite(float(t[m]))]
+        arr = np.array(values, dtype=np.float64)
+        out[m] = {
+            "mean": float(arr.mean()) if len(arr) else None,
+            "std": float(arr.std(ddof=1)) if len(arr) > 1 else (0.0 if len(arr) else None),
+            "n": len(values),
+            "values": [
+                float(t[m]) if m in t and math.isfinite(float(t[m])) else None for t in per_trial
+            ],
+        }
+    return out
+
+
+def format_trials_markdown(summary: Mapping[str, Mapping], seeds: Sequence[int]) -> str:
+    head = "| metric | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
+    rule = "|---|---|" + "---|" * len(seeds)
+    rows = []
+    for m, s in summary.items():
+        mean_std = "n/a" if s["mean"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
+        vals = " | ".join("n/a" if v is None else f"{v:.2f}" for v in s["values"])
+        rows.append(f"| {m} | {mean_std} | {vals} |")
+    return (
+        f"{len(seeds)} trials (seeds {', '.join(map(str, seeds))}); "
+        "std = sample standard deviation (n - 1)\n\n" + "\n".join([head, rule, *rows]) + "\n"
+    )
+
+
+def write_trials(output_dir: str | os.PathLike, trials: Sequence[Mapping]) -> dict:
+    """Write ``trials.json`` and ``trials.md`` in ``output_dir``; returns the summary."""
+    summary = summarize_trials([flatten_metrics(t["results"]) for t in trials])
+    seeds = [t["seed"] for t in trials]
+    doc = {"summary": summary, "trials": list(trials), "std": "sample (ddof=1)"}
+    atomic_write_text(Path(output_dir, "trials.json"), json.dumps(_plain(doc), indent=2))
+    atomic_write_text(Path(output_dir, "trials.md"), format_trials_markdown(summary, seeds))
+    logger.info("trials:\n" + format_trials_markdown(summary, seeds))
+    return summary
