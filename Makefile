@@ -31,7 +31,7 @@ test-slow: setup
 
 bench: setup
 	$(PIP) install -q -c constraints.txt -e ".[bench]"
-	$(VENV)/bin/feataug bench --out bench.json
+	$(VENV)/bin/feataug bench --out output/bench/bench.json
 
 lint: setup
 	$(PIP) install -q ruff

@@ -1,0 +1,241 @@
+"""``feataug bench``: the ratio arithmetic, the JSON/markdown outputs and the synthetic inputs.
+
+The benchmark itself is never run here (it takes minutes and its numbers are timings); only its
+pure helpers and one tiny COCO evaluation, checked against pycocotools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from feataug import bench
+
+# The keys other tools read (design notes §8), written out independently of bench.KEYS.
+DESIGN_KEYS = {
+    "pretrain_step_ratio_vs_lightly",
+    "fa_overhead",
+    "aug_pipeline_ratio_vs_torchvision",
+    "coco_eval_ratio_vs_pycocotools",
+    "coco_eval_stats_max_abs_diff",
+    "detect_iter_ratio_vs_detectron2",
+}
+
+
+def test_median_odd_even():
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    with pytest.raises(ValueError):
+        bench.median([])
+
+
+def test_paired_ratio_is_median_of_pairs_not_ratio_of_medians():
+    # pairs 2/1, 4/1, 9/3 -> ratios 2, 4, 3 -> median 3; ratio of medians would be 4/1 = 4
+    r = bench.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0])
+    assert r["ratios"] == [2.0, 4.0, 3.0]
+    assert r["ratio"] == 3.0
+    assert (r["numerator_median"], r["denominator_median"]) == (4.0, 1.0)
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        bench.paired_ratio([], [])
+
+
+def test_interleave_alternates_and_drops_warmup():
+    calls = []
+
+    def contender(name):
+        def measure():
+            calls.append(name)
+            return float(len(calls))  # the call's position, 1-based
+
+        return measure
+
+    ticks = []
+    out = bench.interleave({"a": contender("a"), "b": contender("b")}, repeats=2, warmup=1,
+                           tick=ticks.append)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert ticks == calls
+    assert out == {"a": [3.0, 5.0], "b": [4.0, 6.0]}  # warm-up calls 1 and 2 dropped
+
+
+def test_seconds_per_unit_calls_n_times():
+    n = []
+    assert bench.seconds_per_unit(lambda: n.append(1), 5) >= 0
+    assert len(n) == 5
+
+
+@pytest.mark.parametrize(
+    "key, value, met",
+    [
+        ("pretrain_step_ratio_vs_lightly", 0.83, True),
+        ("pretrain_step_ratio_vs_lightly", 0.84, False),
+        ("fa_overhead", 1.031, False),
+        ("aug_pipeline_ratio_vs_torchvision", 2.0, True),
+        ("aug_pipeline_ratio_vs_torchvision", 1.99, False),
+        ("coco_eval_ratio_vs_pycocotools", 5.5, True),
+        ("coco_eval_stats_max_abs_diff", 2e-6, False),
+        ("detect_iter_ratio_vs_detectron2", 1.0, True),
+        ("detect_iter_ratio_vs_detectron2", None, None),
+        ("detect_iter_ratio_vs_detectron2", float("nan"), None),
+    ],
+)
+def test_goal_met(key, value, met):
+    assert bench.goal_met(key, value) is met
+
+
+def test_result_schema_has_the_design_keys():
+    result = bench.empty_result("quick")
+    assert set(bench.KEYS) == DESIGN_KEYS
+    assert DESIGN_KEYS <= set(result)
+    assert all(result[k] is None for k in DESIGN_KEYS)
+    assert set(result["goals"]) == DESIGN_KEYS
+    assert result["goals"]["pretrain_step_ratio_vs_lightly"] == {"op": "<=", "value": 0.83, "met": None}
+    assert result["goals"]["coco_eval_ratio_vs_pycocotools"] == {"op": ">=", "value": 5.0, "met": None}
+    bench.set_value(result, "fa_overhead", 1.5)
+    assert result["fa_overhead"] == 1.5 and result["goals"]["fa_overhead"]["met"] is False
+
+
+def _filled_result():
+    result = bench.empty_result("quick")
+    result["machine"] = {"cpu": "Test CPU", "cpus": 2, "torch": "x", "torch_threads": 2,
+                         "load_average_start": 0.5}
+    result["details"]["fa"] = {"worst": "hardmix", "repeats": 3,
+                               "ratios": {"noise": 1.01, "hardmix": 1.25}}
+    bench.set_value(result, "fa_overhead", 1.25)
+    result["details"]["coco_eval"] = {"ours_s": 1.0, "peer_s": 7.5, "n_images": 500,
+                                      "dets_per_image": 100, "ours_backend": "faster-coco-eval",
+                                      "repeats": 3}
+    bench.set_value(result, "coco_eval_ratio_vs_pycocotools", 7.5)
+    bench.set_value(result, "coco_eval_stats_max_abs_diff", 0.0)
+    result["details"]["detect"] = {"skipped": "detectron2 is not installed"}
+    return result
+
+
+def test_markdown_table_one_row_per_key():
+    md = bench.format_markdown(_filled_result())
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "metric" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(bench.KEYS)
+    cells = {r.split(" | ")[0][2:]: r.split(" | ") for r in rows}
+    assert cells["fa_overhead"][1:4] == ["1.25", "≤ 1.03", "**no**"]
+    assert "worst hardmix" in cells["fa_overhead"][4] and "noise 1.01" in cells["fa_overhead"][4]
+    assert cells["coco_eval_ratio_vs_pycocotools"][1:4] == ["7.5", "≥ 5", "yes"]
+    assert cells["coco_eval_stats_max_abs_diff"][1:4] == ["0", "≤ 1.0e-06", "yes"]
+    assert "skipped: detectron2 is not installed" in cells["detect_iter_ratio_vs_detectron2"][4]
+    assert cells["pretrain_step_ratio_vs_lightly"][1] == "—"
+    assert "not run" in cells["pretrain_step_ratio_vs_lightly"][4]
+    assert "Test CPU" in md
+
+
+def test_write_outputs_json_and_markdown_beside_it(tmp_path):
+    out = tmp_path / "sub" / "b.json"
+    md = bench.write_outputs(_filled_result(), out)
+    assert md == tmp_path / "sub" / "b.md"
+    data = json.loads(out.read_text())
+    assert DESIGN_KEYS <= set(data)
+    assert data["coco_eval_ratio_vs_pycocotools"] == 7.5
+    assert md.read_text() == bench.format_markdown(data)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.json", "b.md"]  # no temp files left
+
+
+def test_synthetic_coco_shape():
+    gt, dts = bench.synthetic_coco(7, dets_per_image=100, n_categories=5, seed=1)
+    image_ids = {im["id"] for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    assert len(gt["images"]) == 7 and cat_ids == {1, 2, 3, 4, 5}
+    per_image = np.bincount([d["image_id"] for d in dts], minlength=8)[1:]
+    assert per_image.tolist() == [100] * 7
+    assert all(d["category_id"] in cat_ids and d["image_id"] in image_ids for d in dts)
+    assert all(d["bbox"][2] >= 1 and d["bbox"][3] >= 1 for d in dts)
+    anns = gt["annotations"]
+    assert all(1 <= sum(a["image_id"] == i for a in anns) <= 15 for i in image_ids)
+    assert len({a["id"] for a in anns}) == len(anns)
+    again = bench.synthetic_coco(7, dets_per_image=100, n_categories=5, seed=1)
+    assert again == (gt, dts)
+
+
+def test_synthetic_coco_evaluates_the_same_in_both_backends():
+    """The micro case of the COCO section: our backend's 12 stats equal pycocotools'."""
+    pytest.importorskip("faster_coco_eval")
+    from transfer.coco_eval import run_cocoeval
+
+    gt, dts = bench.synthetic_coco(6, dets_per_image=100, n_categories=3, seed=2)
+    ours = np.asarray(run_cocoeval(gt, dts, "bbox", backend="faster-coco-eval").stats[:12])
+    ref = np.asarray(run_cocoeval(gt, dts, "bbox", backend="pycocotools").stats[:12])
+    assert 0.05 < ref[1] < 1  # AP50: the jittered copies match, the random boxes do not
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_torchvision_peer_pipeline_outputs_normalised_views():
+    """On a uniform gray image every random step keeps the image uniform and gray (brightness
+    only scales it), so undoing ImageNet normalisation must give one value on all channels."""
+    import torch
+    from PIL import Image
+
+    x = bench.torchvision_moco_v2(64)(Image.new("RGB", (300, 280), (100, 100, 100)))
+    assert tuple(x.shape) == (3, 64, 64) and x.dtype == torch.float32
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    pixels = x * std + mean
+    assert 0 < pixels.min() and pixels.max() < 1
+    torch.testing.assert_close(pixels, torch.full_like(pixels, pixels[0, 0, 0].item()), atol=1e-5, rtol=0)
+
+
+def test_find_images_in_a_folder(tmp_path):
+    import cv2
+
+    (tmp_path / "a").mkdir()
+    cv2.imwrite(str(tmp_path / "a" / "x.jpg"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths, source = bench.find_images(tmp_path)
+    assert paths == [str(tmp_path / "a" / "x.jpg")] and source == str(tmp_path)
+    with pytest.raises(bench.BenchError, match="no image files"):
+        bench.find_images(tmp_path / "a" / "missing")
+
+
+def _args(**kw):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"only": "pretrain,nope"}, "unknown section(s) nope"), ({"out": "x.txt"}, "give a .json")],
+)
+def test_main_rejects_bad_options_in_one_line(tmp_path, capsys, kw, message):
+    kw.setdefault("out", str(tmp_path / "b.json"))
+    assert bench.main(_args(**kw)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("feataug bench: error: ") and message in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bracketed_cancels_a_linear_drift():
+    """The machine slows down linearly (each call costs 1 more unit than the one before); a
+    contender twice as slow as the baseline still measures exactly 2, and 1 for an equal one."""
+    clock = iter(range(1, 10**6))
+    order = []
+
+    def contender(name, factor):
+        def measure():
+            order.append(name)
+            return factor * next(clock)
+
+        return measure
+
+    out = bench.bracketed(contender("base", 1.0), {"slow": contender("slow", 2.0),
+                                                   "same": contender("same", 1.0)},
+                          repeats=2, warmup=1)
+    assert order == ["base", "slow", "base", "same", "base"] * 3
+    slow_values, slow_base = out["slow"]
+    assert slow_values == [2.0 * 7, 2.0 * 12]  # calls 7 and 12 (round 1 is warm-up)
+    assert slow_base == [7.0, 12.0]  # mean of calls 6 and 8, 11 and 13
+    assert bench.paired_ratio(*out["slow"])["ratio"] == 2.0
+    assert bench.paired_ratio(*out["same"])["ratio"] == 1.0
