@@ -1,0 +1,323 @@
+"""Two-view augmentation pipelines on ``uint8`` images (OpenCV kernels).
+
+Every operation takes an RGB ``uint8`` array [H, W, 3] and a ``random.Random`` that draws all of
+its random parameters, and returns a ``uint8`` array; ``ToTensor`` ends a pipeline with a
+[3, H, W] ``uint8`` tensor. Normalization (ImageNet mean/std) is the last step, done on the
+batch by ``normalize`` — on the accelerator in the engine, so loader workers ship 4x fewer bytes.
+
+The operations follow torchvision's definitions (``torchvision.transforms.v2.functional``;
+the tests compare against it) but run on OpenCV's ``uint8`` kernels: on the MoCo v2 pipeline this
+measured about 3x the throughput of torchvision's tensor ops and about 2x the PIL pipeline.
+
+Pipelines (``DA.*``):
+- MoCo v2 (``DA.SYMMETRIC True``, both views): RandomResizedCrop(scale=(DA.MIN_SCALE, 1)),
+  ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, Gaussian blur p=0.5, flip.
+- BYOL (``DA.SYMMETRIC False``): RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
+  grayscale p=0.2, then blur p=1.0 / 0.1 and solarize p=0.0 / 0.2 for view 1 / view 2.
+- ``DA.STRENGTH weak``: RandomResizedCrop and flip only, for both views.
+Blur sigma is drawn from [0.1, 2.0] for a 224-px crop and scales with ``DATA.IMAGE_SIZE``
+(the kernel stays 10% of the image as in SimCLR/MoCo v2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+cv2.setNumThreads(1)  # see pretrain/data.py: fork-safe, workers give the parallelism
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- pixel functions
+def adjust_brightness(img: np.ndarray, f: float) -> np.ndarray:
+    """clip(f * x)."""
+    return cv2.convertScaleAbs(img, alpha=f)
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)  # 0.299 R + 0.587 G + 0.114 B
+
+
+def adjust_contrast(img: np.ndarray, f: float) -> np.ndarray:
+    """clip(f * x + (1 - f) * mean(gray(x)))."""
+    return cv2.addWeighted(img, f, img, 0.0, (1.0 - f) * float(_gray(img).mean()))
+
+
+def adjust_saturation(img: np.ndarray, f: float) -> np.ndarray:
+    """clip(f * x + (1 - f) * gray(x))."""
+    gray = cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(img, f, gray, 1.0 - f, 0.0)
+
+
+def adjust_hue(img: np.ndarray, h: float) -> np.ndarray:
+    """Rotate the hue by ``h`` turns (h in [-0.5, 0.5]); 8-bit HSV, 1/256 turn steps."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
+    lut = ((np.arange(256) + round(h * 256)) % 256).astype(np.uint8)
+    hsv[..., 0] = cv2.LUT(hsv[..., 0], lut)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+def to_grayscale(img: np.ndarray) -> np.ndarray:
+    """Luma replicated on three channels."""
+    return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+
+
+def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
+    """x if x < threshold else 255 - x."""
+    lut = np.arange(256, dtype=np.uint8)
+    lut[threshold:] = 255 - lut[threshold:]
+    return cv2.LUT(img, lut)
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian, kernel truncated at 3 sigma, reflected borders."""
+    return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma, sigmaY=sigma,
+                            borderType=cv2.BORDER_REFLECT_101)
+
+
+def resized_crop(img: np.ndarray, top: int, left: int, height: int, width: int,
+                 size: tuple[int, int]) -> np.ndarray:
+    """Crop then resize to ``size`` (h, w): area averaging when shrinking, bilinear otherwise."""
+    crop = img[top : top + height, left : left + width]
+    shrink = height > size[0] or width > size[1]
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size[1], size[0]), interpolation=interp)
+
+
+# ----------------------------------------------------------------------------- operations
+class Compose:
+    def __init__(self, ops: Sequence):
+        self.ops = list(ops)
+
+    def __call__(self, img: np.ndarray, rng: random.Random):
+        for op in self.ops:
+            img = op(img, rng)
+        return img
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(map(repr, self.ops)) + ")"
+
+
+class RandomApply:
+    """op(x) with probability p (the coin is drawn even when p is 0 or 1)."""
+
+    def __init__(self, op, p: float):
+        self.op, self.p = op, p
+
+    def __call__(self, img, rng):
+        return self.op(img, rng) if rng.random() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"RandomApply({self.op!r}, p={self.p})"
+
+
+class RandomResizedCrop:
+    """A crop of area fraction s ~ U(scale) and aspect ratio r ~ logU(ratio), resized to size.
+
+    Ten tries as in torchvision; then the largest centered crop with ratio clamped into range.
+    """
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = (size, size), tuple(scale), tuple(ratio)
+
+    def params(self, h: int, w: int, rng: random.Random) -> tuple[int, int, int, int]:
+        area = h * w
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            r = math.exp(rng.uniform(*log_r))
+            cw, ch = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+            if 0 < cw <= w and 0 < ch <= h:
+                return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
+        r = w / h
+        if r < self.ratio[0]:
+            cw, ch = w, round(w / self.ratio[0])
+        elif r > self.ratio[1]:
+            ch, cw = h, round(h * self.ratio[1])
+        else:
+            cw, ch = w, h
+        return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+    def __call__(self, img, rng):
+        return resized_crop(img, *self.params(img.shape[0], img.shape[1], rng), self.size)
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop({self.size[0]}, scale={self.scale})"
+
+
+class ColorJitter:
+    """Brightness, contrast, saturation factors ~ U(1-v, 1+v) and hue ~ U(-v, v), applied in a
+    random order (torchvision's definition)."""
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+        self.b, self.c, self.s, self.h = brightness, contrast, saturation, hue
+
+    def __call__(self, img, rng):
+        order = [0, 1, 2, 3]
+        rng.shuffle(order)
+        for k in order:
+            if k == 0 and self.b:
+                img = adjust_brightness(img, rng.uniform(1 - self.b, 1 + self.b))
+            elif k == 1 and self.c:
+                img = adjust_contrast(img, rng.uniform(1 - self.c, 1 + self.c))
+            elif k == 2 and self.s:
+                img = adjust_saturation(img, rng.uniform(1 - self.s, 1 + self.s))
+            elif k == 3 and self.h:
+                img = adjust_hue(img, rng.uniform(-self.h, self.h))
+        return img
+
+    def __repr__(self) -> str:
+        return f"ColorJitter({self.b}, {self.c}, {self.s}, {self.h})"
+
+
+class Grayscale:
+    def __call__(self, img, rng):
+        return to_grayscale(img)
+
+    def __repr__(self) -> str:
+        return "Grayscale()"
+
+
+class GaussianBlur:
+    """Blur with sigma ~ U(sigma)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = tuple(sigma)
+
+    def __call__(self, img, rng):
+        return gaussian_blur(img, rng.uniform(*self.sigma))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma={self.sigma})"
+
+
+class Solarize:
+    def __init__(self, threshold: int = 128):
+        self.threshold = threshold
+
+    def __call__(self, img, rng):
+        return solarize(img, self.threshold)
+
+    def __repr__(self) -> str:
+        return f"Solarize({self.threshold})"
+
+
+class HorizontalFlip:
+    """Mirror left-right with probability p."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, img, rng):
+        return cv2.flip(img, 1) if rng.random() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"HorizontalFlip(p={self.p})"
+
+
+class ResizeCenterCrop:
+    """Evaluation view: shorter side to size/0.875, then the central size x size crop."""
+
+    def __init__(self, size: int, ratio: float = 0.875):
+        self.size, self.resize = size, max(size, round(size / ratio))
+
+    def __call__(self, img, rng=None):
+        h, w = img.shape[:2]
+        s = self.resize / min(h, w)
+        nh, nw = max(self.size, round(h * s)), max(self.size, round(w * s))
+        top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+        img = cv2.resize(img, (nw, nh), interpolation=interp)
+        return img[top : top + self.size, left : left + self.size]
+
+    def __repr__(self) -> str:
+        return f"ResizeCenterCrop({self.size})"
+
+
+class ToTensor:
+    """[H, W, 3] uint8 array -> [3, H, W] uint8 tensor (no scaling: see ``normalize``)."""
+
+    def __call__(self, img, rng=None):
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return "ToTensor()"
+
+
+class TwoViews:
+    """(view1(x), view2(x)): two independent augmentations of one image."""
+
+    def __init__(self, view1, view2):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, img, rng):
+        return self.view1(img, rng), self.view2(img, rng)
+
+    def __repr__(self) -> str:
+        return f"TwoViews(\n  {self.view1!r},\n  {self.view2!r})"
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device).view(3, 1, 1)
+    return scale, shift
+
+
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 [N, 3, H, W] (or [3, H, W]) -> float32 (x / 255 - mean) / std, memory format kept."""
+    scale, shift = _affine(x.device, tuple(mean), tuple(std))
+    return x.float().mul_(scale).add_(shift)
+
+
+# ----------------------------------------------------------------------------- pipelines
+def _view(size: int, min_scale: float, strength: str, jitter: tuple, blur_p: float,
+          solarize_p: float) -> Compose:
+    ops = [RandomResizedCrop(size, scale=(min_scale, 1.0))]
+    if strength == "strong":
+        sigma = (0.1 * size / 224, 2.0 * size / 224)
+        ops += [RandomApply(ColorJitter(*jitter), 0.8), RandomApply(Grayscale(), 0.2)]
+        if blur_p > 0:
+            ops.append(RandomApply(GaussianBlur(sigma), blur_p))
+        if solarize_p > 0:
+            ops.append(RandomApply(Solarize(), solarize_p))
+    elif strength != "weak":
+        raise ValueError(f"DA.STRENGTH {strength!r} unknown; choose weak or strong")
+    ops += [HorizontalFlip(), ToTensor()]
+    return Compose(ops)
+
+
+def moco_v2_view(size: int = 224, min_scale: float = 0.2, strength: str = "strong") -> Compose:
+    return _view(size, min_scale, strength, (0.4, 0.4, 0.4, 0.1), 0.5, 0.0)
+
+
+def byol_views(size: int = 224, min_scale: float = 0.08, strength: str = "strong") -> TwoViews:
+    jitter = (0.4, 0.4, 0.2, 0.1)
+    return TwoViews(_view(size, min_scale, strength, jitter, 1.0, 0.0),
+                    _view(size, min_scale, strength, jitter, 0.1, 0.2))
+
+
+def build_pretrain_transform(cfg) -> TwoViews:
+    """The two-view pipeline of ``cfg.DA`` at ``cfg.DATA.IMAGE_SIZE``."""
+    size, scale, strength = cfg.DATA.IMAGE_SIZE, cfg.DA.MIN_SCALE, cfg.DA.STRENGTH
+    if cfg.DA.SYMMETRIC:
+        view = moco_v2_view(size, scale, strength)
+        return TwoViews(view, view)
+    return byol_views(size, scale, strength)
+
+
+def build_eval_transform(size: int) -> Compose:
+    return Compose([ResizeCenterCrop(size), ToTensor()])
+
+
+def build_train_transform(size: int) -> Compose:
+    """Linear-probe training view: RandomResizedCrop(0.08, 1) and flip."""
+    return Compose([RandomResizedCrop(size), HorizontalFlip(), ToTensor()])

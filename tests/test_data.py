@@ -1,0 +1,302 @@
+"""Pretraining data: folder / list / IDX sources, bad files, the sampler, the augmentations.
+
+Truths: arrays we wrote ourselves (lossless PNG, hand-built IDX bytes), hand-computed
+normalization, and torchvision's own functional ops for every pixel operation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import random
+import struct
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from pretrain import transforms as T
+from pretrain.config import get_cfg
+from pretrain.data import (
+    DataError,
+    ImageDataset,
+    ResumableSampler,
+    collate,
+    decode_image,
+    load_idx,
+    load_source,
+    read_idx,
+)
+
+
+def _smooth(h=48, w=64, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cv2.resize(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), (w, h),
+                      interpolation=cv2.INTER_CUBIC)
+
+
+def _png(path, img):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+
+
+def _identity(img, rng):
+    return img
+
+
+# ----------------------------------------------------------------------------- sources
+def test_folder_is_recursive_and_class_folders_give_labels(tmp_path):
+    a, b, c = _smooth(seed=1), _smooth(seed=2), _smooth(seed=3)
+    _png(tmp_path / "cat" / "x.png", a)
+    _png(tmp_path / "cat" / "deep" / "y.PNG", b)
+    _png(tmp_path / "dog" / "z.png", c)
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    src = load_source(str(tmp_path), "folder")
+    assert [p.split("/")[-1] for p in src.paths] == ["x.png", "y.PNG", "z.png"]
+    assert src.classes == ["cat", "dog"] and src.labels == [0, 0, 1]
+    for i, truth in enumerate([a, b, c]):
+        np.testing.assert_array_equal(src.load(i), truth)
+
+
+def test_flat_folder_is_unlabelled_and_max_images(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", _smooth(seed=i))
+    src = load_source(str(tmp_path), "folder")
+    assert src.labels == [-1, -1, -1] and src.classes == []
+    assert len(load_source(str(tmp_path), "folder", max_images=2)) == 2
+
+
+def test_list_file(tmp_path):
+    _png(tmp_path / "imgs" / "a.png", _smooth(seed=1))
+    _png(tmp_path / "b c.png", _smooth(seed=2))
+    lst = tmp_path / "train.txt"
+    lst.write_text(f"# comment\nimgs/a.png 1\n\n{tmp_path / 'b c.png'}\t0\n")
+    src = load_source(str(lst), "list")
+    assert src.paths == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "b c.png")]
+    assert src.labels == [1, 0]
+    np.testing.assert_array_equal(src.load(1), _smooth(seed=2))
+
+
+@pytest.mark.parametrize("fmt", ["folder", "list", "idx"])
+def test_empty_or_missing_dataset_is_a_clear_error(tmp_path, fmt):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    root = {"folder": empty, "list": tmp_path / "empty.txt", "idx": tmp_path / "e-images-idx3-ubyte"}[fmt]
+    if fmt == "list":
+        root.write_text("# nothing\n")
+    if fmt == "idx":
+        root.write_bytes(struct.pack(">BBBB3I", 0, 0, 8, 3, 0, 28, 28))
+    with pytest.raises(DataError, match=f"{root}: no .* found"):
+        load_source(str(root), fmt)
+    with pytest.raises(DataError, match="nowhere"):
+        load_source(str(tmp_path / "nowhere"), fmt)
+
+
+def _write_idx(path, arr: np.ndarray, code: int, gz: bool):
+    header = struct.pack(">BBBB", 0, 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_reads_back_what_was_written(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", images, 0x08, gz)
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels, 0x08, gz)
+    src = load_idx(tmp_path)  # the folder: picks train-images
+    np.testing.assert_array_equal(src.images, images)
+    assert src.labels == [3, 1, 4, 1, 5] and len(src.classes) == 6
+    rgb = src.load(2)
+    assert rgb.shape == (28, 28, 3) and all((rgb[..., c] == images[2]).all() for c in range(3))
+    # other IDX types, byte order handled
+    ints = np.array([[1, -2], [70000, 5]], dtype=np.int32)
+    _write_idx(tmp_path / "ints.idx", ints, 0x0C, gz)
+    np.testing.assert_array_equal(read_idx(tmp_path / "ints.idx"), ints)
+
+
+def test_idx_corrupt_files_are_named(tmp_path):
+    bad = tmp_path / "x-images-idx3-ubyte"
+    bad.write_bytes(b"\x1f\x00\x08\x03" + b"\x00" * 20)
+    with pytest.raises(DataError, match=f"{bad}: not an IDX file"):
+        read_idx(bad)
+    short = tmp_path / "y-images-idx3-ubyte"
+    _write_idx(short, np.zeros((2, 4, 4), np.uint8), 0x08, False)
+    short.write_bytes(short.read_bytes()[:-3])
+    with pytest.raises(DataError, match=f"{short}: IDX data has 29 bytes"):
+        read_idx(short)
+
+
+# ----------------------------------------------------------------------------- bad files
+def test_bad_files_are_replaced_by_the_next_good_one_and_reported(tmp_path):
+    good1, good2 = _smooth(seed=1), _smooth(seed=2)
+    _png(tmp_path / "a.png", good1)
+    ok, buf = cv2.imencode(".jpg", good2)
+    (tmp_path / "b_truncated.jpg").write_bytes(buf.tobytes()[: len(buf) // 2])
+    (tmp_path / "c_empty.jpg").write_bytes(b"")
+    (tmp_path / "d_text.jpg").write_text("this is not a JPEG\n")
+    _png(tmp_path / "e.png", good2)
+    src = load_source(str(tmp_path), "folder")
+    assert [decode_image(p) is None for p in src.paths] == [False, True, True, True, False]
+    ds = ImageDataset(src, _identity)
+    img, label, bad = ds[1]
+    np.testing.assert_array_equal(img, good2)
+    assert bad == [1, 2, 3] and label == -1
+    img, _, bad = ds[0]
+    np.testing.assert_array_equal(img, good1)
+    assert bad == []
+
+
+def test_only_bad_files_is_an_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.jpg").write_text("x")
+    with pytest.raises(DataError, match="unreadable"):
+        ImageDataset(load_source(str(tmp_path), "folder"), _identity)[0]
+
+
+# ----------------------------------------------------------------------------- sampler
+def test_sampler_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
+    s0, s1 = ResumableSampler(11, seed=5, rank=0, world_size=2), ResumableSampler(11, seed=5, rank=1, world_size=2)
+    for s in (s0, s1):
+        s.set_epoch(3)
+    k0, k1 = s0.keys(), s1.keys()
+    assert len(k0) == len(k1) == len(s0) == 5
+    idx = [i for i, _ in k0] + [i for i, _ in k1]
+    assert len(set(idx)) == 10 and set(idx) <= set(range(11))  # disjoint shards
+    again = ResumableSampler(11, seed=5, rank=0, world_size=2)
+    again.set_epoch(3)
+    assert again.keys() == k0  # a fresh sampler replays the epoch exactly
+    again.set_epoch(4)
+    assert [i for i, _ in again.keys()] != [i for i, _ in k0]
+    again.set_epoch(3, start=2)
+    assert list(again) == k0[2:] and len(again) == 3
+    # one augmentation seed per image, the same whichever rank gets the image
+    single = ResumableSampler(11, seed=5)
+    single.set_epoch(3)
+    seeds = dict(single.keys())
+    assert all(seeds[i] == s for i, s in k0 + k1)
+
+
+# ----------------------------------------------------------------------------- pixel ops vs torchvision
+def _diff(ours: np.ndarray, theirs: torch.Tensor) -> np.ndarray:
+    return np.abs(ours.astype(int) - theirs.permute(1, 2, 0).numpy().astype(int))
+
+
+@pytest.mark.parametrize("f", [0.6, 1.3])
+def test_color_ops_match_torchvision(f):
+    img = _smooth()
+    t = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    assert _diff(T.adjust_brightness(img, f), TF.adjust_brightness(t, f)).max() <= 1
+    assert _diff(T.adjust_contrast(img, f), TF.adjust_contrast(t, f)).max() <= 1
+    assert _diff(T.adjust_saturation(img, f), TF.adjust_saturation(t, f)).max() <= 1
+    h = (f - 1) / 4  # -0.1 and 0.075 turns
+    d = _diff(T.adjust_hue(img, h), TF.adjust_hue(t, h))
+    assert d.mean() < 1.5 and d.max() <= 12  # 8-bit HSV quantization
+    assert _diff(T.to_grayscale(img), TF.rgb_to_grayscale(t, 3)).max() <= 1
+    assert _diff(T.solarize(img, 128), TF.solarize(t, 128)).max() == 0
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_blur_and_crop_match_torchvision(sigma):
+    img = _smooth()
+    t = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    k = 2 * math.ceil(3 * sigma) + 1
+    assert _diff(T.gaussian_blur(img, sigma), TF.gaussian_blur(t, [k, k], [sigma, sigma])).max() <= 1
+    up = _diff(T.resized_crop(img, 5, 7, 20, 25, (40, 40)), TF.resized_crop(t, 5, 7, 20, 25, [40, 40]))
+    assert up.max() <= 1
+    down = _diff(T.resized_crop(img, 5, 7, 40, 50, (20, 20)),
+                 TF.resized_crop(t, 5, 7, 40, 50, [20, 20], antialias=True))
+    assert down.mean() < 3  # area averaging vs antialiased bilinear
+
+
+def test_random_resized_crop_respects_scale_and_ratio():
+    op = T.RandomResizedCrop(32, scale=(0.2, 1.0))
+    rng = random.Random(0)
+    for _ in range(300):
+        top, left, h, w = op.params(100, 80, rng)
+        assert 0 <= top <= 100 - h and 0 <= left <= 80 - w
+        assert 0.2 * 8000 * 0.97 <= h * w <= 8000 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+
+
+def test_random_apply_rate():
+    op = T.RandomApply(lambda img, rng: img + 1, 0.3)
+    rng = random.Random(0)
+    hits = sum(int(op(np.zeros(1), rng)[0]) for _ in range(4000))
+    assert abs(hits / 4000 - 0.3) < 0.03
+
+
+# ----------------------------------------------------------------------------- pipelines
+def _cfg(**kv):
+    cfg = get_cfg()
+    cfg.DATA.IMAGE_SIZE = 32
+    for k, v in kv.items():
+        node, leaf = cfg, k.split(".")
+        for p in leaf[:-1]:
+            node = getattr(node, p)
+        setattr(node, leaf[-1], v)
+    return cfg
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_two_view_pipeline_shapes_dtype_and_determinism(symmetric):
+    tf = T.build_pretrain_transform(_cfg(**{"DA.SYMMETRIC": symmetric}))
+    img = _smooth(60, 90)
+    v1, v2 = tf(img, random.Random(7))
+    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == v2.dtype == torch.uint8
+    w1, w2 = tf(img, random.Random(7))
+    assert torch.equal(v1, w1) and torch.equal(v2, w2)  # a function of the seed
+    assert not torch.equal(v1, v2)  # two different views
+    assert not torch.equal(v1, tf(img, random.Random(8))[0])
+
+
+def test_byol_pair_is_asymmetric():
+    v1, v2 = T.byol_views(32).view1.ops, T.byol_views(32).view2.ops
+    probs = [{type(o.op).__name__: o.p for o in ops if isinstance(o, T.RandomApply)} for ops in (v1, v2)]
+    assert probs[0]["GaussianBlur"] == 1.0 and "Solarize" not in probs[0]
+    assert probs[1]["GaussianBlur"] == 0.1 and probs[1]["Solarize"] == 0.2
+    assert probs[0]["ColorJitter"] == probs[1]["ColorJitter"] == 0.8
+
+
+def test_weak_strength_keeps_colors_strong_changes_them():
+    const = np.full((40, 40, 3), (200, 30, 90), np.uint8)
+    weak = T.build_pretrain_transform(_cfg(**{"DA.STRENGTH": "weak"}))
+    strong = T.build_pretrain_transform(_cfg(**{"DA.STRENGTH": "strong"}))
+    for seed in range(20):
+        v1, v2 = weak(const, random.Random(seed))
+        assert (v1 == torch.tensor([200, 30, 90]).view(3, 1, 1)).all()
+    changed = sum(not (strong(const, random.Random(s))[0] == torch.tensor([200, 30, 90]).view(3, 1, 1)).all()
+                  for s in range(20))
+    assert changed >= 10  # jitter p=0.8, grayscale p=0.2
+
+
+def test_normalize_by_hand():
+    x = torch.tensor([255, 0, 128], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    y = T.normalize(x)
+    expected = torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225])
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(y[1, :, 2, 3], expected, rtol=0, atol=1e-5)
+
+
+def test_eval_transform_and_collate_batch(tmp_path):
+    for i in range(3):
+        _png(tmp_path / ("a" if i < 2 else "b") / f"{i}.png", _smooth(30, 50, seed=i))
+    cfg = _cfg(**{"DATA.ROOT": str(tmp_path)})
+    from pretrain.data import build_dataset
+
+    ds = build_dataset(cfg)
+    (x1, x2), labels, bad = collate([ds[(i, 100 + i)] for i in range(3)])
+    assert x1.shape == x2.shape == (3, 3, 32, 32) and x1.dtype == torch.uint8
+    assert labels.tolist() == [0, 0, 1] and bad == []
+    ev = ImageDataset(ds.source, T.build_eval_transform(32))
+    x, labels, _ = collate([ev[i] for i in range(3)])
+    assert x.shape == (3, 3, 32, 32)
+    # center crop of the resized image: the middle pixel of a 30x50 image maps to the middle
+    img = ds.source.load(0)
+    big = cv2.resize(img, (round(50 * 37 / 30), 37), interpolation=cv2.INTER_LINEAR)
+    top, left = (37 - 32) // 2, (big.shape[1] - 32) // 2
+    np.testing.assert_array_equal(x[0].permute(1, 2, 0).numpy(), big[top : top + 32, left : left + 32])

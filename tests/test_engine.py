@@ -1,0 +1,335 @@
+"""The pretraining engine end to end, through the real ``feataug`` command (tiny: ResNet-18,
+32 px, batch 4, a few iterations).
+
+Truths: the checkpoint schema of design §3 and torchvision's ResNet-18 parameter names; an
+uninterrupted run's weights (for kill-and-resume); hand-computed learning rates and kNN votes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+
+from feataug import cli
+from pretrain.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint
+from pretrain.engine import lr_factor, set_lr
+from pretrain.knn import knn_scores, knn_top1
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "pretrain" / "tiny_moco_fa_r18.yaml")
+# CPU: exact resume and gloo DDP are CPU properties (tests marked "auto" use a GPU if present)
+SMALL = ["DATA.IMAGE_SIZE", "32", "SOLVER.BATCH_SIZE", "4", "DATALOADER.NUM_WORKERS", "0",
+         "LOG_PERIOD", "1", "TENSORBOARD", "False", "DEVICE", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(root: Path, n: int, classes=("a", "b"), seed=0) -> Path:
+    """``n`` random smooth JPEGs, ImageNet layout ``root/<class>/k.jpg``; class k tints red/blue."""
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        c = k % len(classes)
+        img = cv2.resize(rng.integers(0, 120, (6, 6, 3), dtype=np.uint8), (48, 40))
+        img[..., 2 - 2 * c] += 120  # BGR: class 0 red, class 1 blue
+        (root / classes[c]).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / classes[c] / f"{k:03d}.jpg"), img)
+    return root
+
+
+def _pretrain(data: Path, out: Path, *opts: str, config: str = TINY) -> int:
+    return cli.main(["pretrain", "--config-file", config, "DATA.ROOT", str(data),
+                     "OUTPUT_DIR", str(out), *SMALL, *opts])
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# ----------------------------------------------------------------------------- tiny runs
+@pytest.mark.parametrize("method", ["moco", "simsiam", "byol"])
+def test_tiny_run_writes_checkpoint_schema_and_metrics(tmp_path, method):
+    data, out = _images(tmp_path / "d", 16), tmp_path / "o"
+    opts = ["SOLVER.MAX_ITER", "3", "MODEL.METHOD", method, "DEVICE", "auto",
+            "SOLVER.WARMUP_EPOCHS", "0", "SOLVER.SCHEDULE", "cosine"]
+    if method != "moco":
+        opts += ["MODEL.PROJ_HIDDEN_DIM", "64", "MODEL.PROJ_DIM", "32", "MODEL.PRED_HIDDEN_DIM", "16",
+                 "TENSORBOARD", "True"]
+    assert _pretrain(data, out, *opts) == 0
+
+    ckpt = load_checkpoint(out / "last.pth")
+    assert set(REQUIRED_KEYS) <= set(ckpt) and ckpt["version"] == 1
+    assert ckpt["iter"] == 3 and ckpt["epoch"] == 0  # 16 images / batch 4: epoch 0 unfinished
+    assert ckpt["arch"] == {"name": "resnet18", "stem": "imagenet"}
+    assert yaml.safe_load(ckpt["config"])["MODEL"]["METHOD"] == method
+    tv = {k: v.shape for k, v in torchvision.models.resnet18().state_dict().items()
+          if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in ckpt["backbone"].items()} == tv
+    for k, v in ckpt["backbone"].items():  # the trunk of the saved model, not a copy of the init
+        assert torch.equal(v, ckpt["model"]["backbone." + k])
+    assert ckpt["sampler"]["iters_per_epoch"] == 4 and len(ckpt["rng"]) == 1
+    assert ("queue" in ckpt["model"]) == (method == "moco")
+
+    rows = _metrics(out)
+    assert [r["iter"] for r in rows] == [1, 2, 3]
+    base = yaml.safe_load(Path(TINY).read_text())["SOLVER"]["BASE_LR"] * 4 / 256
+    for r, f in zip(rows, [1.0, 0.75, 0.25], strict=True):  # cosine over the 3 iterations
+        assert r["lr"] == pytest.approx(base * f)
+        assert math.isfinite(r["loss"]) and r["skipped_images"] == 0
+        assert {"time", "data_time", "epoch"} <= set(r)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((out / "config.yaml").read_text())["MODEL"]["METHOD"] == method
+    if method != "moco":
+        assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+# ----------------------------------------------------------------------------- kill and resume
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    import pretrain.build as build
+    KILL_AT, TOTAL = int(os.environ["KILL_AT"]), int(os.environ["TOTAL"])
+    _build = build.build_model
+    def build_model(cfg):
+        model = _build(cfg)
+        after_step = model.after_step
+        def killing_after_step(progress):
+            after_step(progress)
+            if round(progress * TOTAL) == KILL_AT:  # stepped, not yet checkpointed
+                os.kill(os.getpid(), signal.SIGKILL)
+        model.after_step = killing_after_step
+        return model
+    build.build_model = build_model
+    from feataug.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    data = _images(tmp_path / "d", 12)  # batch 4: 3 iterations per epoch
+    opts = ["SOLVER.MAX_ITER", "7", "SOLVER.CHECKPOINT_ITERS", "2", "DETERMINISTIC", "True",
+            "SEED", "3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _pretrain(data, full, *opts) == 0
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    args = [sys.executable, str(script), "pretrain", "--config-file", TINY, "DATA.ROOT", str(data),
+            "OUTPUT_DIR", str(cut), *SMALL, *opts]
+    proc = subprocess.run(args, env={**_env(), "KILL_AT": "6", "TOTAL": "7"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    # checkpoints at 2, 3 (end of epoch 0) and 4; killed after step 6, before its checkpoint:
+    # the resumed run replays from iteration 4, one batch into epoch 1, and drops log line 5
+    assert load_checkpoint(cut / "last.pth")["iter"] == 4
+    assert [r["iter"] for r in _metrics(cut)] == [1, 2, 3, 4, 5]
+
+    assert cli.main(["pretrain", "--config-file", TINY, "--resume", "DATA.ROOT", str(data),
+                     "OUTPUT_DIR", str(cut), *SMALL, *opts]) == 0
+    a, b = load_checkpoint(full / "last.pth"), load_checkpoint(cut / "last.pth")
+    assert a["iter"] == b["iter"] == 7
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    # the log of the resumed run is the uninterrupted log, line for line
+    strip = ("time", "data_time")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in _metrics(cut)] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in _metrics(full)]
+
+
+# ----------------------------------------------------------------------------- robustness
+def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
+    data = _images(tmp_path / "d", 9, classes=("x",))
+    ok, jpg = cv2.imencode(".jpg", np.zeros((40, 40, 3), np.uint8))
+    (data / "x" / "bad_0_truncated.jpg").write_bytes(jpg.tobytes()[: len(jpg) // 2])
+    (data / "x" / "bad_1_empty.jpg").write_bytes(b"")
+    (data / "x" / "bad_2_text.jpg").write_text("not an image\n")
+    out = tmp_path / "o"  # 12 files, batch 4: one epoch visits every file; a loader worker
+    assert _pretrain(data, out, "SOLVER.EPOCHS", "1", "DATALOADER.NUM_WORKERS", "1") == 0
+    rows = _metrics(out)
+    assert rows[-1]["iter"] == 3 and rows[-1]["skipped_images"] == 3
+    assert len(load_checkpoint(out / "last.pth")["skipped"]) == 3
+    log = (out / "log.txt").read_text()
+    assert "3 unreadable image(s)" in log
+    assert all(name in log for name in ("bad_0_truncated.jpg", "bad_1_empty.jpg", "bad_2_text.jpg"))
+
+
+@pytest.mark.parametrize("what", ["loss", "weights"])
+def test_non_finite_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path, capsys,
+                                                                      monkeypatch, what):
+    import pretrain.build as build
+
+    real = build.build_model
+
+    def poisoned(cfg):  # a NaN loss at the 3rd forward, or NaN weights after the 3rd step
+        model, calls = real(cfg), []
+        forward, after_step = model.forward, model.after_step
+
+        def nan_loss(x1, x2):
+            out = forward(x1, x2)
+            calls.append(1)
+            if len(calls) == 3:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        def nan_weights(progress):
+            after_step(progress)
+            calls.append(1)
+            if len(calls) == 3:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("inf"))
+
+        if what == "loss":
+            model.forward = nan_loss
+        else:
+            model.after_step = nan_weights
+        return model
+
+    monkeypatch.setattr(build, "build_model", poisoned)
+    data, out = _images(tmp_path / "d", 16), tmp_path / "o"
+    assert _pretrain(data, out, "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_ITERS", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    first = {"loss": "loss is nan at iteration 3", "weights": "weights became non-finite at iteration 3"}
+    assert err[-1].startswith(f"feataug pretrain: error: {first[what]}")
+    assert f"{out / 'last.pth'} (iteration 2)" in err[-1]
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["iter"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("case", ["empty", "key", "file", "batch", "method"])
+def test_user_errors_are_one_line(tmp_path, capsys, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {"empty": ["DATA.ROOT", str(empty)],
+            "key": ["DATA.ROOT", str(empty), "SOLVER.NO_SUCH_KEY", "1"],
+            "file": ["--config-file", str(tmp_path / "nope.yaml")],
+            "batch": ["DATA.ROOT", str(_images(tmp_path / "d", 3))],
+            "method": ["DATA.ROOT", str(empty), "MODEL.METHOD", "simclr"]}[case]
+    if case != "file":
+        args = ["--config-file", TINY, "OUTPUT_DIR", str(tmp_path / "o"), *SMALL, *args]
+    assert cli.main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("feataug pretrain: error: ")
+    assert {"empty": f"{empty}: no image files", "key": "SOLVER.NO_SUCH_KEY",
+            "file": "nope.yaml: no such config file", "batch": "fewer than one batch",
+            "method": "MODEL.METHOD 'simclr'"}[case] in err[0]
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.pth: no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="junk.pth: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pth")
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="other.pth: not a FeatAug pretraining checkpoint "
+                                              r"\(missing version, config"):
+        load_checkpoint(tmp_path / "other.pth")
+
+
+# ----------------------------------------------------------------------------- distributed
+DDP_RUNNER = textwrap.dedent("""
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from pretrain.engine import read_config, train
+    result = train(read_config(sys.argv[1], sys.argv[2:]))
+    torch.save(result["model"].state_dict(), os.path.join(result["output_dir"],
+               f"rank{os.environ['RANK']}.pt"))
+""")
+
+
+def test_two_process_gloo_ddp_ranks_end_identical(tmp_path):
+    data, out = _images(tmp_path / "d", 16), tmp_path / "o"
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_RUNNER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), TINY, "DATA.ROOT", str(data), "OUTPUT_DIR", str(out), *SMALL,
+           "SOLVER.BATCH_SIZE", "8", "SOLVER.MAX_ITER", "3"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    per_rank = ("running_mean", "running_var", "num_batches_tracked")  # BN statistics
+    compared = [k for k in r0 if not k.endswith(per_rank)]
+    assert "queue" in compared and len(compared) > 100
+    for k in compared:
+        assert torch.equal(r0[k], r1[k]), k
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["iter"] == 3 and ckpt["sampler"]["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seeded SEED + rank
+    for k in compared:
+        assert torch.equal(ckpt["model"][k], r0[k]), k
+    assert [r["iter"] for r in _metrics(out)] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_knn_weighted_vote_by_hand():
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    q = torch.tensor([[1.0, 0.0]])
+    # k=3: sims 1.0 (class 0), 0.6 (class 1), 0.6 (class 1); weights exp(s / 0.1)
+    scores = knn_scores(q, bank, labels, num_classes=3, k=3, t=0.1)
+    torch.testing.assert_close(scores, torch.tensor([[math.exp(10), 2 * math.exp(6), 0.0]]))
+    assert scores.argmax().item() == 0  # a plain majority vote would say class 1
+    # with t=1 the two class-1 neighbours outweigh: e^1 < 2 e^0.6
+    assert knn_scores(q, bank, labels, 3, k=3, t=1.0).argmax().item() == 1
+    assert knn_top1(bank, labels, q.repeat(2, 1), torch.tensor([0, 1]), 3, k=3) == 50.0
+
+
+def test_lr_schedule_by_hand():
+    # 2 warm-up iterations of 10, then cosine over the remaining 8
+    assert [lr_factor(i, 10, 2) for i in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2) == 1.0
+    assert lr_factor(6, 10, 2) == pytest.approx(0.5)
+    assert lr_factor(9, 10, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert lr_factor(5, 10, 0, "step", steps=(3, 5)) == pytest.approx(0.01)
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
+                           {"params": [torch.zeros(1, requires_grad=True)], "fix_lr": True}], lr=1)
+    set_lr(opt, 0.2, 0.25)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.05), 0.2]
+
+
+def test_knn_monitor_and_linear_probe_separate_two_colors(tmp_path, capsys):
+    train, val = _images(tmp_path / "train", 16, seed=1), _images(tmp_path / "val", 8, seed=2)
+    out = tmp_path / "o"
+    assert _pretrain(train, out, "SOLVER.MAX_ITER", "2", "KNN.PERIOD", "1", "DEVICE", "auto",
+                     "DATA.KNN_TRAIN_ROOT", str(train), "DATA.KNN_VAL_ROOT", str(val)) == 0
+    knn = [r for r in _metrics(out) if "knn_top1" in r]
+    assert len(knn) == 1 and knn[0]["iter"] == 2 and knn[0]["knn_top1"] == 100.0
+    capsys.readouterr()
+    assert cli.main(["lincls", "--checkpoint", str(out / "last.pth"), "--knn", "DATALOADER.NUM_WORKERS",
+                     "0", "LINCLS.EPOCHS", "20", "LINCLS.BATCH_SIZE", "8", "LINCLS.AUGMENT",
+                     "False", "LINCLS.BASE_LR", "1.0"]) == 0
+    result = json.loads((out / "lincls.json").read_text())
+    assert result["top1"] == 100.0 and result["knn_top1"] == 100.0
+    assert result["val_images"] == 8 and result["classes"] == 2
+    assert "top-1 100.00%" in capsys.readouterr().out
