@@ -18,9 +18,11 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt tools/install_detectron2.py
 	@touch $(STAMP)
 
 demo: setup
+	$(VENV)/bin/feataug env
 	$(VENV)/bin/feataug demo --profile quick
 
 demo-full: setup
+	$(VENV)/bin/feataug env
 	$(VENV)/bin/feataug demo --profile full
 
 test: setup

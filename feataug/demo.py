@@ -22,8 +22,10 @@ from pathlib import Path
 
 # schedule lengths per profile
 PROFILES = {
-    "quick": {"pretrain_iters": 60, "detect_iters": 40, "detect_batch": 2, "min_size": 288},
-    "full": {"pretrain_iters": 300, "detect_iters": 200, "detect_batch": 2, "min_size": 320},
+    "quick": {"pretrain_iters": 30, "pretrain_batch": 16, "detect_iters": 25, "detect_batch": 2,
+              "min_size": 224},
+    "full": {"pretrain_iters": 200, "pretrain_batch": 16, "detect_iters": 120, "detect_batch": 2,
+             "min_size": 256},
 }
 PRETRAIN_CONFIG = "configs/pretrain/tiny_moco_fa_r18.yaml"
 DETECT_CONFIG = "configs/detection/tiny_faster_R18_FPN.yaml"
@@ -60,13 +62,14 @@ class Stage:
             print(f"[{self.k}/{self.total}] done in {time.perf_counter() - self.t0:.0f} s", flush=True)
 
 
-def pretrain(out: Path, data_root: Path, iters: int, fa: bool, seed: int) -> Path:
+def pretrain(out: Path, data_root: Path, prof: dict, fa: bool, seed: int) -> Path:
     from pretrain.config import load_cfg
     from pretrain.engine import train
 
     opts = [
         "DATA.ROOT", str(data_root), "DATA.FORMAT", "folder", "OUTPUT_DIR", str(out),
-        "SOLVER.MAX_ITER", str(iters), "SOLVER.EPOCHS", "1000", "SEED", str(seed),
+        "SOLVER.MAX_ITER", str(prof["pretrain_iters"]), "SOLVER.EPOCHS", "1000", "SEED", str(seed),
+        "SOLVER.BATCH_SIZE", str(prof["pretrain_batch"]),
         "FA.ENABLED", str(fa), "DATALOADER.NUM_WORKERS", "1", "LOG_PERIOD", "5",
         "SOLVER.WARMUP_EPOCHS", "0", "TENSORBOARD", "False",
     ]
@@ -93,7 +96,8 @@ def detect(out: Path, voc_root: Path, weights: Path | None, prof: dict, seed: in
         "SOLVER.WARMUP_ITERS", str(max(1, iters // 5)), "SOLVER.IMS_PER_BATCH",
         str(prof["detect_batch"]), "INPUT.MIN_SIZE_TRAIN", f"({size - 32}, {size}, {size + 32})",
         "INPUT.MIN_SIZE_TEST", str(size), "TEST.PRECISE_BN.NUM_ITER", "5",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "300",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "200",
     ]
     registrations = [("demo_trees_train", str(voc_root), "train"),
                      ("demo_trees_test", str(voc_root), "test")]
@@ -204,7 +208,7 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
     pre_dirs = {"MoCo v2": out / "pretrain_moco", "MoCo v2 + FA": out / "pretrain_moco_fa"}
     with Stage(2, f"pretrain tiny MoCo v2 without / with FA ({prof['pretrain_iters']} iterations each)"):
         ckpts = {
-            name: pretrain(d, voc_root / "unlabeled", prof["pretrain_iters"], fa="FA" in name, seed=seed)
+            name: pretrain(d, voc_root / "unlabeled", prof, fa="FA" in name, seed=seed)
             for name, d in pre_dirs.items()
         }
 

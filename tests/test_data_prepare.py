@@ -401,6 +401,32 @@ def test_labelme_coco_polygons(labelme_root, labelme_sdist):
 # --------------------------------------------------------------------------- idempotence, errors
 
 
+def test_labelme_coco_polygons_train_a_tiny_mask_rcnn(labelme_root, tmp_path):
+    """The real labelme photos and polygons through Detectron2's COCO loader, polygon-to-mask
+    targets, two Mask R-CNN R18-FPN steps and the COCO evaluator (bbox + segm)."""
+    import math
+
+    from transfer.detect import run_detection
+
+    out = tmp_path / "out"
+    root = labelme_root
+    results = run_detection(
+        Path(__file__).resolve().parents[1] / "configs/detection/tiny_mask_R18_FPN.yaml",
+        ["DATASETS.TRAIN", "('labelme_smoke',)", "DATASETS.TEST", "('labelme_smoke',)",
+         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+         "SOLVER.STEPS", "(1,)", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "256",
+         "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256", "TEST.PRECISE_BN.NUM_ITER", "1",
+         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+         "MODEL.RPN.POST_NMS_TOPK_TEST", "32", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+         "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)],
+        register_coco=[("labelme_smoke", root / "instances.json", root / "JPEGImages")],
+    )  # fmt: skip
+    assert {"bbox", "segm"} <= set(results)
+    losses = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    mask_losses = [r["loss_mask"] for r in losses if "loss_mask" in r]
+    assert mask_losses and all(math.isfinite(v) for v in mask_losses)
+
+
 def test_prepared_dataset_is_reused_without_its_source(deepforest_root, tmp_path, monkeypatch):
     marker = deepforest_root / fd.MARKER
     before = marker.stat().st_mtime_ns
