@@ -22,10 +22,10 @@ from pathlib import Path
 
 # schedule lengths per profile
 PROFILES = {
-    "quick": {"pretrain_iters": 30, "pretrain_batch": 16, "detect_iters": 25, "detect_batch": 2,
-              "min_size": 224},
-    "full": {"pretrain_iters": 200, "pretrain_batch": 16, "detect_iters": 120, "detect_batch": 2,
-             "min_size": 256},
+    "quick": {"pretrain_iters": 20, "pretrain_batch": 16, "detect_iters": 15, "detect_batch": 2,
+              "min_size": 192},
+    "full": {"pretrain_iters": 150, "pretrain_batch": 16, "detect_iters": 100, "detect_batch": 2,
+             "min_size": 224},
 }
 PRETRAIN_CONFIG = "configs/pretrain/tiny_moco_fa_r18.yaml"
 DETECT_CONFIG = "configs/detection/tiny_faster_R18_FPN.yaml"
@@ -160,6 +160,7 @@ def plot_curves(out: Path, pretrain_dirs: dict[str, Path], detect_dirs: dict[str
 def plot_predictions(out_png: Path, detect_dir: Path, voc_root: Path, min_size: int) -> Path | None:
     """One held-out tile: ground truth in green, predictions (score ≥ 0.3) in red."""
     import cv2
+    import torch
 
     from transfer.config import get_detection_cfg
     from transfer.datasets import load_voc
@@ -174,6 +175,7 @@ def plot_predictions(out_png: Path, detect_dir: Path, voc_root: Path, min_size: 
     cfg = get_detection_cfg(str(_config_path(DETECT_CONFIG)), [
         "MODEL.WEIGHTS", str(weights), "MODEL.ROI_HEADS.NUM_CLASSES", "1",
         "INPUT.MIN_SIZE_TEST", str(min_size), "DATASETS.AUTO_NUM_CLASSES", "False",
+        "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu",
     ])
     predictor = DefaultPredictor(cfg)
     image = cv2.imread(record["file_name"])  # BGR

@@ -292,7 +292,11 @@ def run(cfg, args: argparse.Namespace) -> dict:
 
     rank = comm.get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    # One set of handlers per run: in-process callers (the demo, trials) run several times,
+    # and Detectron2's cached setup_logger would otherwise stack handlers and repeat every line.
+    setup_logger.cache_clear()
     for name in ("detectron2", "fvcore", "transfer"):
+        logging.getLogger(name).handlers.clear()
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:2])
     if args.trials is None:
         return _run_once(cfg, args)
