@@ -1,0 +1,370 @@
+"""`feataug study`: grid expansion, baselines, resume, aggregation math, reports, one real job."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feataug import study
+from feataug.cli import main as cli_main
+from feataug.study import Grid, Job, Run, StudyError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pretrain" / "tiny_moco_fa_r18.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_grid(tmp_path: Path, body: str, name: str = "grid.yaml") -> Path:
+    head = (f"base: {TINY}\n"
+            "eval: {train: /nowhere/train, val: /nowhere/val}\n")
+    path = tmp_path / name
+    path.write_text(head + body)
+    return path
+
+
+GRID = """
+seeds: 2
+random_init: true
+overrides: {SOLVER.MAX_ITER: 7}
+blocks:
+  - name: moco
+    overrides: {MODEL.METHOD: moco}
+    variants:
+      base: {FA.ENABLED: false}
+      fa: {FA.ENABLED: true}
+      hard: {FA.ENABLED: true, FA.OP: hardmix, FA.ROLE: negative}
+    axes:
+      FA.OP: [noise, extrapolate]
+      DA.STRENGTH: [weak, strong]
+  - name: simsiam
+    overrides: {MODEL.METHOD: simsiam, SOLVER.BASE_LR: 0.05}
+    variants:
+      base: {FA.ENABLED: false}
+      fa: {FA.ENABLED: true, FA.ARCH: pre_predictor}
+    axes:
+      FA.OP: [noise]
+"""
+
+
+# ----------------------------------------------------------------------------- grid expansion
+def test_grid_expansion_names_baselines_axes(tmp_path):
+    grid = study.load_grid(write_grid(tmp_path, GRID))
+    names = [r.name for r in grid.runs]
+    # moco: (2 ops x 2 strengths) x 3 variants; FA-off collapses over FA.OP (2 left), hardmix
+    # overrides FA.OP (2 left, one per strength); simsiam: 1 x 2 variants.
+    assert names == [
+        "random-init",
+        "moco.base.strength=weak", "moco.fa.op=noise.strength=weak", "moco.hard.strength=weak",
+        "moco.base.strength=strong", "moco.fa.op=noise.strength=strong",
+        "moco.hard.strength=strong",
+        "moco.fa.op=extrapolate.strength=weak", "moco.fa.op=extrapolate.strength=strong",
+        "simsiam.base", "simsiam.fa.op=noise",
+    ]
+    by = {r.name: r for r in grid.runs}
+    # baseline = FA off, same everything else (DA strength included)
+    assert by["moco.fa.op=extrapolate.strength=weak"].baseline == "moco.base.strength=weak"
+    assert by["moco.hard.strength=strong"].baseline == "moco.base.strength=strong"
+    assert by["simsiam.fa.op=noise"].baseline == "simsiam.base"
+    assert by["moco.base.strength=weak"].baseline is None and by["random-init"].random_init
+    # overrides: grid <- block <- axes <- variant; FA keys of FA-off runs dropped
+    over = dict(by["moco.hard.strength=weak"].overrides)
+    assert over == {"SOLVER.MAX_ITER": 7, "MODEL.METHOD": "moco", "FA.OP": "hardmix",
+                    "DA.STRENGTH": "weak", "FA.ENABLED": True, "FA.ROLE": "negative"}
+    assert dict(by["moco.base.strength=weak"].overrides) == {
+        "SOLVER.MAX_ITER": 7, "MODEL.METHOD": "moco", "DA.STRENGTH": "weak", "FA.ENABLED": False}
+    # axes: FA.ROLE follows FA.OP, the lr follows the method, FA.ENABLED is "off" in FA.OP
+    assert grid.axes == ["MODEL.METHOD", "DA.STRENGTH", "FA.OP"]
+    assert dict(by["simsiam.base"].settings) == {
+        "MODEL.METHOD": "simsiam", "FA.OP": "off", "DA.STRENGTH": "strong"}
+    assert grid.seeds == 2 and grid.eval["knn_k"] == 200
+    # a job's config is the run's overrides on the base file, plus its folder and seed
+    cfg = Job(by["moco.hard.strength=weak"], 1, "/x/y", grid.eval).cfg()
+    assert (cfg.FA.OP, cfg.FA.ROLE, cfg.DA.STRENGTH, cfg.SEED, cfg.OUTPUT_DIR) == (
+        "hardmix", "negative", "weak", 1, "/x/y")
+    assert cfg.MODEL.BACKBONE == "resnet18"  # from the base file
+
+
+def test_skip_invalid_and_typo_values(tmp_path):
+    body = """
+blocks:
+  - name: s
+    overrides: {MODEL.METHOD: simsiam, FA.ENABLED: true}
+    axes:
+      FA.ARCH: [basic, post_predictor]
+      FA.POSITION: [backbone, projector]
+    skip_invalid: true
+"""
+    grid = study.load_grid(write_grid(tmp_path, body))
+    # post_predictor needs POSITION projector: 3 of the 4 combinations remain
+    assert [r.name for r in grid.runs] == [
+        "s.arch=basic.position=backbone", "s.arch=basic.position=projector",
+        "s.arch=post_predictor.position=projector"]
+    with pytest.raises(StudyError, match="post_predictor acts on the predictor output"):
+        study.load_grid(write_grid(tmp_path, body.replace("skip_invalid: true", "")))
+    typo = body.replace("[basic, post_predictor]", "[basic, post_predicter]")
+    with pytest.raises(StudyError, match="FA.ARCH value 'post_predicter' is never valid"):
+        study.load_grid(write_grid(tmp_path, typo))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("blocks: []\n", "`blocks:` must be a non-empty list"),
+    ("blocks: [{name: a, overrides: {FA.OPP: noise}}]\n", "Non-existent key: FA.OPP"),
+    ("blocks: [{name: a, axis: {}}]\n", "unknown key(s) ['axis']"),
+    ("blocks: [{name: a, base: missing.yaml}]\n", "base config"),
+    ("seed: 3\nblocks: [{name: a}]\n", "unknown key(s) ['seed']"),
+    ("blocks: [{name: a, variants: {x: {SOLVER.MAX_ITER: 1}, y: {SOLVER.MAX_ITER: 2}}}, "
+     "{name: a, variants: {x: {SOLVER.MAX_ITER: 3}}}]\n", "both named 'a.x'"),
+    ("blocks: [{name: a, axes: {MODEL.METHOD: [moco, sarsa]}}]\n", "MODEL.METHOD 'sarsa'"),
+    ("blocks: [{name: a}]\nprepare: [imagenet]\n", "unknown dataset 'imagenet'"),
+    ("blocks: [{name: a, variants: {off: {FA.ENABLED: false}}}]\n", "variant name False"),
+])
+def test_bad_grids_are_refused_with_the_file_named(tmp_path, body, message):
+    path = write_grid(tmp_path, body)
+    with pytest.raises(StudyError) as e:
+        study.load_grid(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_paper_and_quick_grids_expand():
+    quick = study.load_grid(ROOT / "configs" / "study" / "quick.yaml")
+    assert quick.axes == ["MODEL.METHOD", "FA.OP"] and quick.seeds == 2
+    ops = {dict(r.settings)["FA.OP"] for r in quick.runs if not r.random_init}
+    assert ops >= {"off", "noise", "extrapolate", "interpolate", "hardmix"}
+    assert all(r.baseline for r in quick.runs if dict(r.settings).get("FA.OP") not in ("off", ""))
+    paper = study.load_grid(ROOT / "configs" / "study" / "paper.yaml")
+    assert {"MODEL.METHOD", "FA.OP", "FA.POSITION", "FA.ARCH", "FA.STOP_GRAD"} <= set(paper.axes)
+    assert any(a.startswith("DA.") for a in paper.axes)
+    assert all(r.baseline for r in paper.runs if not r.fa_off and not r.random_init)
+
+
+def test_cli_dry_run_and_error_line(tmp_path, capsys):
+    path = write_grid(tmp_path, GRID)
+    assert cli_main(["study", "--grid", str(path), "--dry-run", "--seeds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "11 runs x 3 seeds" in out and "vs moco.base.strength=weak" in out
+    bad = write_grid(tmp_path, "blocks: 3\n", "bad.yaml")
+    assert cli_main(["study", "--grid", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"feataug study: error: {bad}: `blocks:` must be a non-empty list"]
+
+
+# ----------------------------------------------------------------------------- runner + resume
+CALLS: list[tuple[str, int]] = []
+FAIL: set[tuple[str, int]] = set()
+
+
+def fake_metrics(name: str, seed: int) -> dict:
+    base = 50.0 + (5 * len(name)) % 17
+    return {"knn_top1": base + seed, "linear_top1": base + 2.0 * seed, "iterations": 7}
+
+
+def fake_runner(job: Job) -> dict:
+    """Deterministic metrics from the run name and seed; fails for jobs listed in FAIL."""
+    CALLS.append((job.run.name, job.seed))
+    if (job.run.name, job.seed) in FAIL:
+        raise RuntimeError("simulated crash")
+    return fake_metrics(job.run.name, job.seed)
+
+
+SMALL = """
+random_init: true
+blocks:
+  - name: m
+    overrides: {MODEL.METHOD: moco}
+    variants:
+      nofa: {FA.ENABLED: false}
+      fa: {FA.ENABLED: true}
+    axes:
+      FA.OP: [noise, extrapolate]
+"""
+
+
+def test_resume_skips_finished_jobs_and_retries_failed(tmp_path):
+    grid = study.load_grid(write_grid(tmp_path, SMALL))
+    out = tmp_path / "out"
+    CALLS.clear()
+    FAIL.clear()
+    FAIL.add(("m.fa.op=noise", 1))
+    lines: list[str] = []
+    records = study.run_study(grid, out, [0, 1], runner=fake_runner, echo=lines.append)
+    assert len(CALLS) == 4 * 2
+    status = {(r["run"], r["seed"]): r["status"] for r in records}
+    assert status.pop(("m.fa.op=noise", 1)) == "failed" and set(status.values()) == {"ok"}
+    failed_dir = out / "runs" / "m.fa.op=noise" / "seed1"
+    assert not (failed_dir / "result.json").exists()
+    assert "simulated crash" in (failed_dir / "error.txt").read_text()
+    assert "FAILED RuntimeError: simulated crash" in "\n".join(lines)
+    done = json.loads((out / "runs" / "m.nofa" / "seed0" / "result.json").read_text())
+    assert done["status"] == "ok" and done["metrics"] == fake_metrics("m.nofa", 0)
+
+    # rerun: only the failed job runs again
+    CALLS.clear()
+    FAIL.clear()
+    records = study.run_study(grid, out, [0, 1], runner=fake_runner, echo=lines.append)
+    assert CALLS == [("m.fa.op=noise", 1)]
+    assert (failed_dir / "result.json").is_file() and not (failed_dir / "error.txt").exists()
+    assert all(r["status"] == "ok" for r in records) and len(records) == 8
+    assert "7 finished earlier (skipped), 1 to run" in "\n".join(lines)
+    # a removed result reruns that job alone; a new seed runs only the new jobs
+    (out / "runs" / "m.nofa" / "seed0" / "result.json").unlink()
+    CALLS.clear()
+    study.run_study(grid, out, [0, 1, 2], runner=fake_runner, echo=lines.append)
+    assert sorted(CALLS) == sorted([("m.nofa", 0)] + [(r.name, 2) for r in grid.runs])
+
+    # reports: one CSV row per run x seed, a table, one chart per axis
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 * 3 and rows[0]["run"] == "random-init"
+    assert rows[3] == {**rows[3], "run": "m.nofa", "seed": "0", "status": "ok", "FA.OP": "off",
+                       "knn_top1": str(fake_metrics("m.nofa", 0)["knn_top1"]), "iterations": "7"}
+    assert (out / "plots" / "FA.OP.png").stat().st_size > 1000
+    assert "| m.fa.op=noise | noise | 3 |" in (out / "results.md").read_text()
+
+    # the same folder with a different config is refused before anything runs
+    changed = study.load_grid(
+        write_grid(tmp_path, "overrides: {SOLVER.MAX_ITER: 3}\n" + SMALL, "g2.yaml"))
+    CALLS.clear()
+    with pytest.raises(StudyError, match="made for a different config"):
+        study.run_study(changed, out, [0, 1], runner=fake_runner, echo=lines.append)
+    assert CALLS == []
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _grid_with(runs: list[Run], axes: list[str]) -> Grid:
+    return Grid("g.yaml", "", runs, axes, {})
+
+
+def test_aggregation_mean_std_delta_by_hand():
+    runs = [Run("ri", "", (), random_init=True, settings=(("FA.OP", ""),)),
+            Run("off", "", (), settings=(("FA.OP", "off"),)),
+            Run("fa", "", (), baseline="off", settings=(("FA.OP", "noise"),))]
+    grid = _grid_with(runs, ["FA.OP"])
+
+    def rec(run, seed, knn, lin=None):
+        m = {"knn_top1": knn} | ({"linear_top1": lin} if lin is not None else {})
+        return {"run": run, "seed": seed, "status": "ok", "metrics": m}
+
+    records = [rec("ri", 0, 40.0, 41.0),
+               rec("off", 0, 70.0, 80.0), rec("off", 1, 72.0, 81.0), rec("off", 2, 74.0),
+               rec("fa", 0, 71.0, 84.0), rec("fa", 1, 75.0), rec("fa", 2, 76.0, 86.0),
+               {"run": "fa", "seed": 3, "status": "failed", "error": "x"}]
+    rows = {r["run"]: r for r in study.summarize(grid, records, ["knn_top1", "linear_top1"])}
+    # off: 70, 72, 74 -> mean 72, sample std sqrt((4 + 0 + 4) / 2) = 2
+    assert rows["off"]["knn_top1"] == pytest.approx((72.0, 2.0))
+    # fa: 71, 75, 76 -> mean 74, std sqrt((9 + 1 + 4) / 2) = sqrt(7)
+    assert rows["fa"]["knn_top1"] == pytest.approx((74.0, math.sqrt(7)))
+    # paired differences 1, 3, 2 -> delta 2 ± 1
+    assert rows["fa"]["knn_top1_delta"] == pytest.approx((2.0, 1.0))
+    # linear: fa has seeds 0, 2; off has 0, 1 -> one common seed (0): delta 84 - 80 = 4, no std
+    assert rows["fa"]["linear_top1"] == pytest.approx((85.0, math.sqrt(2)))
+    d, s = rows["fa"]["linear_top1_delta"]
+    assert d == pytest.approx(4.0) and math.isnan(s)
+    assert rows["fa"]["seeds"] == [0, 1, 2]  # the failed seed 3 is not counted
+    m, s = rows["ri"]["knn_top1"]
+    assert m == 40.0 and math.isnan(s)
+    assert math.isnan(rows["off"]["knn_top1_delta"][0])
+
+    table = study.markdown_table(grid, list(rows.values()), ["knn_top1", "linear_top1"])
+    assert table.splitlines() == [
+        "| run | FA.OP | seeds | kNN top-1 | Δ kNN top-1 | linear top-1 | Δ linear top-1 |",
+        "|---|---|---|---|---|---|---|",
+        "| ri |  | 1 | 40.00 |  | 41.00 |  |",
+        "| off | off | 3 | 72.00 ± 2.00 | baseline | 80.50 ± 0.71 | baseline |",
+        "| fa | noise | 3 | 74.00 ± 2.65 | +2.00 ± 1.00 | 85.00 ± 1.41 | +4.00 |",
+    ]
+
+
+def test_mean_std_matches_numpy():
+    xs = [3.25, -1.5, 8.0, 2.0]
+    m, s = study.mean_std(xs)
+    assert m == pytest.approx(np.mean(xs)) and s == pytest.approx(np.std(xs, ddof=1))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_linear_probe_known_accuracy():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]])
+    y = torch.arange(3).repeat(20)
+    x = centers[y] + 0.3 * torch.randn(60, 3, generator=g)
+    yv = torch.arange(3).repeat(4)
+    xv = centers[yv] + 0.3 * torch.randn(12, 3, generator=g)
+    assert study.linear_probe(x, y, xv, yv, 3) == 100.0
+    wrong = yv.clone()
+    wrong[:3] = (wrong[:3] + 1) % 3  # 3 of 12 labels contradict their cluster -> exactly 75%
+    assert study.linear_probe(x, y, xv, wrong, 3) == 75.0
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)  # uint8 values, ndim dimensions
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_one_real_tiny_job(tmp_path):
+    """Pretrain two iterations on a tiny IDX set, then evaluate the trunk of last.pth."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    images = (rng.integers(0, 60, (40, 28, 28)) + 50 * labels[:, None, None]).astype(np.uint8)
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_idx(data / "train-images-idx3-ubyte.gz", images)
+    _write_idx(data / "train-labels-idx1-ubyte.gz", labels)
+    body = """
+random_init: true
+overrides:
+  DATA.ROOT: "{data}"
+  DATA.FORMAT: idx
+  DATA.IMAGE_SIZE: 32
+  SOLVER.BATCH_SIZE: 8
+  SOLVER.EPOCHS: 0
+  SOLVER.MAX_ITER: 2
+  MODEL.MOCO.K: 16
+  MODEL.PROJ_HIDDEN_DIM: 32
+  MODEL.PROJ_DIM: 16
+  DATALOADER.NUM_WORKERS: 0
+  TENSORBOARD: false
+blocks:
+  - name: moco
+    variants:
+      fa: {FA.ENABLED: true, FA.OP: extrapolate}
+"""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"base: {TINY}\n"
+                    "eval: {train: '{data}/train-images-idx3-ubyte.gz', "
+                    "val: '{data}/train-images-idx3-ubyte.gz', format: idx, max_train: 24, "
+                    "val_per_class: 2, knn_k: 5, batch_size: 16}\n" + body)
+    grid = study.load_grid(path, data_root=str(data))
+    out = tmp_path / "out"
+    records = study.run_study(grid, out, [0], echo=lambda s: None, plots=False)
+    assert [r["status"] for r in records] == ["ok", "ok"], records
+    ckpt = torch.load(out / "runs" / "moco.fa" / "seed0" / "last.pth", weights_only=False)
+    assert ckpt["iter"] == 2 and records[1]["metrics"]["iterations"] == 2
+    for r in records:
+        for m in ("knn_top1", "linear_top1"):
+            v = r["metrics"][m]
+            assert 0.0 <= v <= 100.0 and (v * 8) == pytest.approx(round(v * 8))  # k / 8 val images
+
+
+def test_parallel_jobs_write_the_same_records(tmp_path):
+    """--jobs 2: jobs run in two worker processes; records and files as with one."""
+    grid = study.load_grid(write_grid(tmp_path, SMALL))
+    records = study.run_study(grid, tmp_path / "out", [0], runner=fake_runner, jobs=2,
+                              echo=lambda s: None, plots=False)
+    assert {(r["run"], r["seed"]): r["metrics"] for r in records} == {
+        (run.name, 0): fake_metrics(run.name, 0) for run in grid.runs}
+    for run in grid.runs:
+        assert (tmp_path / "out" / "runs" / run.name / "seed0" / "result.json").is_file()
