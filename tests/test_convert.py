@@ -31,7 +31,7 @@ from detectron2.modeling import build_backbone, build_model  # noqa: E402
 import transfer.modeling  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm)
 from transfer.config import get_detection_cfg  # noqa: E402
 
-pytestmark = pytest.mark.detectron2
+pytestmark = [pytest.mark.detectron2, pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"
@@ -216,15 +216,6 @@ def make_checkpoint(fmt: str, state: dict[str, torch.Tensor], depth: int) -> dic
     if fmt == "torchvision":
         return dict(state)
     raise AssertionError(fmt)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The forwards here are tiny: one thread avoids OpenMP stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ SMALL = ["DATA.IMAGE_SIZE", "32", "SOLVER.BATCH_SIZE", "4", "DATALOADER.NUM_WORK
          "LOG_PERIOD", "1", "TENSORBOARD", "False", "DEVICE", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(root: Path, n: int, classes=("a", "b"), seed=0) -> Path:

@@ -8,45 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.build import build_model
-from pretrain.config import get_cfg
 from pretrain.fa import FA_REGISTRY, FeatureAugmenter, HardMix
+from tiny_models import build, tiny_cfg, views
 
 OPS = ("noise", "dropout", "extrapolate", "interpolate", "hardmix", "generator")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded, and CI shares its cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fa_cfg(method: str = "moco", **fa):
-    """ResNet-18, small heads, K=16, FA on with the given (lower-case) FA keys."""
-    cfg = get_cfg()
-    cfg.MODEL.METHOD = method
-    cfg.MODEL.BACKBONE = "resnet18"
-    cfg.MODEL.PROJ_HIDDEN_DIM, cfg.MODEL.PROJ_DIM, cfg.MODEL.PRED_HIDDEN_DIM = 64, 32, 16
-    cfg.MODEL.MOCO.K = 16
-    cfg.FA.ENABLED = True
-    cfg.FA.GEN_HIDDEN_DIM, cfg.FA.GEN_NOISE_DIM = 16, 4
-    cfg.FA.HARDMIX_TOPN, cfg.FA.HARDMIX_NUM = 4, 6
-    for key, value in fa.items():
-        cfg.FA[key.upper()] = value
-    return cfg
-
-
-def build(cfg, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def views(n: int = 4, size: int = 32, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
+    """The tiny model with FA on (unless ``enabled=False``) and the given FA keys."""
+    fa.setdefault("enabled", True)
+    return tiny_cfg(method, **fa)
 
 
 def op(name: str, dim: int = 8, **fa):

@@ -21,44 +21,14 @@ from pretrain.byol import cosine_momentum, regression_loss
 from pretrain.config import ConfigError, get_cfg, load_cfg
 from pretrain.moco import info_nce
 from pretrain.simsiam import negative_cosine
+from tiny_models import build, tiny_cfg, views
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
 METHODS = ("moco", "simsiam", "byol")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded, and CI shares its cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_cfg(method: str, **fa):
-    """ResNet-18, small heads, K=16; ``fa`` keys (lower-case) switch FA on."""
-    cfg = get_cfg()
-    cfg.MODEL.METHOD = method
-    cfg.MODEL.BACKBONE = "resnet18"
-    cfg.MODEL.PROJ_HIDDEN_DIM, cfg.MODEL.PROJ_DIM, cfg.MODEL.PRED_HIDDEN_DIM = 64, 32, 16
-    cfg.MODEL.MOCO.K = 16
-    cfg.FA.GEN_HIDDEN_DIM, cfg.FA.GEN_NOISE_DIM = 16, 4
-    for key, value in fa.items():
-        cfg.FA[key.upper()] = value
-    if fa and "enabled" not in fa:
-        cfg.FA.ENABLED = True
-    return cfg
-
-
-def build(cfg, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def views(n: int = 4, size: int = 32, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cos(a, b):
