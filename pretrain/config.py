@@ -41,6 +41,9 @@ _C.MODEL.MOCO.M = 0.999  # key-encoder momentum
 _C.MODEL.MOCO.T = 0.2  # InfoNCE temperature
 _C.MODEL.MOCO.MLP = True  # MoCo v2 projection head
 _C.MODEL.MOCO.SHUFFLE_BN = True  # shuffle-BN across GPUs under DDP (else SyncBN)
+# One process: normalise the trunk's batches in this many sub-batches and shuffle the key batch
+# among them, so BN statistics cannot leak the positive (shuffle-BN for a single device). 0: off.
+_C.MODEL.MOCO.SPLIT_BN = 0
 
 _C.MODEL.BYOL = CN()
 _C.MODEL.BYOL.BASE_MOMENTUM = 0.996  # tau_base; tau follows 1 - (1 - tau_base)(cos(pi k/K) + 1)/2

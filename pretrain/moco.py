@@ -4,7 +4,9 @@ x1 -> query encoder f_q (trunk + projector) -> q;  x2 -> key encoder f_k -> k, w
 momentum copy of f_q (θ_k ← m θ_k + (1 − m) θ_q, updated at the start of every forward, as in the
 paper). Loss: InfoNCE of q against its key k⁺ and the K queued keys, temperature T; then k is
 enqueued (FIFO, wrap-around). Under DDP keys are gathered from every process and, with
-MODEL.MOCO.SHUFFLE_BN, the key batch is shuffled across processes so BN cannot cheat.
+MODEL.MOCO.SHUFFLE_BN, the key batch is shuffled across processes so BN cannot cheat. In one
+process, MODEL.MOCO.SPLIT_BN = s does the same on one device: every BN of both trunks normalises
+s sub-batches separately and the key batch is shuffled before the key encoder.
 
 FA (see ``pretrain/fa.py`` for every key): augmented queries q̃ = normalize(FA(z_q)) (POSITION
 projector) or normalize(projector(FA(h_q))) (POSITION backbone), with the key encoder's feature as
@@ -53,6 +55,47 @@ def info_nce(
     return F.cross_entropy(logits, labels), logits
 
 
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises ``s`` equal sub-batches separately, as ``s``
+    devices would: [N, C, H, W] is viewed as [N/s, s*C, H, W], so sub-batch j holds samples
+    j, j+s, j+2s, ... Running statistics are the mean
+    over the sub-batches. Parameter and buffer names are BatchNorm2d's (checkpoints unchanged).
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        if n % s:
+            raise ConfigError(f"MODEL.MOCO.SPLIT_BN={s} does not divide the batch of {n}")
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)  # [s*C]
+        out = F.batch_norm(
+            x.reshape(n // s, s * c, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+            True, self.momentum, self.eps,
+        ).view(n, c, h, w)
+        self.running_mean.copy_(mean.view(s, c).mean(0))
+        self.running_var.copy_(var.view(s, c).mean(0))
+        self.num_batches_tracked.add_(1)
+        return out
+
+    @classmethod
+    def convert(cls, module: nn.Module, num_splits: int) -> nn.Module:
+        """Replace every BatchNorm2d of ``module`` (weights and statistics kept)."""
+        for name, child in module.named_children():
+            if type(child) is nn.BatchNorm2d:
+                new = cls(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+                new.load_state_dict(child.state_dict())
+                setattr(module, name, new)
+            else:
+                cls.convert(child, num_splits)
+        return module
+
+
 @register_as(METHOD_REGISTRY, "moco")
 class MoCo(nn.Module):
     """MoCo v2 + FA. ``forward(x1, x2)``: x1 the query view, x2 the key view."""
@@ -65,6 +108,9 @@ class MoCo(nn.Module):
         self._arch = {"name": mc.BACKBONE, "stem": mc.STEM}
 
         self.backbone = build_backbone(mc.BACKBONE, mc.STEM, mc.ZERO_INIT_RESIDUAL)
+        self.split_bn = mc.MOCO.SPLIT_BN
+        if self.split_bn > 1:
+            self.backbone = SplitBatchNorm.convert(self.backbone, self.split_bn)
         feat_dim = self.backbone.feat_dim
         dim = mc.PROJ_DIM or 128
         self.projector = moco_projector(feat_dim, mc.PROJ_HIDDEN_DIM or feat_dim, dim, mc.MOCO.MLP)
@@ -159,11 +205,16 @@ class MoCo(nn.Module):
         shuffle = self.shuffle_bn and get_world_size() > 1
         if shuffle:
             x, idx_unshuffle = self._batch_shuffle_ddp(x)
+        elif self.split_bn > 1:  # one device: shuffle the keys among the BN sub-batches
+            perm = torch.randperm(x.shape[0], device=x.device)
+            x, idx_unshuffle = x[perm], torch.argsort(perm)
         h = self.backbone_k(x)
         z = self.projector_k(h)
         if shuffle:
             h = self._batch_unshuffle_ddp(h, idx_unshuffle)
             z = self._batch_unshuffle_ddp(z, idx_unshuffle)
+        elif self.split_bn > 1:
+            h, z = h[idx_unshuffle], z[idx_unshuffle]
         return h, z
 
     @torch.no_grad()

@@ -397,3 +397,40 @@ def test_tiny_config_trains():
         out["loss"].backward()
         opt.step()
         assert torch.isfinite(out["loss"]) and "loss_fa" in out
+
+
+def test_split_batch_norm_normalises_each_sub_batch_like_its_own_device():
+    from pretrain.moco import SplitBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5) * 3 + 1
+    split = SplitBatchNorm(3, num_splits=2)
+    split.weight.data.uniform_(0.5, 1.5)
+    split.bias.data.uniform_(-1, 1)
+    devices = [torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)]
+    for bn in devices:
+        bn.load_state_dict(split.state_dict())
+    out = split.train()(x)
+    expected = torch.empty_like(x)  # sub-batch j holds samples j, j + 2, j + 4, ...
+    expected[0::2], expected[1::2] = devices[0].train()(x[0::2]), devices[1].train()(x[1::2])
+    assert torch.allclose(out, expected, atol=1e-5)
+    mean_of_devices = (devices[0].running_mean + devices[1].running_mean) / 2
+    assert torch.allclose(split.running_mean, mean_of_devices, atol=1e-6)
+    assert torch.allclose(split.eval()(x), torch.nn.functional.batch_norm(
+        x, split.running_mean, split.running_var, split.weight, split.bias, False), atol=1e-6)
+
+
+def test_split_bn_moco_shuffles_keys_and_keeps_torchvision_names():
+    cfg = tiny_cfg("moco")
+    cfg.MODEL.MOCO.SPLIT_BN = 2
+    model = build(cfg)
+    plain = build(tiny_cfg("moco"))
+    assert list(model.backbone.state_dict()) == list(plain.backbone.state_dict())
+    x1, x2 = views(n=4)
+    out = model(x1, x2)
+    assert torch.isfinite(out["loss"])
+    # in eval mode the key features do not depend on the shuffle: unshuffling restores the order
+    model.eval()
+    with torch.no_grad():
+        h, z = model._key_features(x2)
+        assert torch.allclose(h, model.backbone_k(x2), atol=1e-5)
