@@ -18,7 +18,7 @@ import torchvision
 from pretrain.backbone import build_backbone
 from pretrain.build import build_model
 from pretrain.byol import cosine_momentum, regression_loss
-from pretrain.config import ConfigError, get_cfg, load_cfg
+from pretrain.config import ConfigError, load_cfg
 from pretrain.moco import info_nce
 from pretrain.simsiam import negative_cosine
 from tiny_models import build, tiny_cfg, views
