@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.feataug-setup
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo demo-full test test-slow bench lint clean
 
@@ -33,7 +34,7 @@ test-slow: setup
 
 bench: setup
 	$(PIP) install -q -c constraints.txt -e ".[bench]"
-	$(VENV)/bin/feataug bench --out output/bench/bench.json
+	$(VENV)/bin/feataug bench --out output/bench/bench.json $(BENCH_ARGS)
 
 lint: setup
 	$(PIP) install -q ruff

@@ -113,6 +113,7 @@ _C.LOG_PERIOD = 10  # iterations between metrics.jsonl lines
 _C.TENSORBOARD = True  # OUTPUT_DIR/tb event files
 _C.KNN = CN()
 _C.KNN.PERIOD = 0  # epochs between kNN evaluations; 0 disables
+_C.KNN.AT_START = True  # also evaluate the untrained trunk at iteration 0 (the reference)
 _C.KNN.K = 200
 _C.KNN.T = 0.1
 

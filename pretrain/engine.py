@@ -379,6 +379,9 @@ def train(cfg, resume: bool = False) -> dict:
                      sampler=dict(seed=cfg.SEED, iters_per_epoch=ipe, batch_per_rank=batch,
                                   world_size=world, dataset_size=len(dataset)))
         it, knn_top1, last_saved, last_loss = start_iter, None, start_iter, None
+        knn_init = None  # the same trunk untrained: what pretraining has to beat
+        if knn_sets is not None and start_iter == 0 and cfg.KNN.AT_START:
+            knn_init = _knn(cfg, model, knn_sets, device, 0, 0, metrics)  # draws no random numbers
         if main:
             from tqdm import tqdm
 
@@ -448,7 +451,11 @@ def train(cfg, resume: bool = False) -> dict:
         if main:
             plot_curves(metrics.path, out / "curves.png")
             logger.info(f"done: {it} iterations, last loss {last_loss}, checkpoint {last_path}")
+            if knn_top1 is not None and knn_init is not None:
+                logger.info(f"kNN top-1 {knn_top1:.2f}% after pretraining, {knn_init:.2f}% "
+                            "for the same trunk untrained")
         return dict(iter=it, epoch=it // ipe, loss=last_loss, knn_top1=knn_top1,
+                    knn_top1_init=knn_init,
                     skipped_images=len(skipped), output_dir=str(out), model=model)
     finally:
         if metrics is not None:

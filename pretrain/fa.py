@@ -204,6 +204,14 @@ class HardMix(FAOp):
 
     ``forward(q [N, D], queue [K, D]) -> [N, M, D]``. Property: outputs are unit-norm and
     detached; MoCo appends them to the negatives and never enqueues them.
+
+    ``similarities(q, queue) -> [N, M]`` gives q·h, what InfoNCE needs, without building h: with
+    s_j = q·n_j,
+        q·h_ab = (α s_a + (1 − α) s_b) / ‖α n_a + (1 − α) n_b‖
+        q·h_c  = (β q·q + (1 − β) s_c) / ‖β q + (1 − β) n_c‖
+    where ‖u + v‖² = ‖u‖² + ‖v‖² + 2 u·v; only n_a·n_b needs the vectors. The norms are
+    constants (h is detached), so the gradient w.r.t. q is h, as for the einsum of ``forward``.
+    For the same random state both methods draw the same mixes.
     """
 
     def __init__(self, cfg, dim: int):
@@ -212,21 +220,50 @@ class HardMix(FAOp):
         self.num = cfg.FA.HARDMIX_NUM
 
     @torch.no_grad()
+    def _draw(self, q: torch.Tensor, sim: torch.Tensor):
+        """Queue indices a, b [N, ⌊M/2⌋], c [N, ⌈M/2⌉] among each query's top N_top, α, β."""
+        n, top_n = q.shape[0], min(self.top_n, sim.shape[1])
+        s_nn = self.num // 2
+        top = sim.topk(top_n, dim=1, sorted=False).indices  # [N, top_n], any order
+        alpha = torch.rand(n, s_nn, device=q.device, dtype=q.dtype)
+        beta = 0.5 * torch.rand(n, self.num - s_nn, device=q.device, dtype=q.dtype)
+
+        def pick(s):  # s random top-N queue indices per query -> [N, s]
+            return top.gather(1, torch.randint(top_n, (n, s), device=q.device))
+
+        return pick(s_nn), pick(s_nn), pick(self.num - s_nn), alpha, beta
+
+    @staticmethod
+    def _rows(queue: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """queue[idx] [N, s, D] (index_select: much faster than advanced indexing on CPUs)."""
+        return queue.index_select(0, idx.flatten()).view(*idx.shape, queue.shape[1])
+
+    @torch.no_grad()
     def forward(self, q, queue):
         q = q.detach()
-        n, top_n = q.shape[0], min(self.top_n, queue.shape[0])
-        s_nn = self.num // 2
-        s_qn = self.num - s_nn
-        top = torch.einsum("nc,kc->nk", q, queue).topk(top_n, dim=1).indices  # [N, top_n]
-
-        def pick(s):  # s random top-N queue entries per query -> [N, s, D]
-            return queue[top.gather(1, torch.randint(top_n, (n, s), device=q.device))]
-
-        alpha = torch.rand(n, s_nn, 1, device=q.device, dtype=q.dtype)
-        beta = 0.5 * torch.rand(n, s_qn, 1, device=q.device, dtype=q.dtype)
-        neg_neg = alpha * pick(s_nn) + (1 - alpha) * pick(s_nn)  # [N, s_nn, D]
-        query_neg = beta * q.unsqueeze(1) + (1 - beta) * pick(s_qn)  # [N, s_qn, D]
+        a, b, c, alpha, beta = self._draw(q, torch.einsum("nc,kc->nk", q, queue))
+        alpha, beta = alpha.unsqueeze(2), beta.unsqueeze(2)  # [N, s, 1]
+        neg_neg = alpha * self._rows(queue, a) + (1 - alpha) * self._rows(queue, b)  # [N, s_nn, D]
+        query_neg = beta * q.unsqueeze(1) + (1 - beta) * self._rows(queue, c)  # [N, s_qn, D]
         return F.normalize(torch.cat([neg_neg, query_neg], dim=1), dim=2)  # [N, M, D]
+
+    def similarities(self, q: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+        sim = torch.einsum("nc,kc->nk", q, queue)  # [N, K] s_j, differentiable in q
+        a, b, c, alpha, beta = self._draw(q, sim.detach())
+        with torch.no_grad():
+            qd = q.detach()
+            sq = queue.pow(2).sum(1)  # [K] ‖n_j‖²
+            s_d = sim.detach()
+            ab = torch.einsum("nsd,nsd->ns", self._rows(queue, a), self._rows(queue, b))  # [N, s_nn] n_a·n_b
+            norm_ab = (alpha**2 * sq[a] + (1 - alpha) ** 2 * sq[b]
+                       + 2 * alpha * (1 - alpha) * ab).sqrt().clamp_min(1e-12)  # [N, s_nn]
+            qq = qd.pow(2).sum(1, keepdim=True)  # [N, 1]
+            norm_c = (beta**2 * qq + (1 - beta) ** 2 * sq[c]
+                      + 2 * beta * (1 - beta) * s_d.gather(1, c)).sqrt().clamp_min(1e-12)
+        q_qd = torch.einsum("nc,nc->n", q, qd).unsqueeze(1)  # [N, 1] q·q (gradient: q)
+        neg_neg = (alpha * sim.gather(1, a) + (1 - alpha) * sim.gather(1, b)) / norm_ab
+        query_neg = (beta * q_qd + (1 - beta) * sim.gather(1, c)) / norm_c
+        return torch.cat([neg_neg, query_neg], dim=1)  # [N, M]
 
 
 class FeatureAugmenter(nn.Module):

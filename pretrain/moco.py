@@ -158,7 +158,7 @@ class MoCo(nn.Module):
             q_aug = F.normalize(z_aug.float(), dim=1) if z_aug is not None else None
             extra = None
             if hardmix:
-                extra = torch.einsum("nc,nmc->nm", q, self.fa.op(q, queue))  # [N, M]
+                extra = self.fa.op.similarities(q, queue)  # [N, M] q·h, h never built
             elif q_aug is not None and self.fa_role in ("negative", "both"):
                 extra = self._other_image_similarities(q, q_aug)  # [N, NUM*N]
             loss_ssl, logits = info_nce(q, k, queue, self.T, extra)

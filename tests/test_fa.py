@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import build, tiny_cfg, views
 
 from pretrain.fa import FA_REGISTRY, FeatureAugmenter, HardMix
-from tiny_models import build, tiny_cfg, views
 
 OPS = ("noise", "dropout", "extrapolate", "interpolate", "hardmix", "generator")
 
@@ -128,6 +128,24 @@ def test_hardmix_outputs_unit_norm_detached_mixes_of_top_negatives():
                 if torch.allclose(basis_qc @ torch.stack([a, b]), h, atol=1e-5):
                     fits.append((a / (a + b)).item())
             assert any(-1e-5 <= beta <= 0.5 + 1e-5 for beta in fits)
+
+
+def test_hardmix_closed_form_similarities_match_the_built_negatives():
+    """``similarities`` = q·h of ``forward``'s h, in value and in gradient (h a constant)."""
+    mix = HardMix(fa_cfg(op="hardmix", hardmix_topn=5, hardmix_num=9), 16)
+    g = torch.Generator().manual_seed(1)
+    queue = torch.randn(40, 16, generator=g) * 0.7  # not unit: the norms must be exact too
+    q0 = F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    w = torch.randn(6, 9, generator=g)  # a random upstream gradient
+    q_ref, q_new = q0.clone().requires_grad_(), q0.clone().requires_grad_()
+    torch.manual_seed(7)
+    ref = torch.einsum("nc,nmc->nm", q_ref, mix(q_ref, queue))  # [6, 9]
+    torch.manual_seed(7)
+    new = mix.similarities(q_new, queue)
+    torch.testing.assert_close(new, ref, atol=1e-5, rtol=0)
+    (ref * w).sum().backward()
+    (new * w).sum().backward()
+    torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-5, rtol=0)
 
 
 def test_hardmix_negatives_are_only_negatives():

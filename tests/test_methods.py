@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from tiny_models import build, tiny_cfg, views
 
 from pretrain.backbone import build_backbone
 from pretrain.build import build_model
@@ -21,7 +22,6 @@ from pretrain.byol import cosine_momentum, regression_loss
 from pretrain.config import ConfigError, load_cfg
 from pretrain.moco import info_nce
 from pretrain.simsiam import negative_cosine
-from tiny_models import build, tiny_cfg, views
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
