@@ -249,11 +249,10 @@ class HardMix(FAOp):
 
     def similarities(self, q: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
         sim = torch.einsum("nc,kc->nk", q, queue)  # [N, K] s_j, differentiable in q
-        a, b, c, alpha, beta = self._draw(q, sim.detach())
+        s_d, qd = sim.detach(), q.detach()
+        a, b, c, alpha, beta = self._draw(qd, s_d)
         with torch.no_grad():
-            qd = q.detach()
             sq = queue.pow(2).sum(1)  # [K] ‖n_j‖²
-            s_d = sim.detach()
             ab = torch.einsum("nsd,nsd->ns", self._rows(queue, a), self._rows(queue, b))  # [N, s_nn] n_a·n_b
             norm_ab = (alpha**2 * sq[a] + (1 - alpha) ** 2 * sq[b]
                        + 2 * alpha * (1 - alpha) * ab).sqrt().clamp_min(1e-12)  # [N, s_nn]
