@@ -73,7 +73,7 @@ def pretrain(out: Path, data_root: Path, prof: dict, fa: bool, seed: int) -> Pat
         "FA.ENABLED", str(fa), "DATALOADER.NUM_WORKERS", "1", "LOG_PERIOD", "5",
         "SOLVER.WARMUP_EPOCHS", "0", "TENSORBOARD", "False",
     ]
-    train(load_cfg(str(_config_path(PRETRAIN_CONFIG)), opts))
+    train(load_cfg(str(_config_path(PRETRAIN_CONFIG)), opts), resume=True)  # a rerun reuses it
     return out / "last.pth"
 
 

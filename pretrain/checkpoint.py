@@ -101,6 +101,18 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_torch_save(ckpt, path)
 
 
+def load_failure(e: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``; names a refused global."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found:
+        return (f"refused: the file asks to run {found.group(1)}, which is not a tensor, array or "
+                "plain container (nothing was executed)")
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"not a readable checkpoint ({reason[:200]})"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a pretraining checkpoint, checking the schema; raises ``CheckpointError``."""
     path = Path(path)
@@ -109,8 +121,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path}: {load_failure(e)}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a pretraining checkpoint (a {type(ckpt).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

@@ -6,6 +6,8 @@ override both (``cfg.merge_from_list``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fvcore.common.config import CfgNode as CN
 
 
@@ -138,14 +140,65 @@ def get_cfg() -> CN:
     return _C.clone()
 
 
-def load_cfg(config_file: str | None = None, opts: list[str] | None = None) -> CN:
-    """Defaults <- config file <- ``KEY VALUE`` overrides, then frozen."""
+# Keys a resumed run may change: where things are and how the run is watched, never what is
+# trained. Every other key must equal the checkpoint's (``config_differences``).
+RESUME_FREE_KEYS = (
+    "OUTPUT_DIR", "DEVICE", "DETERMINISTIC", "DATA.ROOT", "DATA.KNN_TRAIN_ROOT",
+    "DATA.KNN_VAL_ROOT", "DATA.KNN_FORMAT", "DATALOADER.", "LOG_PERIOD", "TENSORBOARD", "KNN.",
+    "LINCLS.", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.CHECKPOINT_ITERS", "SOLVER.CHANNELS_LAST",
+)
+
+
+def _reason(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(msg).split()) or type(e).__name__
+
+
+def load_cfg(config_file: str | None = None, opts=None, *, text: str | None = None,
+             source: str = "config") -> CN:
+    """Defaults <- config file (or YAML ``text``) <- ``KEY VALUE`` overrides, then frozen.
+
+    The one loader of pretraining configs. Every way a config can be wrong becomes one
+    ``ConfigError`` line that names where the fault is: the file (or ``source`` for ``text``)
+    for its own keys, ``command-line override KEY`` for an override.
+    """
+    import yaml
+
     cfg = get_cfg()
-    if config_file:
-        cfg.merge_from_file(config_file)
-    if opts:
-        if len(opts) % 2:
-            raise ValueError(f"overrides must be KEY VALUE pairs, got {opts}")
-        cfg.merge_from_list(list(opts))
+    where = config_file or source
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"{config_file}: no such config file")
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        elif text is not None:
+            cfg.merge_from_other_cfg(cfg.load_cfg(text))
+    except (KeyError, ValueError, TypeError, AssertionError, yaml.YAMLError) as e:
+        raise ConfigError(f"{where}: {_reason(e)}") from None
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs, got {len(opts)} items: {opts}")
+    for key, value in zip(opts[::2], opts[1::2], strict=True):
+        try:
+            cfg.merge_from_list([key, value])
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"command-line override {key} {value}: {_reason(e)}") from None
     cfg.freeze()
     return cfg
+
+
+def _flat(cfg: CN, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, CN):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(saved: CN, cfg: CN) -> list[str]:
+    """``KEY old -> new`` for every key outside ``RESUME_FREE_KEYS`` where the two differ."""
+    a, b = _flat(saved), _flat(cfg)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if not k.startswith(RESUME_FREE_KEYS) and a.get(k) != b.get(k)]

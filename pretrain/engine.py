@@ -38,7 +38,7 @@ from pretrain.checkpoint import (
     set_rng_state,
     unwrap,
 )
-from pretrain.config import ConfigError, load_cfg
+from pretrain.config import ConfigError, config_differences, load_cfg
 from pretrain.data import DataError, ResumableSampler, build_dataset, collate, worker_init
 from pretrain.dist import get_rank, get_world_size, is_main_process
 from pretrain.transforms import normalize
@@ -105,6 +105,9 @@ def check_solver(cfg, world_size: int) -> int:
                           f"{world_size} processes")
     if s.EPOCHS <= 0 and s.MAX_ITER <= 0:
         raise ConfigError("set SOLVER.EPOCHS or SOLVER.MAX_ITER to a positive number")
+    if cfg.MODEL.METHOD == "moco" and cfg.MODEL.MOCO.K < s.BATCH_SIZE:
+        raise ConfigError(f"MODEL.MOCO.K {cfg.MODEL.MOCO.K} is smaller than the global batch "
+                          f"SOLVER.BATCH_SIZE {s.BATCH_SIZE}: the queue must hold one batch of keys")
     return s.BATCH_SIZE // world_size
 
 
@@ -300,6 +303,7 @@ def train(cfg, resume: bool = False) -> dict:
     from pretrain.knn import build_knn_sets
 
     check_cfg(cfg)
+    check_output_dir(Path(cfg.OUTPUT_DIR), resume)
 
     device, created_pg = init_distributed(cfg)
     det_before = torch.are_deterministic_algorithms_enabled()
@@ -336,13 +340,16 @@ def train(cfg, resume: bool = False) -> dict:
         warmup = min(round(cfg.SOLVER.WARMUP_EPOCHS * ipe), total)
         steps = tuple(round(e * ipe) for e in cfg.SOLVER.STEPS)
 
-        # outputs: only once the data is known to be usable
+        # outputs: only once the data is known to be usable and the folder may be written
         out = Path(cfg.OUTPUT_DIR)
+        last_path = out / "last.pth"
+        ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
+        if ckpt is not None:
+            check_resume_config(ckpt, cfg, last_path)
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.yaml", cfg.dump())
+            remove_stale_temporaries(out)
         setup_logging(out, main)
-        last_path = out / "last.pth"
         if cfg.KNN.PERIOD > 0 and knn_sets is None:
             logger.warning("KNN.PERIOD is set but DATA.KNN_TRAIN_ROOT / KNN_VAL_ROOT are not: "
                            "no kNN monitor")
@@ -363,11 +370,13 @@ def train(cfg, resume: bool = False) -> dict:
 
         start_iter, skipped = 0, set()
         seed_all(cfg.SEED + rank)
-        if resume and last_path.exists():
-            start_iter, skipped = _resume(last_path, model, optimizer, scaler, rank, world,
+        if ckpt is not None:
+            start_iter, skipped = _resume(ckpt, last_path, model, optimizer, scaler, rank, world,
                                           dict(size=len(dataset), ipe=ipe, batch=batch))
         elif resume:
             logger.info(f"--resume: no {last_path} yet, starting from scratch")
+        if main:  # the config of the run that now owns the folder
+            atomic_write_text(out / "config.yaml", cfg.dump())
         ddp_model = _wrap_ddp(model, device) if world > 1 else model
         metrics = Metrics(out, start_iter, main, cfg.TENSORBOARD)
         logger.info(f"{cfg.MODEL.METHOD} {cfg.MODEL.BACKBONE}: {len(dataset)} images, "
@@ -467,6 +476,45 @@ def train(cfg, resume: bool = False) -> dict:
             dist.destroy_process_group()
 
 
+# Files a run writes in OUTPUT_DIR; their atomic-write temporaries are ``.NAME.*.tmp``.
+RUN_FILES = ("last.pth", "checkpoint_*.pth", "metrics.jsonl", "config.yaml", "curves.png",
+             "log.txt")
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse an OUTPUT_DIR that is not a folder, or one that holds another run's checkpoints
+    or metrics unless resuming it: a fresh run never replaces them."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUTPUT_DIR {out}: exists and is not a folder")
+    if resume or not out.is_dir():
+        return
+    held = sorted(p.name for pattern in ("last.pth", "checkpoint_*.pth", "metrics.jsonl")
+                  for p in out.glob(pattern) if p.is_file() and p.stat().st_size > 0)
+    if held:
+        raise ConfigError(f"OUTPUT_DIR {out} already holds a run ({', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}): use --resume to continue it, "
+                          "or another OUTPUT_DIR")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete what killed atomic writes of this run's own files left behind."""
+    stale = [p for name in RUN_FILES for p in out.glob(f".{name}.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_resume_config(ckpt: dict, cfg, path: Path) -> None:
+    """A resumed run must train what the checkpoint trained: every key outside
+    ``RESUME_FREE_KEYS`` equals the checkpoint's stored config."""
+    saved = load_cfg(text=ckpt["config"], source=f"{path} (its stored config)")
+    diff = config_differences(saved, cfg)
+    if diff:
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise ConfigError(f"{path} was written with another config ({'; '.join(diff[:4])}{more}): "
+                          "resume with the checkpoint's settings, or start in another OUTPUT_DIR")
+
+
 def _last_good(last_path: Path, iteration: int) -> str:
     if last_path.exists():
         return f"last good checkpoint {last_path} (iteration {iteration})"
@@ -525,8 +573,8 @@ def _save(state: dict, it: int, epoch: int, skipped: set, numbered: bool) -> set
     return skipped
 
 
-def _resume(path: Path, model, optimizer, scaler, rank: int, world: int, data: dict):
-    ckpt = load_checkpoint(path)
+def _resume(ckpt: dict, path: Path, model, optimizer, scaler, rank: int, world: int,
+            data: dict):
     try:
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -577,24 +625,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. SOLVER.MAX_ITER 100 DATA.ROOT imgs/")
 
 
-def read_config(config_file: str, opts: list[str]):
-    """``load_cfg`` with every way a config can be wrong turned into one ``ConfigError`` line."""
-    import yaml
-
-    if config_file and not Path(config_file).is_file():
-        raise ConfigError(f"{config_file}: no such config file")
-    try:
-        return load_cfg(config_file or None, opts)
-    except ConfigError:
-        raise
-    except (KeyError, ValueError, TypeError, AssertionError, yaml.YAMLError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise ConfigError(f"{config_file or 'config'}: {msg}".splitlines()[0]) from None
-
-
 def main(args: argparse.Namespace) -> int:
     try:
-        cfg = read_config(args.config_file, args.opts)
+        cfg = load_cfg(args.config_file or None, args.opts)
         train(cfg, resume=args.resume)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"feataug pretrain: error: {e}", file=sys.stderr)

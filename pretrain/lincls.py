@@ -134,23 +134,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pretrain.config import get_cfg
-    from pretrain.engine import read_config, seed_all
+    from pretrain.config import load_cfg
+    from pretrain.engine import seed_all
 
     if not args.checkpoint and not args.random_init:
         raise ConfigError("give --checkpoint C (or --random-init for the untrained baseline)")
     ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
     if args.config_file or ckpt is None:
-        cfg = read_config(args.config_file, args.opts)
+        cfg = load_cfg(args.config_file or None, args.opts)
     else:  # the checkpoint's own config, with the command-line overrides
-        cfg = get_cfg()
-        try:
-            cfg.merge_from_other_cfg(cfg.load_cfg(ckpt["config"]))
-            cfg.merge_from_list(list(args.opts))
-        except (KeyError, ValueError, TypeError, AssertionError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise ConfigError(f"{args.checkpoint}: config: {msg}".splitlines()[0]) from None
-        cfg.freeze()
+        cfg = load_cfg(text=ckpt["config"], opts=args.opts,
+                       source=f"{args.checkpoint} (its stored config)")
     device = torch.device("cuda" if cfg.DEVICE != "cpu" and torch.cuda.is_available() else "cpu")
     if args.random_init:
         from pretrain.backbone import build_backbone

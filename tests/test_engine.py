@@ -256,8 +256,9 @@ DDP_RUNNER = textwrap.dedent("""
     import os, sys
     import torch
     torch.set_num_threads(1)
-    from pretrain.engine import read_config, train
-    result = train(read_config(sys.argv[1], sys.argv[2:]))
+    from pretrain.config import load_cfg
+    from pretrain.engine import train
+    result = train(load_cfg(sys.argv[1], sys.argv[2:]))
     torch.save(result["model"].state_dict(), os.path.join(result["output_dir"],
                f"rank{os.environ['RANK']}.pt"))
 """)
