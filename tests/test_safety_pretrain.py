@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import SMALL, TINY, _images, _pretrain
 
 from feataug import cli
-
-from test_engine import SMALL, TINY, _images, _pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
