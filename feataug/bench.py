@@ -42,7 +42,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from feataug.io import atomic_write_text
+from pretrain.utils.amp import cpu_has_native_bf16
+from pretrain.utils.io import atomic_write_text
 
 SCHEMA_VERSION = 1
 # key -> (comparison, goal); "<=" means smaller is better.
@@ -280,7 +281,7 @@ def machine_info() -> dict:
     info = {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": native_bf16(), "python": platform.python_version(),
+            "native_bf16": cpu_has_native_bf16(), "python": platform.python_version(),
             "platform": platform.platform(), "torch": torch.__version__}
     for name, module in (("torchvision", "torchvision"), ("opencv", "cv2"), ("pillow", "PIL"),
                          ("numpy", "numpy"), ("lightly", "lightly"), ("detectron2", "detectron2"),
@@ -306,16 +307,6 @@ def _module_version(module: str) -> str | None:
         return None
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): then our CPU runs use
-    bfloat16 autocast, the setting we recommend there; elsewhere float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 # ----------------------------------------------------------------------------- pretraining step
 def _pretrain_cfg(fa_op: str | None = None):
     from pretrain.config import get_cfg
@@ -328,7 +319,7 @@ def _pretrain_cfg(fa_op: str | None = None):
         "MODEL.MOCO.K", p["queue"], "MODEL.MOCO.M", p["momentum"], "MODEL.MOCO.T", p["temperature"],
         "DATA.IMAGE_SIZE", p["image_size"], "SOLVER.BATCH_SIZE", p["batch"],
         "SOLVER.BASE_LR", p["lr"] * 256 / p["batch"], "SOLVER.WEIGHT_DECAY", p["weight_decay"],
-        "SOLVER.AMP", "bf16" if native_bf16() else "off",
+        "SOLVER.AMP", "bfloat16" if cpu_has_native_bf16() else "off",
     ])
     if fa_op is not None:
         cfg.merge_from_list(["FA.ENABLED", True, "FA.OP", fa_op, "FA.POSITION", "projector",
@@ -342,13 +333,14 @@ def _our_step(cfg, device: str = "cpu") -> Callable:
     import torch
 
     from pretrain.build import build_model
-    from pretrain.engine import amp_dtype, build_optimizer
+    from pretrain.solver import build_optimizer
+    from pretrain.utils.amp import amp_dtype
 
     model = build_model(cfg).to(device)
     if cfg.SOLVER.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    dtype = amp_dtype(cfg.SOLVER.AMP, torch.device(device))
+    dtype = amp_dtype(cfg.SOLVER.AMP, torch.device(device).type)
 
     def step(x1, x2):
         with torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext():
@@ -383,7 +375,7 @@ def _lightly_step(cfg) -> Callable:
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256,
                                 momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-    dtype = torch.bfloat16 if cfg.SOLVER.AMP == "bf16" else None
+    dtype = torch.bfloat16 if cfg.SOLVER.AMP == "bfloat16" else None
     m = mc.MOCO.M
 
     def step(x1, x2):
@@ -418,7 +410,7 @@ def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -
     for op in FA_OPS:
         steps[f"fa:{op}"] = _our_step(_pretrain_cfg(op))
     setting = (f"MoCo v2 {p['backbone']}, {p['image_size']} px, batch {p['batch']}, queue "
-               f"{p['queue']}, CPU {'bf16' if cfg.SOLVER.AMP == 'bf16' else 'fp32'}, "
+               f"{p['queue']}, CPU {'bf16' if cfg.SOLVER.AMP == 'bfloat16' else 'fp32'}, "
                f"{torch.get_num_threads()} threads")
     say(f"pretrain: {setting}; ours between every two of: {', '.join(list(steps)[1:])}")
     n = profile.pretrain_steps
@@ -465,7 +457,7 @@ def bench_gpu(profile: Profile, result: dict, say: Callable[[str], None]) -> Non
     cfg = _pretrain_cfg()
     cfg.merge_from_list(["MODEL.BACKBONE", "resnet50", "MODEL.PROJ_HIDDEN_DIM", 0,
                          "MODEL.MOCO.K", 65536, "MODEL.MOCO.M", 0.999, "DATA.IMAGE_SIZE", size,
-                         "SOLVER.BATCH_SIZE", batch, "SOLVER.AMP", "bf16",
+                         "SOLVER.BATCH_SIZE", batch, "SOLVER.AMP", "bfloat16",
                          "SOLVER.CHANNELS_LAST", True])
     g = torch.Generator(device="cuda").manual_seed(0)
     x1, x2 = (torch.randn(batch, 3, size, size, device="cuda", generator=g)
@@ -790,7 +782,7 @@ def bench_detect(profile: Profile, result: dict, say: Callable[[str], None]) -> 
             MetadataCatalog.remove(name)
         DatasetCatalog.register(name, lambda: copy.deepcopy(records))
         MetadataCatalog.get(name).set(thing_classes=["blue box", "red box"])
-        amp = native_bf16()
+        amp = cpu_has_native_bf16()
         opts = ["DATASETS.TRAIN", (name,), "DATASETS.TEST", (), "DATASETS.AUTO_NUM_CLASSES", False,
                 "MODEL.ROI_HEADS.NUM_CLASSES", 2, "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", 1000000,
                 "OUTPUT_DIR", tmp]

@@ -196,7 +196,7 @@ def plot_predictions(out_png: Path, detect_dir: Path, voc_root: Path, min_size: 
 def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str | None = None,
         seed: int = 0) -> dict:
     from feataug.data import default_root, prepare_deepforest
-    from feataug.io import atomic_write_text
+    from pretrain.utils.io import atomic_write_text
 
     prof = PROFILES[profile]
     out = Path(out) / profile

@@ -2,7 +2,7 @@
 
 The trunk is a plain torchvision ResNet whose ``fc`` is ``nn.Identity()``, so ``forward`` returns
 the globally pooled feature ``[N, C]`` and ``state_dict()`` is, key for key, torchvision's
-without ``fc.*`` — exactly the checkpoint's ``backbone`` entry (design §3).
+without ``fc.*`` — exactly the checkpoint's ``backbone`` entry (``pretrain/checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torchvision
 
-from .config import ConfigError
+from .errors import ConfigError
 
 BACKBONES = {
     "resnet18": torchvision.models.resnet18,

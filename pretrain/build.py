@@ -7,31 +7,26 @@ A method is an ``nn.Module`` built as ``cls(cfg)`` with this interface (the engi
 - ``backbone``: the query / online ResNet trunk, torchvision parameter names.
 - ``param_groups() -> list[dict]``: ``{"params": [...]}`` plus optional keys (``fix_lr``).
 - ``after_step(progress)``: called after every optimizer step, ``progress`` = iter / max_iter.
-- ``arch() -> {"name": MODEL.BACKBONE, "stem": MODEL.STEM}``.
+- ``backbone_spec() -> {"name": MODEL.BACKBONE, "stem": MODEL.STEM}`` (the checkpoint's ``arch``).
+
+The implementations register themselves when ``pretrain`` is imported (its ``__init__``).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
-from fvcore.common.registry import Registry
 
 from .backbone import BACKBONES, STEMS
-from .config import ConfigError
-from .fa import check_fa_cfg, lookup
+from .errors import ConfigError
+from .fa import check_fa_cfg
+from .utils.registry import Registry, lookup
 
 METHOD_REGISTRY = Registry("METHOD")
 METHOD_REGISTRY.__doc__ = "Pretraining methods, by MODEL.METHOD name; built as ``cls(cfg)``."
 
 
-def float32(x: torch.Tensor):
-    """Context in which autocast is off on ``x``'s device: losses are computed in float32."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
 def check_cfg(cfg) -> None:
     """Raise ConfigError (naming the key) for a model config that cannot be built."""
-    _register_methods()
     lookup(METHOD_REGISTRY, cfg.MODEL.METHOD, "MODEL.METHOD")
     if cfg.MODEL.BACKBONE not in BACKBONES:
         raise ConfigError(
@@ -46,7 +41,3 @@ def build_model(cfg) -> nn.Module:
     """The ``cfg.MODEL.METHOD`` model, randomly initialised (from the global torch RNG)."""
     check_cfg(cfg)
     return METHOD_REGISTRY.get(cfg.MODEL.METHOD)(cfg)
-
-
-def _register_methods() -> None:
-    from . import byol, moco, simsiam  # noqa: F401  (importing registers them)

@@ -16,16 +16,18 @@ other view's target z'; the positive z⁺ is the target network's feature of the
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import build_backbone
-from .build import METHOD_REGISTRY, float32
-from .fa import PredictorFA, fa_dim, register_as
+from .build import METHOD_REGISTRY
+from .fa import PredictorFA, fa_dim
 from .heads import byol_mlp
+from .momentum import cosine_momentum, ema_update_
+from .utils.amp import float32
+from .utils.registry import register_as
 
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -33,11 +35,6 @@ def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     p = F.normalize(p.float(), dim=1)
     z = F.normalize(z.detach().float(), dim=1)
     return (2 - 2 * torch.einsum("nc,nc->n", p, z)).mean()  # [N] -> scalar
-
-
-def cosine_momentum(base: float, progress: float) -> float:
-    """τ = 1 − (1 − τ_base)(cos(π·progress) + 1)/2: τ_base at the start, 1 at the end."""
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 @register_as(METHOD_REGISTRY, "byol")
@@ -68,7 +65,7 @@ class BYOL(nn.Module):
             self.fa = PredictorFA(cfg, fa_dim(cfg, feat_dim, dim), make_predictor)
         self.fa_weight = fa.LOSS_WEIGHT
 
-    def arch(self) -> dict:
+    def backbone_spec(self) -> dict:
         return dict(self._arch)
 
     def param_groups(self) -> list[dict]:
@@ -86,9 +83,7 @@ class BYOL(nn.Module):
     def after_step(self, progress: float) -> None:
         """ξ ← τ ξ + (1 − τ) θ, with τ from the cosine schedule at ``progress``."""
         self.momentum = cosine_momentum(self.base_momentum, progress)
-        target = self._target_params()
-        torch._foreach_mul_(target, self.momentum)
-        torch._foreach_add_(target, self._online_params(), alpha=1 - self.momentum)
+        ema_update_(self._target_params(), self._online_params(), self.momentum)
 
     def _online_params(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.projector.parameters())
@@ -105,16 +100,16 @@ class BYOL(nn.Module):
             zt1, zt2 = self.projector_t(ht1), self.projector_t(ht2)  # [N, C]
         if self.fa is not None:
             branch = (self.projector, self.predictor)
-            a1 = self.fa((h1, z1, p1), (ht2, zt2), *branch)  # [NUM*N, C]
-            a2 = self.fa((h2, z2, p2), (ht1, zt1), *branch)  # [NUM*N, C]
+            p1_aug = self.fa((h1, z1, p1), (ht2, zt2), *branch)  # p̃1 [NUM*N, C]
+            p2_aug = self.fa((h2, z2, p2), (ht1, zt1), *branch)  # p̃2 [NUM*N, C]
 
         with float32(x1):
             loss = loss_ssl = regression_loss(p1, zt2) + regression_loss(p2, zt1)
             out = {"loss_ssl": loss_ssl}
             if self.fa is not None:
-                num = a1.shape[0] // z1.shape[0]
-                loss_fa = regression_loss(a1, zt2.repeat(num, 1)) + regression_loss(
-                    a2, zt1.repeat(num, 1)
+                num = p1_aug.shape[0] // z1.shape[0]
+                loss_fa = regression_loss(p1_aug, zt2.repeat(num, 1)) + regression_loss(
+                    p2_aug, zt1.repeat(num, 1)
                 )
                 out["loss_fa"] = loss_fa
                 loss = loss + self.fa_weight * loss_fa

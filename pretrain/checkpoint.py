@@ -17,13 +17,20 @@ A checkpoint is a ``torch.save`` dict:
 ``skipped``     indices of unreadable images found so far
 ==============  =====================================================================
 
-Everything in it loads with ``torch.load(weights_only=True)``.
+Everything in it loads with ``torch.load(weights_only=True)``, the only way FeatAug reads its
+own checkpoints: a file that asks for any other Python object is refused, nothing in it runs.
+
+The rest of this module is the run folder's side of checkpoints: a fresh run never replaces
+another's files, a resumed run must train what its checkpoint trained, and the temporaries of
+killed writes are removed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -31,19 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from feataug.io import atomic_torch_save
+from .config import config_differences, load_cfg
+from .errors import CheckpointError, ConfigError
+from .utils.dist import all_gather_object, is_main_process, unwrap
+from .utils.env import seed_all
+from .utils.io import atomic_torch_save, atomic_write
+
+logger = logging.getLogger("pretrain")
 
 VERSION = 1
 REQUIRED_KEYS = ("version", "config", "epoch", "iter", "model", "optimizer", "backbone", "arch")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or is not a pretraining checkpoint."""
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,7 +92,7 @@ def build_checkpoint(*, cfg, model, optimizer, epoch: int, iteration: int, scale
         "model": m.state_dict(),
         "optimizer": optimizer.state_dict(),
         "backbone": backbone_state(m),
-        "arch": dict(m.arch()),
+        "arch": m.backbone_spec(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": rng if rng is not None else [rng_state()],
         "sampler": sampler or {},
@@ -103,8 +107,6 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
 
 def load_failure(e: BaseException) -> str:
     """One line for a failed ``torch.load(weights_only=True)``; names a refused global."""
-    import re
-
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
     if found:
         return (f"refused: the file asks to run {found.group(1)}, which is not a tensor, array or "
@@ -132,3 +134,89 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: schema version {ckpt['version']} is newer than this "
                               f"FeatAug's ({VERSION}); upgrade FeatAug")
     return ckpt
+
+
+# ----------------------------------------------------------------------------- the run folder
+# Files a run writes in OUTPUT_DIR; their atomic-write temporaries are ``.NAME.*.tmp``.
+RUN_FILES = ("last.pth", "checkpoint_*.pth", "metrics.jsonl", "config.yaml", "curves.png",
+             "log.txt")
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse an OUTPUT_DIR that is not a folder, or one that holds another run's checkpoints
+    or metrics unless resuming it: a fresh run never replaces them."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUTPUT_DIR {out}: exists and is not a folder")
+    if resume or not out.is_dir():
+        return
+    held = sorted(p.name for pattern in ("last.pth", "checkpoint_*.pth", "metrics.jsonl")
+                  for p in out.glob(pattern) if p.is_file() and p.stat().st_size > 0)
+    if held:
+        raise ConfigError(f"OUTPUT_DIR {out} already holds a run ({', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}): use --resume to continue it, "
+                          "or another OUTPUT_DIR")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete what killed atomic writes of this run's own files left behind."""
+    stale = [p for name in RUN_FILES for p in out.glob(f".{name}.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_resume_config(ckpt: dict, cfg, path: Path) -> None:
+    """A resumed run must train what the checkpoint trained: every key outside
+    ``config.RESUME_FREE_KEYS`` equals the checkpoint's stored config."""
+    saved = load_cfg(text=ckpt["config"], source=f"{path} (its stored config)")
+    diff = config_differences(saved, cfg)
+    if diff:
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise ConfigError(f"{path} was written with another config ({'; '.join(diff[:4])}{more}): "
+                          "resume with the checkpoint's settings, or start in another OUTPUT_DIR")
+
+
+def save_run(state: dict, it: int, epoch: int, skipped: set, numbered: bool) -> set:
+    """Write ``last.pth`` (and ``checkpoint_EPOCH.pth``) on rank 0 with every rank's RNG state;
+    returns the union of every rank's skipped images."""
+    rngs = all_gather_object(rng_state())
+    skipped = set().union(*all_gather_object(skipped))
+    if is_main_process():
+        ckpt = build_checkpoint(cfg=state["cfg"], model=state["model"],
+                                optimizer=state["optimizer"], scaler=state["scaler"], epoch=epoch,
+                                iteration=it, rng=rngs, sampler=state["sampler"],
+                                skipped=sorted(skipped))
+        last = state["out"] / "last.pth"
+        save_checkpoint(ckpt, last)
+        if numbered:
+            with open(last, "rb") as src:
+                atomic_write(state["out"] / f"checkpoint_{epoch:04d}.pth",
+                             lambda f: f.write(src.read()))
+    return skipped
+
+
+def resume_run(ckpt: dict, path: Path, model, optimizer, scaler, rank: int, world: int,
+               data: dict) -> tuple[int, set]:
+    """Load model, optimizer, scaler and this rank's RNG state; returns (iteration, skipped)."""
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: does not fit the model of this config ({first})") from None
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    s = ckpt.get("sampler", {})
+    if (s.get("dataset_size"), s.get("iters_per_epoch"), s.get("world_size")) != (
+        data["size"], data["ipe"], world
+    ):
+        logger.warning(f"{path} was written with {s.get('dataset_size')} images, "
+                       f"{s.get('iters_per_epoch')} iterations/epoch, {s.get('world_size')} "
+                       "processes: the data order will differ from an uninterrupted run")
+    rngs = ckpt.get("rng") or []
+    if len(rngs) == world:
+        set_rng_state(rngs[rank])
+    else:
+        seed_all(int(ckpt["iter"]) * 1000 + rank)
+    logger.info(f"resumed from {path} at iteration {ckpt['iter']} (epoch {ckpt['epoch']})")
+    return int(ckpt["iter"]), set(ckpt.get("skipped", []))

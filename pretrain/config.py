@@ -10,9 +10,9 @@ from pathlib import Path
 
 from fvcore.common.config import CfgNode as CN
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the value."""
+__all__ = ["ConfigError", "RESUME_FREE_KEYS", "config_differences", "get_cfg", "load_cfg"]
 
 
 _C = CN()
@@ -105,7 +105,9 @@ _C.SOLVER.SCHEDULE = "cosine"  # cosine | step | constant
 _C.SOLVER.STEPS = (120, 160)  # schedule "step": lr x GAMMA at each of these epochs
 _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.FIX_PRED_LR = False  # SimSiam: predictor keeps the base lr
-_C.SOLVER.AMP = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+# auto | off | bfloat16 | float16. auto: bfloat16 on CUDA (float16 + GradScaler where bf16 is
+# missing); on a CPU bfloat16 only with native support (else off). See pretrain/utils/amp.py.
+_C.SOLVER.AMP = "auto"
 _C.SOLVER.CHANNELS_LAST = False
 _C.SOLVER.CHECKPOINT_PERIOD = 10  # epochs between numbered checkpoints (last.pth: every epoch)
 _C.SOLVER.CHECKPOINT_ITERS = 0  # >0: also refresh last.pth every N iterations

@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 import torch
 
+from .errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FORMATS = ("folder", "list", "idx")
 # One OpenCV thread per process: parallelism comes from loader workers, and a process that forks
@@ -36,10 +38,6 @@ FORMATS = ("folder", "list", "idx")
 cv2.setNumThreads(1)
 # IDX type codes -> numpy dtypes (big-endian on disk)
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class DataError(Exception):
-    """A dataset that cannot be used; the message names the file or folder and the problem."""
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -46,9 +46,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fvcore.common.registry import Registry
 
-from .config import ConfigError
+from .errors import ConfigError
+from .utils.registry import Registry, lookup, register_as
 
 FA_REGISTRY = Registry("FA_OP")
 FA_REGISTRY.__doc__ = "Feature-augmentation operators, by FA.OP name; built as ``cls(cfg, dim)``."
@@ -57,25 +57,6 @@ POSITIONS = ("backbone", "projector")
 ARCHS = ("basic", "pre_predictor", "post_predictor", "separate_predictor")
 STOP_GRADS = ("none", "input", "all")
 ROLES = ("positive", "negative", "both")
-
-
-def register_as(registry: Registry, name: str) -> Callable[[type], type]:
-    """Class decorator: register under ``name`` (config values are lower-case)."""
-
-    def deco(cls: type) -> type:
-        registry._do_register(name, cls)
-        return cls
-
-    return deco
-
-
-def lookup(registry: Registry, name: str, key: str):
-    """``registry.get(name)`` with a ConfigError that lists the valid names."""
-    if name not in registry:
-        raise ConfigError(
-            f"{key} '{name}' is not one of: {', '.join(sorted(n for n, _ in registry))}"
-        )
-    return registry.get(name)
 
 
 def _beta(alpha: float, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -18,19 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from feataug.io import atomic_write_text
-from pretrain.checkpoint import CheckpointError, load_checkpoint
-from pretrain.config import ConfigError
-from pretrain.data import DataError, ResumableSampler, build_eval_dataset, collate, worker_init
-from pretrain.knn import eval_loader, evaluate_knn, extract_features, labelled
+from pretrain.checkpoint import load_checkpoint
+from pretrain.data import ResumableSampler, build_eval_dataset, collate, worker_init
+from pretrain.errors import CheckpointError, ConfigError, FeatAugError
+from pretrain.evaluation import eval_loader, evaluate_knn, extract_features, labelled
 from pretrain.transforms import build_eval_transform, build_train_transform, normalize
+from pretrain.utils.amp import amp_dtype
+from pretrain.utils.env import seed_all
+from pretrain.utils.io import atomic_write_text
 
 
 def load_backbone(ckpt: dict, path: str = "checkpoint") -> nn.Module:
     """The trunk of a loaded pretraining checkpoint."""
     from pretrain.backbone import build_backbone
 
-    arch = ckpt["arch"]
+    arch = ckpt["arch"]  # the backbone spec
     net = build_backbone(arch["name"], arch.get("stem", "imagenet"))
     try:
         net.load_state_dict(ckpt["backbone"])
@@ -60,8 +62,6 @@ def linear_eval(cfg, backbone: nn.Module, device: torch.device, progress: bool =
     """Train a linear classifier on the frozen ``backbone``; returns top-1 (%) and sizes."""
     from tqdm import tqdm
 
-    from pretrain.engine import amp_dtype, seed_all
-
     seed_all(cfg.SEED)
     train_root, val_root = _splits(cfg)
     size, lc = cfg.DATA.IMAGE_SIZE, cfg.LINCLS
@@ -70,7 +70,7 @@ def linear_eval(cfg, backbone: nn.Module, device: torch.device, progress: bool =
                                    build_train_transform(size) if lc.AUGMENT else eval_tf)
     val_set = build_eval_dataset(cfg, val_root, eval_tf)
     num_classes = max(labelled(train_set, train_root), labelled(val_set, val_root))
-    dtype = amp_dtype(cfg.SOLVER.AMP, device)
+    dtype = amp_dtype(cfg.SOLVER.AMP, device.type)
     workers, pin = cfg.DATALOADER.NUM_WORKERS, device.type == "cuda"
     backbone = backbone.to(device).eval().requires_grad_(False)
 
@@ -135,7 +135,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from pretrain.config import load_cfg
-    from pretrain.engine import seed_all
 
     if not args.checkpoint and not args.random_init:
         raise ConfigError("give --checkpoint C (or --random-init for the untrained baseline)")
@@ -177,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     try:
         run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except FeatAugError as e:
         print(f"feataug lincls: error: {e}", file=sys.stderr)
         return 2
     return 0

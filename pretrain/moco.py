@@ -27,11 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import build_backbone
-from .build import METHOD_REGISTRY, float32
-from .config import ConfigError
-from .dist import broadcast_, concat_all_gather, get_rank, get_world_size
-from .fa import FeatureAugmenter, fa_dim, register_as
+from .build import METHOD_REGISTRY
+from .errors import ConfigError
+from .fa import FeatureAugmenter, fa_dim
 from .heads import moco_projector
+from .momentum import ema_update_
+from .utils.amp import float32
+from .utils.dist import broadcast_, concat_all_gather, get_rank, get_world_size
+from .utils.registry import register_as
 
 
 def info_nce(
@@ -127,7 +130,7 @@ class MoCo(nn.Module):
         self.fa_position, self.fa_role, self.fa_weight = fa.POSITION, fa.ROLE, fa.LOSS_WEIGHT
 
     # ------------------------------------------------------------------ engine interface
-    def arch(self) -> dict:
+    def backbone_spec(self) -> dict:
         return dict(self._arch)
 
     def param_groups(self) -> list[dict]:
@@ -195,9 +198,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
         """θ_k ← m θ_k + (1 − m) θ_q"""
-        key = self._key_params()
-        torch._foreach_mul_(key, self.m)
-        torch._foreach_add_(key, self._query_params(), alpha=1 - self.m)
+        ema_update_(self._key_params(), self._query_params(), self.m)
 
     @torch.no_grad()
     def _key_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,9 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import build_backbone
-from .build import METHOD_REGISTRY, float32
-from .fa import PredictorFA, fa_dim, register_as
+from .build import METHOD_REGISTRY
+from .fa import PredictorFA, fa_dim
 from .heads import simsiam_predictor, simsiam_projector
+from .utils.amp import float32
+from .utils.registry import register_as
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,7 @@ class SimSiam(nn.Module):
             self.fa = PredictorFA(cfg, fa_dim(cfg, feat_dim, dim), make_predictor)
         self.fa_weight = fa.LOSS_WEIGHT
 
-    def arch(self) -> dict:
+    def backbone_spec(self) -> dict:
         return dict(self._arch)
 
     def param_groups(self) -> list[dict]:
@@ -73,17 +75,16 @@ class SimSiam(nn.Module):
         p1, p2 = self.predictor(z1), self.predictor(z2)  # [N, C]
         if self.fa is not None:
             branch = (self.projector, self.predictor)
-            a1 = self.fa((h1, z1, p1), (h2.detach(), z2.detach()), *branch)  # [NUM*N, C]
-            a2 = self.fa((h2, z2, p2), (h1.detach(), z1.detach()), *branch)  # [NUM*N, C]
+            p1_aug = self.fa((h1, z1, p1), (h2.detach(), z2.detach()), *branch)  # p̃1 [NUM*N, C]
+            p2_aug = self.fa((h2, z2, p2), (h1.detach(), z1.detach()), *branch)  # p̃2 [NUM*N, C]
 
         with float32(x1):
             loss = loss_ssl = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
             out = {"loss_ssl": loss_ssl}
             if self.fa is not None:
-                num = a1.shape[0] // z1.shape[0]
-                loss_fa = 0.5 * (
-                    negative_cosine(a1, z2.repeat(num, 1)) + negative_cosine(a2, z1.repeat(num, 1))
-                )
+                num = p1_aug.shape[0] // z1.shape[0]
+                loss_fa = 0.5 * (negative_cosine(p1_aug, z2.repeat(num, 1))
+                                 + negative_cosine(p2_aug, z1.repeat(num, 1)))
                 out["loss_fa"] = loss_fa
                 loss = loss + self.fa_weight * loss_fa
         out["loss"] = loss

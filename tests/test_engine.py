@@ -24,8 +24,8 @@ import yaml
 
 from feataug import cli
 from pretrain.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint
-from pretrain.engine import lr_factor, set_lr
-from pretrain.knn import knn_scores, knn_top1
+from pretrain.evaluation import knn_scores, knn_top1
+from pretrain.solver import lr_factor, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny_moco_fa_r18.yaml")
@@ -179,9 +179,9 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
 @pytest.mark.parametrize("what", ["loss", "weights"])
 def test_non_finite_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path, capsys,
                                                                       monkeypatch, what):
-    import pretrain.build as build
+    import pretrain.engine.train_loop as loop
 
-    real = build.build_model
+    real = loop.build_model
 
     def poisoned(cfg):  # a NaN loss at the 3rd forward, or NaN weights after the 3rd step
         model, calls = real(cfg), []
@@ -207,7 +207,7 @@ def test_non_finite_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path,
             model.after_step = nan_weights
         return model
 
-    monkeypatch.setattr(build, "build_model", poisoned)
+    monkeypatch.setattr(loop, "build_model", poisoned)
     data, out = _images(tmp_path / "d", 16), tmp_path / "o"
     assert _pretrain(data, out, "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_ITERS", "1") == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -315,29 +315,30 @@ def test_lr_schedule_by_hand():
 
 
 def test_knn_at_start_sees_the_untrained_trunk_and_changes_nothing(tmp_path, monkeypatch):
-    from pretrain import engine
+    import pretrain.engine.train_loop as loop
     from pretrain.backbone import build_backbone
+    from pretrain.utils.env import seed_all
 
     data = _images(tmp_path / "d", 8)
     seen = []
-    real_knn = engine._knn
+    real_knn = loop.knn_hook
 
     def spy(cfg, model, *args, **kw):
         seen.append({k: v.clone() for k, v in model.backbone.state_dict().items()})
         return real_knn(cfg, model, *args, **kw)
 
-    monkeypatch.setattr(engine, "_knn", spy)
+    monkeypatch.setattr(loop, "knn_hook", spy)
     knn = ["KNN.PERIOD", "1", "DATA.KNN_TRAIN_ROOT", str(data), "DATA.KNN_VAL_ROOT", str(data)]
     assert _pretrain(data, tmp_path / "on", "SOLVER.MAX_ITER", "2", *knn) == 0
     assert _pretrain(data, tmp_path / "off", "SOLVER.MAX_ITER", "2", *knn, "KNN.AT_START",
                      "False") == 0
     assert len(seen) == 3  # start + end of the first run, end of the second
-    engine.seed_all(0)
+    seed_all(0)
     untrained = build_backbone("resnet18", "imagenet").state_dict()
     assert all(torch.equal(seen[0][k], v) for k, v in untrained.items())
     assert not torch.equal(seen[1]["conv1.weight"], untrained["conv1.weight"])  # it did train
     # evaluating first draws no random numbers: both runs end with the same weights
-    on, off = (torch.load(tmp_path / d / "last.pth", weights_only=False)["backbone"]
+    on, off = (torch.load(tmp_path / d / "last.pth", weights_only=True)["backbone"]
                for d in ("on", "off"))
     assert all(torch.equal(on[k], off[k]) for k in on)
 

@@ -18,9 +18,10 @@ from tiny_models import build, tiny_cfg, views
 
 from pretrain.backbone import build_backbone
 from pretrain.build import build_model
-from pretrain.byol import cosine_momentum, regression_loss
+from pretrain.byol import regression_loss
 from pretrain.config import ConfigError, load_cfg
 from pretrain.moco import info_nce
+from pretrain.momentum import cosine_momentum
 from pretrain.simsiam import negative_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,7 +325,7 @@ def test_param_groups_arch_and_state_dict():
     assert {id(p) for p in group["params"]} == {id(p) for p in moco.parameters() if p.requires_grad}
     assert not {id(p) for p in moco.backbone_k.parameters()} & {id(p) for p in group["params"]}
     assert {"queue", "queue_ptr"} <= set(moco.state_dict())
-    assert moco.arch() == {"name": "resnet18", "stem": "imagenet"}
+    assert moco.backbone_spec() == {"name": "resnet18", "stem": "imagenet"}
     tv_keys = {k for k in torchvision.models.resnet18().state_dict() if not k.startswith("fc.")}
     assert set(moco.backbone.state_dict()) == tv_keys
 
@@ -377,7 +378,7 @@ def test_config_files_load_and_build():
     for path in CONFIGS:
         cfg = load_cfg(str(path))
         model = build_model(cfg)
-        assert model.arch()["name"] == cfg.MODEL.BACKBONE
+        assert model.backbone_spec()["name"] == cfg.MODEL.BACKBONE
         assert (model.fa is not None) == cfg.FA.ENABLED
         if "_r50" in path.name:
             assert cfg.MODEL.BACKBONE == "resnet50" and cfg.DATA.IMAGE_SIZE == 224

@@ -16,6 +16,7 @@ import torch
 from feataug import study
 from feataug.cli import main as cli_main
 from feataug.study import Grid, Job, Run, StudyError
+from pretrain.evaluation import linear_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny_moco_fa_r18.yaml"
@@ -297,10 +298,10 @@ def test_linear_probe_known_accuracy():
     x = centers[y] + 0.3 * torch.randn(60, 3, generator=g)
     yv = torch.arange(3).repeat(4)
     xv = centers[yv] + 0.3 * torch.randn(12, 3, generator=g)
-    assert study.linear_probe(x, y, xv, yv, 3) == 100.0
+    assert linear_probe(x, y, xv, yv, 3) == 100.0
     wrong = yv.clone()
     wrong[:3] = (wrong[:3] + 1) % 3  # 3 of 12 labels contradict their cluster -> exactly 75%
-    assert study.linear_probe(x, y, xv, wrong, 3) == 75.0
+    assert linear_probe(x, y, xv, wrong, 3) == 75.0
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

@@ -444,7 +444,7 @@ def main(args: argparse.Namespace) -> int:
     result = {"gt": str(args.gt), "results": str(args.results), **result}
     print(format_report(result))
     if args.json_out:
-        from feataug.io import atomic_write_text
+        from pretrain.utils.io import atomic_write_text
 
         try:
             atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from feataug.io import atomic_write
+from pretrain.utils.io import atomic_write
 
 __all__ = [
     "FORMATS",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feataug.io import atomic_write_text
+from pretrain.utils.io import atomic_write_text
 
 __all__ = [
     "DetectError",

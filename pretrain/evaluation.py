@@ -1,18 +1,25 @@
-"""Weighted kNN classification of frozen features (the InstDisc / MoCo monitor).
+"""Evaluation of a frozen trunk on labelled splits: features, weighted kNN, a linear probe.
 
-A query q votes with its k most similar training features f_i (cosine similarity s_i):
+Weighted kNN (the InstDisc / MoCo monitor): a query q votes with its k most similar training features f_i (cosine similarity s_i):
 class score  S_c = sum_{i in top-k} exp(s_i / tau) * [y_i = c],  prediction argmax_c S_c.
 Defaults k = 200, tau = 0.1.
+
+Linear probe (``linear_probe``): multinomial logistic regression on standardised features, fitted
+to convergence with L-BFGS (a convex problem, no random start). ``feataug lincls`` trains the
+paper protocol's SGD linear classifier instead (``pretrain/lincls.py``).
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pretrain.data import ImageDataset, collate
-from pretrain.transforms import normalize
+from .data import ImageDataset, collate
+from .transforms import normalize
 
 
 @torch.no_grad()
@@ -78,7 +85,7 @@ def eval_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
 
 def labelled(dataset: ImageDataset, what: str) -> int:
     """Number of classes of a labelled split; raises ``DataError`` for an unlabelled one."""
-    from pretrain.data import DataError
+    from pretrain.errors import DataError
 
     if not dataset.classes or min(dataset.labels) < 0:
         raise DataError(f"{what}: needs class labels (class sub-folders, list labels or an "
@@ -110,3 +117,80 @@ def build_knn_sets(cfg) -> tuple[ImageDataset, ImageDataset] | None:
     tf = build_eval_transform(cfg.DATA.IMAGE_SIZE)
     return (build_eval_dataset(cfg, cfg.DATA.KNN_TRAIN_ROOT, tf),
             build_eval_dataset(cfg, cfg.DATA.KNN_VAL_ROOT, tf))
+
+
+@functools.lru_cache(maxsize=4)
+def labelled_subset(root: str, fmt: str, max_images: int, per_class: int):
+    """A labelled split: the first ``max_images`` (0: all), then the first ``per_class`` images
+    of each class (0: all)."""
+    from .data import ArrayImages, ImageFiles, load_source
+
+    source = load_source(root, fmt, max_images)
+    if per_class <= 0:
+        return source
+    seen: dict[int, int] = {}
+    keep = []
+    for i, y in enumerate(source.labels):
+        seen[y] = seen.get(y, 0) + 1
+        if seen[y] <= per_class:
+            keep.append(i)
+    if isinstance(source, ArrayImages):
+        out = ArrayImages(source.images[keep], np.asarray(source.labels)[keep], source.origin)
+        out.classes = list(source.classes)
+        return out
+    return ImageFiles([source.paths[i] for i in keep], [source.labels[i] for i in keep],
+                      source.classes)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, weight_decay: float = 1e-3,
+                 max_iter: int = 200, device=None) -> float:
+    """Top-1 (%) of multinomial logistic regression on standardised features.
+
+    Minimises  mean CE(W x + b, y) + (weight_decay / 2) ||W||²  with L-BFGS from W = 0, b = 0
+    (a convex problem: the result does not depend on a random start).
+    """
+    train_x, val_x, train_y, val_y = (t.to(device) for t in (train_x, val_x, train_y, val_y))
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    xt, xv = (train_x - mu) / sd, (val_x - mu) / sd  # [N, D], [M, D]
+    w = torch.zeros(xt.shape[1], num_classes, device=xt.device, requires_grad=True)  # [D, C]
+    b = torch.zeros(num_classes, device=xt.device, requires_grad=True)  # [C]
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xt @ w + b, train_y) + 0.5 * weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return 100.0 * ((xv @ w + b).argmax(1) == val_y).float().mean().item()
+
+
+def evaluate_backbone(backbone, spec: dict, image_size: int, device=None) -> dict:
+    """kNN (and linear) top-1 (%) of a frozen trunk on two labelled splits.
+
+    ``spec``: ``train``/``val`` roots in ``format``; ``max_train``/``max_val`` and
+    ``train_per_class``/``val_per_class`` limits (0: all); ``knn_k``, ``knn_t``; ``linear`` (fit
+    :func:`linear_probe` too) with ``linear_weight_decay``; ``batch_size``, ``num_workers``;
+    ``image_size`` (0: the given one). Features are the pooled trunk output of the evaluation
+    view (resize + center crop).
+    """
+    from .transforms import build_eval_transform
+
+    device = device or torch.device("cpu")
+    tf = build_eval_transform(spec.get("image_size") or image_size)
+    sets = [ImageDataset(labelled_subset(spec[s], spec["format"], spec[f"max_{s}"],
+                                      spec[f"{s}_per_class"]), tf) for s in ("train", "val")]
+    num_classes = max(labelled(sets[0], spec["train"]), labelled(sets[1], spec["val"]))
+    backbone = backbone.to(device)
+    (ftr, ytr), (fva, yva) = (
+        extract_features(backbone, eval_loader(s, spec["batch_size"], spec["num_workers"]), device,
+                         l2=False) for s in sets)
+    out = dict(knn_top1=knn_top1(F.normalize(ftr, dim=1), ytr, F.normalize(fva, dim=1), yva,
+                                 num_classes, spec["knn_k"], spec["knn_t"]))
+    if spec["linear"]:
+        out["linear_top1"] = linear_probe(ftr, ytr, fva, yva, num_classes,
+                                          spec["linear_weight_decay"], device=device)
+    return out

@@ -41,3 +41,31 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if get_world_size() > 1:
         dist.broadcast(x, src)
     return x
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` without a process group."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_across_ranks(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,83 @@
+"""``feataug study --grid F.yaml [--seeds N] [--out DIR] [--jobs J] [--dry-run]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pretrain.errors import FeatAugError
+
+from .grid import Grid, StudyError, _fmt, load_grid
+from .jobs import run_study
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", required=True, metavar="F.yaml", help="study grid file")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="seeds 0..N-1 for every run (default: the grid's `seeds`, else 3)")
+    parser.add_argument("--out", default="", metavar="DIR",
+                        help="output folder (default: output/study/<grid name>)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="J",
+                        help="jobs run side by side in worker processes, each with "
+                        "cores/J threads (default: the grid's `jobs`, else 1)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the runs, their baselines and the study axes; run nothing")
+    parser.add_argument("--no-plots", action="store_true", help="skip the bar charts")
+
+
+def format_plan(grid: Grid, seeds: Sequence[int]) -> str:
+    lines = [f"{len(grid.runs)} runs x {len(seeds)} seeds ({list(seeds)}); "
+             f"study axes: {', '.join(grid.axes) or '(none)'}"]
+    shared = {kv for kv in grid.runs[0].overrides if all(kv in r.overrides for r in grid.runs)}
+    if shared:
+        lines.append("  all runs: " + " ".join(f"{k}={_fmt(v)}" for k, v in grid.runs[0].overrides
+                                             if (k, v) in shared))
+    for run in grid.runs:
+        ref = ("reference" if run.random_init else "baseline" if run.baseline is None
+               else f"vs {run.baseline}")
+        over = " ".join(f"{k}={_fmt(v)}" for k, v in run.overrides if (k, v) not in shared)
+        lines.append(f"  {run.name:<40} {ref:<28} {over}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    try:
+        if args.seeds is not None and args.seeds < 1:
+            raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.jobs is not None and args.jobs < 1:
+            raise StudyError(f"--jobs must be >= 1, got {args.jobs}")
+        grid = load_grid(args.grid)
+        seeds = list(range(args.seeds or grid.seeds))
+        print(format_plan(grid, seeds))
+        if args.dry_run:
+            return 0
+        if grid.prepare:
+            from feataug.data import PREPARERS, default_root
+
+            for name in grid.prepare:
+                try:
+                    PREPARERS[name](default_root())
+                except FeatAugError as e:
+                    raise StudyError(f"{args.grid}: prepare {name}: {e}") from None
+        out = Path(args.out or Path("output") / "study" / Path(args.grid).stem)
+        records = run_study(grid, out, seeds, jobs=args.jobs or grid.jobs, plots=not args.no_plots)
+    except StudyError as e:
+        print(f"feataug study: error: {e}", file=sys.stderr)
+        return 2
+    except FeatAugError as e:  # refused by the pretraining code while expanding the grid
+        print(f"feataug study: error: {args.grid}: {e}", file=sys.stderr)
+        return 2
+    print()
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}/ "
+          f"in {(time.perf_counter() - t0) / 60:.1f} min")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        print(f"feataug study: error: {len(failed)} job(s) failed (see results.md and each "
+              "job's error.txt); rerun to retry them", file=sys.stderr)
+        return 1
+    return 0

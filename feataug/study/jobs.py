@@ -1,0 +1,216 @@
+"""Study jobs: one (run, seed) each, run in order or in worker processes, resumable.
+
+A job folder holds ``job.json`` from its start and ``result.json`` (atomically, last) when it
+is done; a rerun skips finished jobs and resumes the others from their ``last.pth``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretrain.utils.io import atomic_write_text
+
+from .grid import Grid, Run, StudyError, _digest_cfg
+from .report import METRICS, write_reports
+
+RESULT = "result.json"
+JOB = "job.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (run, seed): the runner's whole input (picklable, for worker processes)."""
+
+    run: Run
+    seed: int
+    output_dir: str
+    eval: dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.run.name} seed{self.seed}"
+
+    def cfg(self):
+        """The frozen pretraining config of this job."""
+        from pretrain.config import load_cfg
+
+        return load_cfg(self.run.config_file,
+                        self.run.opts() + ["OUTPUT_DIR", self.output_dir, "SEED", self.seed])
+
+    def digest(self) -> str:
+        spec = dict(config=_digest_cfg(self.cfg()), random_init=self.run.random_init,
+                    seed=self.seed, eval=self.eval)
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_jobs(grid: Grid, out: Path, seeds: Iterable[int]) -> list[Job]:
+    return [Job(run, s, str(out / "runs" / run.name / f"seed{s}"), grid.eval)
+            for run in grid.runs for s in seeds]
+
+
+def finished(job: Job, digest: str) -> dict | None:
+    """The stored record of a finished job, None if it has not finished.
+
+    Raises StudyError when the job folder was made for a different config.
+    """
+    folder = Path(job.output_dir)
+    for name in (JOB, RESULT):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            stored = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise StudyError(f"{f}: unreadable ({e}); remove the folder to rerun this job") \
+                from None
+        if stored.get("digest") != digest:
+            raise StudyError(f"{f}: made for a different config or evaluation than this grid's "
+                             f"{job.label}; use another --out or remove {folder}")
+        if name == RESULT:
+            return stored
+    return None
+
+
+def execute(job: Job, runner: Callable[[Job], dict], digest: str | None = None) -> dict:
+    """Run one job; returns its record. A success is stored in ``result.json`` (atomically,
+    last); a failure is returned with ``status`` failed and its traceback in ``error.txt``."""
+    folder = Path(job.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = digest or job.digest()
+    record = dict(run=job.run.name, seed=job.seed, digest=digest)
+    atomic_write_text(folder / JOB, json.dumps(record, indent=2) + "\n")
+    t0 = time.perf_counter()
+    try:
+        metrics = runner(job)
+    except Exception as e:  # noqa: BLE001 - one failed run must not stop the study
+        atomic_write_text(folder / "error.txt", traceback.format_exc())
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return dict(record, status="failed", error=f"{type(e).__name__}: {msg}",
+                    wall_s=round(time.perf_counter() - t0, 1))
+    record.update(status="ok", metrics=metrics, wall_s=round(time.perf_counter() - t0, 1))
+    atomic_write_text(folder / RESULT, json.dumps(record, indent=2) + "\n")
+    (folder / "error.txt").unlink(missing_ok=True)  # from an earlier, failed try
+    return record
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _execute_quiet(job: Job, runner: Callable[[Job], dict], digest: str) -> dict:
+    """``execute`` in a worker process, its console output sent to the job's ``console.txt``."""
+    Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+    saved = sys.stdout, sys.stderr
+    with open(Path(job.output_dir) / "console.txt", "a") as log:
+        sys.stdout = sys.stderr = log
+        try:
+            return execute(job, runner, digest)
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+def run_study(grid: Grid, out: str | os.PathLike, seeds: Sequence[int],
+              runner: Callable[[Job], dict] | None = None, jobs: int = 1,
+              echo: Callable[[str], None] = print, plots: bool = True) -> list[dict]:
+    """Run every unfinished (run, seed) of ``grid`` and write the reports; returns all records."""
+    out = Path(out)
+    runner = runner or pretrain_and_evaluate
+    all_jobs = make_jobs(grid, out, seeds)
+    digests = {j.output_dir: j.digest() for j in all_jobs}
+    records, todo = {}, []
+    for j in all_jobs:
+        rec = finished(j, digests[j.output_dir])
+        if rec is not None:
+            records[(j.run.name, j.seed)] = rec
+        else:
+            todo.append(j)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "grid.yaml", grid.text)
+    echo(f"study {grid.path}: {len(grid.runs)} runs x {len(seeds)} seeds = {len(all_jobs)} jobs; "
+         f"{len(records)} finished earlier (skipped), {len(todo)} to run -> {out}")
+    write_reports(grid, out, records.values(), seeds, plots=False)
+
+    t0 = time.perf_counter()
+    for n, rec in enumerate(_run_all(todo, runner, jobs, digests), 1):
+        records[(rec["run"], rec["seed"])] = rec
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / n * (len(todo) - n)
+        shown = ", ".join(f"{METRICS[k]} {v:.2f}" for k, v in rec.get("metrics", {}).items()
+                          if k in METRICS)
+        echo(f"[{n}/{len(todo)}] {rec['run']} seed{rec['seed']}: "
+             f"{shown if rec['status'] == 'ok' else 'FAILED ' + rec['error']} "
+             f"({rec['wall_s']:.0f} s; elapsed {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left)")
+        write_reports(grid, out, records.values(), seeds, plots=False)
+    write_reports(grid, out, records.values(), seeds, plots=plots)
+    return [records[(j.run.name, j.seed)] for j in all_jobs if (j.run.name, j.seed) in records]
+
+
+def _run_all(todo: list[Job], runner, jobs: int, digests: dict) -> Iterable[dict]:
+    if jobs <= 1 or len(todo) <= 1:
+        for j in todo:
+            yield execute(j, runner, digests[j.output_dir])
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(_execute_quiet, j, runner, digests[j.output_dir]) for j in todo]
+        for f in as_completed(futures):
+            yield f.result()
+
+
+def _last_loss(metrics_path: Path) -> float | None:
+    loss = None
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                loss = json.loads(line).get("loss", loss)
+            except ValueError:
+                continue
+    return loss
+
+
+def pretrain_and_evaluate(job: Job) -> dict:
+    """The study's runner: pretrain (resuming from ``last.pth``) and evaluate the trunk of
+    ``last.pth``; for ``random_init``, evaluate the untrained trunk of seed ``job.seed``."""
+    import torch
+
+    from pretrain.backbone import build_backbone
+    from pretrain.checkpoint import load_checkpoint
+    from pretrain.engine import train
+    from pretrain.evaluation import evaluate_backbone
+    from pretrain.lincls import load_backbone
+    from pretrain.utils.env import seed_all
+
+    cfg = job.cfg()
+    cpu0 = time.process_time()
+    device = torch.device("cuda" if cfg.DEVICE != "cpu" and torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    if job.run.random_init:
+        seed_all(cfg.SEED)
+        backbone = build_backbone(cfg.MODEL.BACKBONE, cfg.MODEL.STEM)
+    else:
+        summary = train(cfg, resume=True)
+        last = Path(cfg.OUTPUT_DIR) / "last.pth"
+        backbone = load_backbone(load_checkpoint(last), str(last))
+        info = dict(iterations=summary["iter"],
+                    loss=_last_loss(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"))
+    t1 = time.perf_counter()
+    result = evaluate_backbone(backbone, job.eval, cfg.DATA.IMAGE_SIZE, device)
+    t2 = time.perf_counter()
+    return {**{k: round(v, 4) for k, v in result.items()}, **info,
+            "pretrain_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
+            "cpu_s": round(time.process_time() - cpu0, 1)}

@@ -1,0 +1,54 @@
+"""Where a run executes: its device, its process group (``torchrun``'s env://), DDP wrapping."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+
+
+def init_distributed(cfg) -> tuple[torch.device, bool]:
+    """Device of this process, and whether a process group was created here (torchrun env://).
+
+    ``DEVICE auto``: CUDA (one GPU per process, ``LOCAL_RANK``) when available, else the CPU.
+    Process groups use NCCL on CUDA, gloo on the CPU.
+    """
+    want = cfg.DEVICE
+    if want not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"DEVICE '{want}' is not one of: auto, cpu, cuda")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE cuda: no CUDA device is available")
+    cuda = want != "cpu" and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+        created = True
+    return device, created
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel with ``static_graph``: parameters some configs never use (e.g. an
+    FA generator whose output is detached) are found once, not by a graph search every step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   static_graph=True)
+
+
+def set_determinism(deterministic: bool) -> bool:
+    """Deterministic kernels (slower) or cuDNN autotuning; returns the previous torch setting."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    else:
+        torch.backends.cudnn.benchmark = True
+    return before
