@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from feataug import REPO_ROOT
+from pretrain.errors import FeatAugError
+
 # schedule lengths per profile
 PROFILES = {
     "quick": {"pretrain_iters": 50, "pretrain_batch": 16, "detect_iters": 60, "detect_batch": 2,
@@ -32,13 +35,13 @@ DETECT_CONFIG = "configs/detection/tiny_faster_R18_FPN.yaml"
 STARTS = ("random init", "MoCo v2", "MoCo v2 + FA")
 
 
-class DemoError(Exception):
+class DemoError(FeatAugError):
     """A step of the demo failed in a way the user can act on."""
 
 
 def _config_path(name: str) -> Path:
     """Config files ship in the repository next to the packages."""
-    path = Path(__file__).resolve().parents[1] / name
+    path = REPO_ROOT / name
     if not path.is_file():
         raise DemoError(f"{path}: config file not found (run the demo from a FeatAug checkout)")
     return path
@@ -257,12 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from feataug.data import DataError
-    from pretrain.config import ConfigError
-
     try:
         run(args.profile, args.out, args.data_root, args.seed)
-    except (DemoError, DataError, ConfigError) as e:
+    except FeatAugError as e:
         print(f"feataug demo: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -152,28 +152,35 @@ def _open_maybe_gzip(path: Path):
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzipped or not) into a numpy array with native byte order.
-
-    Format: two zero bytes, a type code, the number of dimensions D, D big-endian uint32
-    sizes, then the values, big-endian, C order.
-    """
+    """Read an IDX file (gzipped or not) into a numpy array with native byte order."""
     path = Path(path)
     try:
         with _open_maybe_gzip(path) as f:
             data = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    return parse_idx(data, str(path))
+
+
+def parse_idx(data: bytes, what: str) -> np.ndarray:
+    """The array in the bytes of an IDX file (gzip-compressed or not); ``what`` names it in errors.
+
+    Format: two zero bytes, a type code, the number of dimensions D, D big-endian uint32
+    sizes, then the values, big-endian, C order.
+    """
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
+        raise DataError(f"{what}: not an IDX file (bad magic number)")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{path}: IDX header truncated")
+        raise DataError(f"{what}: IDX header truncated")
     shape = tuple(int(v) for v in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
-        raise DataError(f"{path}: IDX data has {len(data) - header} bytes, "
+        raise DataError(f"{what}: IDX data has {len(data) - header} bytes, "
                         f"shape {shape} needs {expected}")
     arr = np.frombuffer(data, dtype, offset=header).reshape(shape)
     return arr.astype(dtype.newbyteorder("="), copy=False)

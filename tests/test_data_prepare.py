@@ -539,7 +539,9 @@ def test_fashion_mnist_from_a_folder(tmp_path, monkeypatch):
     pins = {p.name: fd.sha256_bytes(p.read_bytes()) for p in src.iterdir()}
     with pytest.raises(fd.DataError, match=r"train-images-idx3-ubyte\.gz: sha256"):
         fd.prepare_fashion_mnist(tmp_path / "root", source=src)  # the real pins reject fakes
-    monkeypatch.setattr(fd, "FASHION_MNIST_SHA256", pins)
+    import feataug.data.fashion_mnist as fashion_mnist
+
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SHA256", pins)
     fd.prepare_fashion_mnist(tmp_path / "root", source=src, knn_train=2, knn_val=1)
     out = tmp_path / "root" / "fashion-mnist"
     for name in pins:
@@ -563,7 +565,7 @@ def test_fashion_mnist_missing_and_truncated_files(tmp_path):
     with pytest.raises(fd.DataError, match=r"does not contain t10k-labels-idx1-ubyte\.gz"):
         fd.prepare_fashion_mnist(tmp_path / "root", source=src)
     data = gzip.decompress((src / "train-images-idx3-ubyte.gz").read_bytes())
-    with pytest.raises(fd.DataError, match="data bytes for shape"):
+    with pytest.raises(fd.DataError, match=r"x.gz: IDX data has \d+ bytes, shape"):
         fd.read_idx(data[:-5], "x.gz")
     assert fd.read_idx(data, "x.gz").shape == (30, 28, 28)
 

@@ -1,0 +1,132 @@
+"""``feataug bench``: how fast the pipeline is, measured against peer implementations.
+
+Every figure is a ratio of two contenders measured side by side in one run: their measurements
+are interleaved (A B A B ...) so that load changes on a shared machine hit both, and the figure is
+the median, over the repeats, of the ratio of each adjacent pair. The pretraining section has
+seven contenders (lightly and six FA operators), so each of them runs between two measurements of
+our plain step and is compared with their mean (``bracketed``). Per-contender medians, every
+measurement and the machine (CPU, threads, versions, load average) are kept in the JSON. The peers (``lightly``, plain Detectron2) are installed by ``make bench`` only;
+a section whose peer is missing is reported as skipped (value ``null``), never faked.
+
+| key                                   | ratio                                                 | goal   |
+|---------------------------------------|-------------------------------------------------------|--------|
+| ``pretrain_step_ratio_vs_lightly``    | our MoCo v2 step time / the same step from lightly    | ≤ 0.83 |
+| ``fa_overhead``                       | step time with FA / without, worst operator           | ≤ 1.03 |
+| ``aug_pipeline_ratio_vs_torchvision`` | our two-view images/s / torchvision-PIL images/s      | ≥ 2    |
+| ``coco_eval_ratio_vs_pycocotools``    | pycocotools seconds / ours (load+evaluate+accumulate) | ≥ 5    |
+| ``coco_eval_stats_max_abs_diff``      | max abs difference of the 12 COCO stats               | ≤ 1e-6 |
+| ``detect_iter_ratio_vs_detectron2``   | our trainer iterations/s / ``DefaultTrainer``'s       | ≥ 1.0  |
+
+With CUDA available, a ``gpu`` section adds our step time and images/s at paper scale
+(ResNet-50, 224 px, batch 256, bf16); on a CPU machine it is skipped.
+
+Output: ``--out F.json`` (rewritten atomically after every section) and ``F.md`` beside it with
+the markdown table that is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .aug import bench_aug, find_images, torchvision_moco_v2
+from .coco import bench_coco_eval, synthetic_coco
+from .detect import bench_detect
+from .harness import (
+    GOALS,
+    KEYS,
+    PROFILES,
+    BenchError,
+    Profile,
+    bracketed,
+    empty_result,
+    format_markdown,
+    goal_met,
+    interleave,
+    machine_info,
+    median,
+    paired_ratio,
+    seconds_per_unit,
+    set_value,
+    write_outputs,
+)
+from .pretrain_step import bench_gpu, bench_pretrain
+
+__all__ = ["GOALS", "KEYS", "PROFILES", "BenchError", "Profile", "add_arguments", "bracketed",
+           "empty_result", "find_images", "format_markdown", "goal_met", "interleave", "main",
+           "median", "paired_ratio", "run", "seconds_per_unit", "set_value", "synthetic_coco",
+           "torchvision_moco_v2", "write_outputs"]
+
+
+SECTIONS: dict[str, Callable] = {
+    "pretrain": bench_pretrain,  # also fa
+    "aug": bench_aug,
+    "coco_eval": bench_coco_eval,
+    "detect": bench_detect,
+    "gpu": bench_gpu,  # skipped without CUDA
+}
+
+
+def run(profile: Profile, out: str | os.PathLike | None = None, only: Sequence[str] = (),
+        images: str | None = None, say: Callable[[str], None] = print) -> dict:
+    """Run the sections (all, or ``only``), writing ``out`` after each; returns the result."""
+    result = empty_result(profile.name)
+    result["machine"] = machine_info()
+    start = time.perf_counter()
+    for name, section in SECTIONS.items():
+        if only and name not in only:
+            continue
+        t = time.perf_counter()
+        kwargs = {"images": images} if name == "aug" else {}
+        try:
+            section(profile, result, say, **kwargs)
+        except ImportError as e:  # a peer or optional part missing: say so, go on
+            result["details"][name] = {"skipped": f"{type(e).__name__}: {e}"}
+        result["details"].setdefault(name, {})["section_s"] = round(time.perf_counter() - t, 1)
+        say(f"{name}: done in {time.perf_counter() - t:.0f} s")
+        if out:
+            write_outputs(result, out)
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_end"] = round(os.getloadavg()[0], 2)
+    result["complete"] = not only
+    if out:
+        write_outputs(result, out)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and a 500-image COCO evaluation (<= 10 min on 2 cores)")
+    parser.add_argument("--out", default="bench.json", metavar="F.json",
+                        help="results JSON (default bench.json); the table goes to F.md beside it")
+    parser.add_argument("--only", default="", metavar="S[,S]",
+                        help=f"run only these sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="real photos for the augmentation benchmark (default: prepared "
+                        "DeepForest tiles, else labelme photos, else matplotlib's sample photo)")
+
+
+def main(args: argparse.Namespace) -> int:
+    only = [s for s in args.only.split(",") if s]
+    unknown = [s for s in only if s not in SECTIONS]
+    try:
+        if unknown:
+            raise BenchError(f"--only: unknown section(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(SECTIONS)}")
+        if not str(args.out).endswith(".json"):
+            raise BenchError(f"--out {args.out}: give a .json file name (the table goes beside it)")
+        profile = PROFILES["quick" if args.quick else "full"]
+        result = run(profile, args.out, only, args.images,
+                     say=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
+    except (BenchError, OSError) as e:
+        print(f"feataug bench: error: {e}", file=sys.stderr)
+        return 2
+    print(format_markdown(result))
+    print(f"feataug bench: wrote {args.out} and {Path(args.out).with_suffix('.md')} "
+          f"({result['wall_s']:.0f} s)")
+    return 0
