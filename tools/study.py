@@ -5,14 +5,8 @@
 """
 
 import sys
-from pathlib import Path
 
-# This file's folder would shadow the `pretrain` package: import from the repository root.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from feataug.cli import main  # noqa: E402
+from feataug.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["study", *sys.argv[1:]]))
