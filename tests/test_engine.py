@@ -1,7 +1,7 @@
 """The pretraining engine end to end, through the real ``feataug`` command (tiny: ResNet-18,
 32 px, batch 4, a few iterations).
 
-Truths: the checkpoint schema of design §3 and torchvision's ResNet-18 parameter names; an
+Truths: the checkpoint schema (pretrain/checkpoint.py) and torchvision's ResNet-18 parameter names; an
 uninterrupted run's weights (for kill-and-resume); hand-computed learning rates and kNN votes.
 """
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pretrain.utils.amp import cpu_has_native_bf16
+from pretrain.utils.logger import setup_logging
 
 from .harness import (
     DETECT_CONFIG,
@@ -44,19 +45,6 @@ def make_detection_images(folder: Path, n: int = 8, size: int = 384, seed: int =
         records.append({"file_name": str(path), "image_id": i, "height": size, "width": size,
                         "annotations": anns})
     return records
-
-
-def _quiet_detectron2_logs() -> None:
-    """Detectron2 sets up INFO logging to stdout when its logger is not enabled for INFO:
-    enable INFO into a null handler so the benchmark's output stays a progress bar."""
-    import logging
-
-    for name in ("detectron2", "fvcore", "transfer", "d2"):
-        log = logging.getLogger(name)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        if not log.handlers:
-            log.addHandler(logging.NullHandler())
 
 
 class _SteppedTrainer:
@@ -111,7 +99,8 @@ def bench_detect(profile: Profile, result: dict, say: Callable[[str], None]) -> 
     from transfer.config import get_detection_cfg
     from transfer.trainer import Trainer
 
-    _quiet_detectron2_logs()
+    # Detectron2 logs INFO to stdout unless its logger is set up: nowhere, so the output stays a bar
+    setup_logging(("detectron2", "fvcore", "transfer", "d2"), console=False)
     name = "feataug_bench_train"
     with tempfile.TemporaryDirectory(prefix="feataug-bench-") as tmp:
         records = make_detection_images(Path(tmp))

@@ -58,7 +58,7 @@ PROFILES = {
     "full": Profile("full", repeats=7, warmup=1, pretrain_steps=2, aug_images=256,
                     coco_images=5000, coco_repeats=3, detect_iters=3),
 }
-# ResNet-18 MoCo v2 at 64 px, batch 64 (the setting); a 4096-key queue.
+# ResNet-18 MoCo v2 at 64 px, batch 64, a 4096-key queue: a step a 2-core CPU runs in about 1 s.
 PRETRAIN = dict(backbone="resnet18", image_size=64, batch=64, queue=4096, hidden=512, dim=128,
                 momentum=0.99, temperature=0.2, lr=0.03, weight_decay=1e-4)
 
