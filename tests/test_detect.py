@@ -493,6 +493,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
     argv = [
         "--config-file",
         tiny,
+        "--from-scratch",
         *reg,
         "DATASETS.TRAIN",
         "('tr',)",
@@ -507,6 +508,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
     argv = [
         "--config-file",
         tiny,
+        "--from-scratch",
         *reg,
         "DATASETS.TRAIN",
         "('tr',)",
@@ -552,7 +554,12 @@ def test_detect_voc_trials_and_eval_only(tmp_path, catalog, r18_weights):
     # --resume skips finished trials (no training) and rebuilds the same summary
     (out / "trials.json").unlink()
     assert (
-        detect.main(_parse([*common, "--trials", "2", "--resume", *opts, "OUTPUT_DIR", str(out)]))
+        detect.main(
+            _parse(
+                [*common, "--trials", "2", "--resume", *opts]
+                + ["MODEL.WEIGHTS", str(pkl), "OUTPUT_DIR", str(out)]
+            )
+        )
         == 0
     )
     assert json.loads((out / "trials.json").read_text())["summary"] == summary
