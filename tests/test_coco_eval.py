@@ -348,10 +348,29 @@ ERROR_CASES = [
         [],
         "names category_id 2",
     ),
-    ("empty results", "dt", GOOD_GT, [], [], "no detections"),
     ("bbox of 3 numbers", "dt", GOOD_GT, [{**GOOD_DT, "bbox": [1, 2, 3]}], [], "4 numbers"),
     ("bbox of strings", "dt", GOOD_GT, [{**GOOD_DT, "bbox": ["1", 2, 3, 4]}], [], "4 numbers"),
     ("score not a number", "dt", GOOD_GT, [{**GOOD_DT, "score": "high"}], [], "not a number"),
+    *[
+        (f"{field} {value}", "dt", GOOD_GT, [GOOD_DT, bad], [], f"detection 1 has {words}")
+        for field, value, bad, words in [
+            ("score", "nan", {**GOOD_DT, "score": math.nan}, "score nan; scores must be finite"),
+            ("score", "inf", {**GOOD_DT, "score": math.inf}, "score inf"),
+            ("x", "nan", {**GOOD_DT, "bbox": [math.nan, 5, 20, 20]}, "bbox[0] (x) = nan"),
+            ("height", "-inf", {**GOOD_DT, "bbox": [5, 5, 20, -math.inf]}, "bbox[3] (height)"),
+            ("width", "-1", {**GOOD_DT, "bbox": [5, 5, -1, 20]}, "bbox[2] (width) = -1; width"),
+            ("height", "-0.5", {**GOOD_DT, "bbox": [5, 5, 1, -0.5]}, "bbox[3] (height) = -0.5"),
+            ("y", "1e400", {**GOOD_DT, "bbox": [5, 10**400, 1, 1]}, "bbox[1] (y) = 1000"),
+        ]
+    ],
+    (
+        "GT box with NaN",
+        "gt",
+        {**GOOD_GT, "annotations": [{**GOOD_GT["annotations"][0], "bbox": [5, 5, math.nan, 2]}]},
+        [GOOD_DT],
+        [],
+        "annotations[0] has bbox[2] (width) = nan",
+    ),
     (
         "segm without segmentation",
         "dt",
@@ -417,6 +436,30 @@ def test_cli_errors(tmp_path, capsys, bad, gt, dts, extra, words):
     assert words in lines[0]
     assert not out.parent.exists()  # nothing written, not even the folder
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("iou_type", coco_eval.IOU_TYPES)
+def test_empty_results_are_a_result(tmp_path, caplog, iou_type):
+    """No detections: AP and AR 0 for the area ranges with ground truth, -1 for the others
+    (GOOD_GT holds one 20x20 box: small), from both backends; a warning says why."""
+    want = dict.fromkeys(coco_eval.STAT_NAMES, 0.0)
+    want.update(APm=-1.0, APl=-1.0, ARm=-1.0, ARl=-1.0)
+    for backend in coco_eval.BACKENDS:
+        result = coco_eval.evaluate(GOOD_GT, [], iou_type, backend)
+        assert result["stats"] == want and result["per_category"][0]["AP"] == 0.0, backend
+    assert "no detections" in caplog.text
+    gt, dt = _write(tmp_path / "gt.json", GOOD_GT), _write(tmp_path / "dt.json", [])
+    out = tmp_path / "stats.json"
+    argv = ["coco-eval", "--gt", gt, "--results", dt, "--iou-type", iou_type, "--json-out", out]
+    assert cli.main(list(map(str, argv))) == 0
+    assert json.loads(out.read_text())["stats"] == want
+
+
+@pytest.mark.parametrize("backend", coco_eval.BACKENDS)
+def test_non_finite_numbers_are_refused_by_both_backends(backend):
+    for bad in ({**GOOD_DT, "score": math.nan}, {**GOOD_DT, "bbox": [5, 5, -2, 20]}):
+        with pytest.raises(coco_eval.COCOEvalError, match=r"^results: detection 0 has "):
+            coco_eval.evaluate(GOOD_GT, [bad], "bbox", backend)
 
 
 def test_cli_unwritable_json_out(tmp_path, capsys):

@@ -36,6 +36,7 @@ from transfer.trainer import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"
+TINY_CFG = CONFIGS / "tiny_faster_R18_FPN.yaml"
 PAPER_CONFIGS = ["pascal_voc_R_50_C4_24k", "coco_R_50_C4_1x", "coco_R_50_C4_2x", "coco_R_50_FPN_1x"]
 # Tiny-run overrides: small images, few proposals and detections, 2 iterations.
 TINY = [
@@ -185,6 +186,20 @@ def test_config_errors(tmp_path):
         get_detection_cfg(CONFIGS / "tiny_faster_R18_FPN.yaml", ["SOLVER.MAX_ITER"])
     with pytest.raises(ConfigError, match="SOLVER.AMP.PRECISION"):
         get_detection_cfg(CONFIGS / "tiny_faster_R18_FPN.yaml", ["SOLVER.AMP.PRECISION", "fp8"])
+
+
+def test_bad_override_is_named_not_the_file(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        get_detection_cfg(TINY_CFG, ["SOLVER.MAX_ITER", "10", "SOLVER.AMP.PRECISION", "fp8"])
+    assert str(e.value).startswith("command-line override SOLVER.AMP.PRECISION fp8: ")
+    assert TINY_CFG.name not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^command-line override SOLVER.MAX_ITER ten: Type"):
+        get_detection_cfg(TINY_CFG, ["SOLVER.MAX_ITER", "ten"])
+    yaml = tmp_path / "amp.yaml"
+    yaml.write_text(f'_BASE_: "{TINY_CFG}"\nSOLVER:\n  AMP:\n    PRECISION: fp8\n')
+    with pytest.raises(ConfigError, match=rf"^{yaml}: SOLVER.AMP.PRECISION must be"):
+        get_detection_cfg(yaml)
+    assert get_detection_cfg(yaml, ["SOLVER.AMP.PRECISION", "auto"]).SOLVER.AMP.PRECISION == "auto"
 
 
 # -------------------------------------------------------------------------------- datasets
@@ -478,6 +493,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
     argv = [
         "--config-file",
         tiny,
+        "--from-scratch",
         *reg,
         "DATASETS.TRAIN",
         "('tr',)",
@@ -492,6 +508,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
     argv = [
         "--config-file",
         tiny,
+        "--from-scratch",
         *reg,
         "DATASETS.TRAIN",
         "('tr',)",
@@ -537,7 +554,12 @@ def test_detect_voc_trials_and_eval_only(tmp_path, catalog, r18_weights):
     # --resume skips finished trials (no training) and rebuilds the same summary
     (out / "trials.json").unlink()
     assert (
-        detect.main(_parse([*common, "--trials", "2", "--resume", *opts, "OUTPUT_DIR", str(out)]))
+        detect.main(
+            _parse(
+                [*common, "--trials", "2", "--resume", *opts]
+                + ["MODEL.WEIGHTS", str(pkl), "OUTPUT_DIR", str(out)]
+            )
+        )
         == 0
     )
     assert json.loads((out / "trials.json").read_text())["summary"] == summary

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -38,6 +39,7 @@ IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("faster-coco-eval", "pycocotools")
 
 PathLike = str | os.PathLike
+logger = logging.getLogger(__name__)
 
 
 class COCOEvalError(ValueError):
@@ -62,6 +64,32 @@ def _read_json(path: PathLike) -> Any:
 def _is_number(v: Any) -> bool:
     t = type(v)  # int and float first: this runs for every box coordinate
     return t is float or t is int or (t is not bool and isinstance(v, numbers.Real))
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _num(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+_BOX_FIELDS = ("x", "y", "width", "height")
+
+
+def _box_problem(box) -> str | None:
+    """What is wrong with a box of 4 numbers [x, y, width, height], or None."""
+    for j, v in enumerate(box):
+        if not _finite(v):
+            return f"bbox[{j}] ({_BOX_FIELDS[j]}) = {_num(v)}; box numbers must be finite"
+    for j in (2, 3):
+        if box[j] < 0:
+            return f"bbox[{j}] ({_BOX_FIELDS[j]}) = {box[j]!r}; width and height must be >= 0"
+    return None
 
 
 def _kind(v: Any) -> str:
@@ -107,6 +135,16 @@ def check_gt(gt: Any, iou_type: str | None = None, name: str = "ground truth") -
             raise COCOEvalError(
                 f"{name}: annotations[{i}] names image_id {ann['image_id']!r}, not in 'images'"
             )
+        box = ann.get("bbox")
+        if iou_type == "bbox" and not (
+            isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))
+        ):
+            raise COCOEvalError(
+                f"{name}: annotations[{i}] has bbox {_short(box)}; a box is 4 numbers"
+            )
+        problem = _box_problem(box) if iou_type == "bbox" else None
+        if problem:
+            raise COCOEvalError(f"{name}: annotations[{i}] has {problem}")
 
 
 _REGION = {"bbox": "bbox", "segm": "segmentation"}
@@ -127,9 +165,12 @@ def load_results(
 ) -> list[dict]:
     """Read (if a path) and check detections against ``gt``.
 
-    Every detection needs ``image_id``, ``category_id`` and ``score``, plus a 4-number ``bbox``
-    for ``bbox`` or a ``segmentation`` for ``segm``; ids must name images and categories of
-    ``gt``. Returns the detections (not copies; :func:`run_cocoeval` copies what it edits).
+    Every detection needs ``image_id``, ``category_id`` and a finite ``score``, plus a
+    ``bbox`` of 4 finite numbers with width and height >= 0 for ``bbox`` (checked wherever a
+    ``bbox`` is given) or a ``segmentation`` for ``segm``; ids must name images and categories of
+    ``gt``. An empty list is a valid result (no detections: AP 0 where there is ground truth),
+    with a warning. Returns the detections (not copies; :func:`run_cocoeval` copies what it
+    edits).
     """
     _check_iou_type(iou_type)
     if name is None:
@@ -142,7 +183,10 @@ def load_results(
     if not isinstance(dts, list):
         raise fail(f"results must be a JSON list of detections, got {_kind(dts)}")
     if not dts:
-        raise fail("no detections (the results list is empty)")
+        logger.warning(
+            f"{name}: no detections (an empty results list): AP is 0 where there is ground truth"
+        )
+        return dts
     images = {img["id"]: img for img in gt["images"]}
     category_ids = {cat["id"] for cat in gt["categories"]}
     need = ("image_id", "category_id", "score", _REGION[iou_type])
@@ -158,6 +202,8 @@ def load_results(
             raise fail(f"detection {i} lacks {', '.join(map(repr, missing))}{why}")
         if not _is_number(d["score"]):
             raise fail(f"detection {i} has a score of {_kind(d['score'])}, not a number")
+        if not _finite(d["score"]):
+            raise fail(f"detection {i} has score {_num(d['score'])}; scores must be finite")
         if d["image_id"] not in images:
             unknown["image_id"].append(i)
         if d["category_id"] not in category_ids:
@@ -169,6 +215,9 @@ def load_results(
                 raise fail(
                     f"detection {i} has bbox {_short(box)}; a box is 4 numbers [x, y, width, height]"
                 )
+            problem = _box_problem(box)
+            if problem:
+                raise fail(f"detection {i} has {problem}")
     for key, bad in unknown.items():
         if bad:
             i = bad[0]
@@ -256,7 +305,17 @@ def run_cocoeval(gt: dict, dts: list[dict], iou_type: str = "bbox", backend: str
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        ev = COCOeval(coco_gt, coco_gt.loadRes(dts), iou_type)
+        if dts:
+            coco_dt = coco_gt.loadRes(dts)
+        else:  # loadRes fails on an empty list; no detections is a result
+            coco_dt = COCO()
+            coco_dt.dataset = {
+                "images": gt["images"],
+                "categories": gt["categories"],
+                "annotations": [],
+            }
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -41,8 +41,8 @@ def get_detection_cfg(config_file: str | Path | None, opts: Sequence[str] | None
     """Detectron2 defaults + FeatAug keys, merged with ``config_file`` and ``KEY VALUE`` ``opts``.
 
     The returned config is not frozen (the caller may still fill ``NUM_CLASSES`` etc.).
-    Raises :class:`ConfigError` with the file name for a missing file, an unknown key or a
-    malformed override.
+    Raises :class:`ConfigError` naming the file for a missing file or a bad key in it, and the
+    ``KEY VALUE`` pair for a bad override.
     """
     cfg = add_feataug_config(get_cfg())
     if config_file:
@@ -60,20 +60,32 @@ def get_detection_cfg(config_file: str | Path | None, opts: Sequence[str] | None
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(f"overrides must come in KEY VALUE pairs, got {len(opts)} items: {opts}")
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"command-line override: {_reason(e)}") from None
-    _check(cfg)
+    pairs = list(zip(opts[::2], opts[1::2], strict=True))
+    overrides = dict(pairs)  # key -> its last value
+    for key, value in pairs:
+        try:
+            cfg.merge_from_list([key, value])
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"command-line override {key} {value}: {_reason(e)}") from None
+
+    def source(key: str) -> str:
+        if key in overrides:
+            return f"command-line override {key} {overrides[key]}"
+        return str(config_file) if config_file else "default config"
+
+    _check(cfg, source)
     return cfg
 
 
-def _reason(e: BaseException) -> str:
-    return " ".join(str(e.args[0] if len(e.args) == 1 else e).split()) or type(e).__name__
+def _reason(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e.args[0] if len(e.args) == 1 else e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check(cfg: CfgNode) -> None:
+def _check(cfg: CfgNode, source) -> None:
+    """Values of FeatAug's keys; ``source(key)`` names the file or override that set ``key``."""
     if cfg.SOLVER.AMP.PRECISION not in ("auto", "float16", "bfloat16"):
         raise ConfigError(
-            f"SOLVER.AMP.PRECISION must be auto, float16 or bfloat16, got {cfg.SOLVER.AMP.PRECISION!r}"
+            f"{source('SOLVER.AMP.PRECISION')}: SOLVER.AMP.PRECISION must be auto, float16 or "
+            f"bfloat16, got {cfg.SOLVER.AMP.PRECISION!r}"
         )

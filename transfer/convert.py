@@ -18,16 +18,21 @@ Name mapping (torchvision -> Detectron2)::
 
 Heads (``fc``), momentum encoders, queues, predictors and ``num_batches_tracked`` are dropped and
 reported. Anything that would make the conversion inexact is refused with one line and no output.
+
+Nothing in the input is run: it is read by :func:`transfer.safe_load.load_torch`, which imports
+no class or function the file names beyond an allow-list (tensors, numpy arrays, containers,
+``argparse.Namespace``) and keeps other objects as inert placeholders. The output is never the
+input (under any path or link) and replaces an existing file only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import re
 import shlex
 import sys
-import zipfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ import numpy as np
 import torch
 
 from pretrain.utils.io import atomic_write
+from transfer import safe_load
 
 __all__ = [
     "FORMATS",
@@ -58,7 +64,7 @@ PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
 
 # (blocks per stage, bottleneck?) -> depth
-_DEPTHS = {
+DEPTHS = {
     ((2, 2, 2, 2), False): 18,
     ((3, 4, 6, 3), False): 34,
     ((3, 4, 6, 3), True): 50,
@@ -150,72 +156,20 @@ class Conversion:
 # ----------------------------------------------------------------------------- loading
 
 
-class _Unavailable(dict):
-    """Stands in for a class a checkpoint names but this environment cannot import (options or
-    hyper-parameter objects of training code that is not installed); keeps what it is given."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def append(self, item: Any) -> None:  # list subclasses are unpickled through append/extend
-        self.__dict__.setdefault("items", []).append(item)
-
-    def extend(self, items: Any) -> None:
-        for item in items:
-            self.append(item)
-
-
-class _LenientUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Unavailable,), {"__module__": module})
-
-
-class _LenientPickle:
-    """A ``pickle_module`` for ``torch.load`` that tolerates classes of absent training code."""
-
-    Unpickler = _LenientUnpickler
-
-    @staticmethod
-    def load(file: Any, **kwargs: Any) -> Any:
-        return _LenientUnpickler(file, **kwargs).load()
-
-
 def load_checkpoint(path: str | Path, notes: list[str] | None = None) -> Mapping:
-    """``torch.load`` a checkpoint on the CPU, safely if possible.
+    """Read a checkpoint on the CPU without running anything from it.
 
-    ``weights_only=True`` first; only if that fails (the file pickles Python objects beyond
-    tensors and containers, e.g. an ``argparse.Namespace`` of options) is it loaded with
-    ``weights_only=False``, which is recorded in ``notes``. Classes of training code that is not
-    installed are replaced by placeholders rather than failing the load.
+    :func:`transfer.safe_load.load_torch` with placeholders: tensors, numpy arrays, containers
+    and ``argparse.Namespace`` are read; objects of any other class (hyper-parameters or
+    options of training code) become inert placeholders, whose names are added to ``notes``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ConvertError(f"{path}: no such file")
-    if not path.is_file():
-        raise ConvertError(f"{path}: not a file")
-    # zip-format files (torch >= 1.6) are memory-mapped: only the trunk's tensors are read
-    kwargs = {"map_location": "cpu", "mmap": zipfile.is_zipfile(path)}
     try:
-        ckpt = torch.load(path, weights_only=True, **kwargs)
-    except Exception:
-        try:
-            ckpt = torch.load(path, weights_only=False, pickle_module=_LenientPickle, **kwargs)
-        except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConvertError(
-                f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})"
-            ) from None
-        if notes is not None:
-            notes.append(
-                "the file holds Python objects beyond tensors, so it was loaded with "
-                "torch.load(weights_only=False): convert only files you trust"
-            )
+        ckpt = safe_load.load_torch(path, placeholders=True, notes=notes)
+    except safe_load.UnsafeFileError as e:
+        raise ConvertError(str(e)) from None
+    foreign = safe_load.placeholder_name(ckpt)
+    if foreign is not None:
+        raise ConvertError(f"{path}: not a checkpoint (the top level is a {foreign} object)")
     if not isinstance(ckpt, Mapping):
         raise ConvertError(
             f"{path}: not a checkpoint (top level is a {type(ckpt).__name__}, not a dict)"
@@ -298,7 +252,7 @@ def infer_depth(trunk: Mapping[str, Any], source: str = "checkpoint") -> int:
         idx = [int(m.group(1)) for k in trunk if (m := re.match(rf"layer{i}\.(\d+)\.", k))]
         blocks.append(max(idx) + 1 if idx else 0)
     bottleneck = any(re.match(r"layer\d\.\d+\.conv3\.", k) for k in trunk)
-    depth = _DEPTHS.get((tuple(blocks), bottleneck))
+    depth = DEPTHS.get((tuple(blocks), bottleneck))
     if depth is None:
         kind = "bottleneck" if bottleneck else "basic"
         raise ConvertError(
@@ -434,15 +388,42 @@ def convert_checkpoint(path: str | Path, fmt: str = "auto") -> Conversion:
     return Conversion(source, form, container_path, prefix, depth, model, dropped, ignored, notes)
 
 
-def convert(src: str | Path, dst: str | Path, fmt: str = "auto") -> Conversion:
-    """Convert checkpoint ``src`` into the Detectron2 pickle ``dst`` (written atomically)."""
+def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse an output that is the input (under any spelling or link), a folder, or an existing
+    file without ``overwrite``; and one whose folder cannot be written."""
+    if src.exists() and dst.exists() and os.path.samefile(src, dst):
+        raise ConvertError(f"{dst}: the output is the input file {src}; give another name")
     if not str(dst).endswith(".pkl"):
         raise ConvertError(
             f"{dst}: the output must end with .pkl (Detectron2 reads only .pkl as this format)"
         )
+    if dst.is_dir():
+        raise ConvertError(f"{dst}: is a folder; give the output file's name")
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise ConvertError(f"{dst}: exists; use --overwrite to replace it")
+    folder = next(p for p in dst.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise ConvertError(f"{dst}: cannot write: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConvertError(f"{dst}: cannot write: no write permission in {folder}")
+
+
+def convert(
+    src: str | Path, dst: str | Path, fmt: str = "auto", overwrite: bool = False
+) -> Conversion:
+    """Convert checkpoint ``src`` into the Detectron2 pickle ``dst`` (written atomically).
+
+    ``dst`` may not be ``src`` (by any path); an existing ``dst`` is replaced only with
+    ``overwrite``.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_output(src, dst, overwrite)
     conv = convert_checkpoint(src, fmt)
     payload = {"model": conv.model, "__author__": "feataug", "matching_heuristics": True}
-    atomic_write(dst, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+    try:
+        atomic_write(dst, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError as e:
+        raise ConvertError(f"{dst}: cannot write ({e.strerror or e})") from None
     return conv
 
 
@@ -474,11 +455,14 @@ def add_arguments(parser) -> None:
         choices=("auto", *FORMAT_NAMES),
         help="checkpoint format (default: auto-detect)",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT.pkl if it exists (never IN)"
+    )
 
 
 def main(args) -> int:
     try:
-        conv = convert(args.input, args.output, args.format)
+        conv = convert(args.input, args.output, args.format, overwrite=args.overwrite)
     except ConvertError as e:
         print(f"feataug convert: error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,10 @@ slashes. Records keep each object's ``difficult`` flag; the VOC evaluator
 
 Boxes follow Detectron2's VOC convention: VOC coordinates are 1-based inclusive pixel
 indices, so ``xmin``/``ymin`` are shifted by -1 into Detectron2's continuous coordinates.
+A box reaching at most :data:`CLIP_TOLERANCE` pixels outside its image (``<size>``, or the image
+when there is none) is clipped to it, with one warning per split counting them; a box farther
+out, or with no area left inside, is refused. Split files hold one id a line; a line with
+whitespace inside (an id with a space, or a per-class ``<id> <label>`` file) is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.structures import BoxMode
 
 __all__ = [
+    "CLIP_TOLERANCE",
     "DatasetError",
     "VOC_CLASS_NAMES",
     "STANDARD_VOC_SPLITS",
@@ -44,6 +49,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# How far (pixels) a box may reach outside its image and still be clipped rather than refused:
+# exporters round, or write 0-based coordinates into the 1-based VOC format.
+CLIP_TOLERANCE = 2.0
 
 # Preferred image extensions when several files share an id (first wins).
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -158,9 +167,18 @@ def _parse_voc_xml_cached(path: str, mtime_ns: int, size: int):
 def _read_split(root: Path, split: str) -> list[str]:
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     try:
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines()
     except FileNotFoundError:
         raise DatasetError(f"{path}: split file not found") from None
+    ids = []
+    for n, line in enumerate(lines, 1):
+        fields = line.split()
+        if len(fields) > 1:
+            raise DatasetError(
+                f"{path}: line {n} {line.strip()!r} is not one image id (ids cannot contain "
+                "whitespace; a per-class <id> <label> file is not a split)"
+            )
+        ids += fields
     if not ids:
         raise DatasetError(f"{path}: empty split")
     return ids
@@ -203,16 +221,34 @@ def _image_size(path: str) -> tuple[int, int]:
         raise DatasetError(f"{path}: cannot read image ({e})") from None
 
 
+def _clip(box: list[float], width: int, height: int, xml: Path, what: str) -> float:
+    """Clip ``box`` (Detectron2 coordinates) to the image in place; how far it reached out."""
+    x0, y0, x1, y1 = box
+    out = max(-x0, -y0, x1 - width, y1 - height, 0.0)
+    if out == 0:
+        return 0.0
+    if out > CLIP_TOLERANCE:
+        raise DatasetError(
+            f"{xml}: {what} reaches {out:g} px outside the {width}x{height} image "
+            f"(more than {CLIP_TOLERANCE:g} px: wrong <size> or coordinates?)"
+        )
+    box[:] = [max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise DatasetError(f"{xml}: {what} has no area inside the {width}x{height} image")
+    return out
+
+
 def load_voc(root: str | os.PathLike, split: str, class_names: Sequence[str]) -> list[dict]:
     """Detectron2 dataset dicts of a VOC-format split.
 
-    Each annotation has ``bbox`` (XYXY_ABS, Detectron2 coordinates), ``category_id`` (index in
-    ``class_names``) and ``difficult`` (bool, kept for evaluation; training uses all boxes, as
-    Detectron2's VOC loader does).
+    Each annotation has ``bbox`` (XYXY_ABS, Detectron2 coordinates, clipped to the image within
+    :data:`CLIP_TOLERANCE`), ``category_id`` (index in ``class_names``) and ``difficult`` (bool,
+    kept for evaluation; training uses all boxes, as Detectron2's VOC loader does).
     """
     root = Path(root)
     images = _image_index(root)
     class_to_id = {c: i for i, c in enumerate(class_names)}
+    clipped, farthest = 0, 0.0
     dicts = []
     for image_id in _read_split(root, split):
         xml = root / "Annotations" / f"{image_id}.xml"
@@ -223,15 +259,18 @@ def load_voc(root: str | os.PathLike, split: str, class_names: Sequence[str]) ->
         wh, objects = _parse_voc_xml(str(xml))
         width, height = wh or _image_size(images[image_id])
         annotations = []
-        for name, (x1, y1, x2, y2), difficult in objects:
+        for k, (name, (x1, y1, x2, y2), difficult) in enumerate(objects):
             if name not in class_to_id:
                 raise DatasetError(
                     f"{xml}: class {name!r} is not among the {len(class_names)} classes"
                 )
+            box = [x1 - 1.0, y1 - 1.0, x2, y2]
+            out = _clip(box, int(width), int(height), xml, f"object {k} ({name})")
+            clipped, farthest = clipped + (out > 0), max(farthest, out)
             annotations.append(
                 {
                     "category_id": class_to_id[name],
-                    "bbox": [x1 - 1.0, y1 - 1.0, x2, y2],
+                    "bbox": box,
                     "bbox_mode": BoxMode.XYXY_ABS,
                     "difficult": difficult,
                 }
@@ -244,6 +283,11 @@ def load_voc(root: str | os.PathLike, split: str, class_names: Sequence[str]) ->
                 "width": int(width),
                 "annotations": annotations,
             }
+        )
+    if clipped:
+        logger.warning(
+            f"{root} split {split}: clipped {clipped} boxes to their image "
+            f"(reaching up to {farthest:g} px outside)"
         )
     return dicts
 

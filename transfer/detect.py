@@ -13,16 +13,27 @@ Every run writes ``OUTPUT_DIR/eval_results.json`` (the evaluators' nested dict).
 ``OUTPUT_DIR/trial<k>/``, and ``OUTPUT_DIR/trials.json`` / ``trials.md`` hold every metric's mean
 and sample standard deviation (n - 1 denominator; 0 for a single trial). ``--resume`` skips
 trials that already have results and resumes the others from their last checkpoint.
+
+Weights are checked before anything runs or is written: ``MODEL.WEIGHTS`` is read without
+executing anything from it (:func:`transfer.safe_load.load_detectron2_weights`), and loaded into
+the model (built on the meta device, no memory) as Detectron2 will load it. Training needs every
+ResNet trunk tensor from the file with its shape (``backbone.bottom_up.*`` in FPN models; in C4
+models ``backbone.*`` and ``roi_heads.res5.*`` except the added ``res5.norm``), ``--eval-only``
+every model tensor. An empty ``MODEL.WEIGHTS`` (random initialization) needs ``--from-scratch``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +44,7 @@ from pretrain.utils.io import atomic_write_text
 __all__ = [
     "DetectError",
     "add_arguments",
+    "checkpointer_class",
     "main",
     "setup",
     "run",
@@ -93,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS, no training"
     )
     parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train from random initialization (MODEL.WEIGHTS must be empty)",
+    )
+    parser.add_argument(
         "--trials",
         type=int,
         default=None,
@@ -117,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     if args.num_gpus * args.num_machines == 1:
         try:
             run(cfg, args)
-        except DatasetError as e:  # records are read lazily, when training or testing starts
+        except (DatasetError, DetectError) as e:  # records are read when training starts
             print(f"feataug detect: error: {e}", file=sys.stderr)
             return 1
     else:
@@ -140,6 +157,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DetectError(f"--trials must be >= 1, got {args.trials}")
     if args.trials is not None and args.eval_only:
         raise DetectError("--trials trains K models; it cannot be combined with --eval-only")
+    if args.from_scratch and args.eval_only:
+        raise DetectError(
+            "--eval-only evaluates MODEL.WEIGHTS; it cannot be combined with --from-scratch"
+        )
     if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
         raise DetectError(
             "need --num-gpus >= 1, --num-machines >= 1, 0 <= --machine-rank < --num-machines"
@@ -168,13 +189,15 @@ def run_detection(
     trials: int | None = None,
     eval_only: bool = False,
     resume: bool = False,
+    from_scratch: bool = False,
 ) -> dict:
     """Library form of ``feataug detect`` in this process (one process, no ``launch``).
 
     ``register_voc``: ``(NAME, ROOT, SPLIT)`` triples; ``register_coco``: ``(NAME, JSON,
-    IMAGE_ROOT)``. Returns the evaluation results (nested dict as in ``eval_results.json``), or
-    ``{"trials": [...], "summary": {...}}`` with ``trials``. Raises ``ConfigError``,
-    ``DatasetError`` or :class:`DetectError` on bad input.
+    IMAGE_ROOT)``. ``from_scratch``: train from random initialization (``MODEL.WEIGHTS`` must be
+    empty; without it empty weights are refused). Returns the evaluation results (nested dict
+    as in ``eval_results.json``), or ``{"trials": [...], "summary": {...}}`` with ``trials``.
+    Raises ``ConfigError``, ``DatasetError`` or :class:`DetectError` on bad input.
     """
     args = argparse.Namespace(
         config_file=str(config_file),
@@ -186,6 +209,7 @@ def run_detection(
         dist_url="auto",
         resume=resume,
         eval_only=eval_only,
+        from_scratch=from_scratch,
         trials=trials,
         opts=[str(o) for o in opts],
     )
@@ -210,9 +234,8 @@ def setup(args: argparse.Namespace):
         datasets.register_coco(name, json_file, image_root, replace=True)
 
     _check_datasets(cfg, eval_only=args.eval_only)
-    weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not Path(weights).is_file():
-        raise DetectError(f"{weights}: MODEL.WEIGHTS file not found")
+    _check_weights(cfg, args)
+    _check_output_dir(cfg.OUTPUT_DIR)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("feataug detect: CUDA is not available, running on CPU", file=sys.stderr)
         cfg.MODEL.DEVICE = "cpu"
@@ -278,6 +301,203 @@ def _check_datasets(cfg, eval_only: bool) -> None:
             )
 
 
+# ---------------------------------------------------------------------------------- weights
+def _check_weights(cfg, args: argparse.Namespace) -> None:
+    """``MODEL.WEIGHTS`` agrees with ``--from-scratch``, reads safely and fits the model."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        if args.eval_only:
+            raise DetectError("--eval-only evaluates MODEL.WEIGHTS, which is empty")
+        if not args.from_scratch:
+            raise DetectError(
+                "MODEL.WEIGHTS is empty: the model would train from random initialization; "
+                "give weights (e.g. from feataug convert) or pass --from-scratch"
+            )
+        return
+    if args.from_scratch:
+        raise DetectError(f"--from-scratch contradicts MODEL.WEIGHTS {weights}: drop one of them")
+    local = weights
+    if "://" in weights:
+        from detectron2.utils.file_io import PathManager
+
+        try:
+            local = PathManager.get_local_path(weights)
+        except Exception as e:
+            raise DetectError(f"{weights}: MODEL.WEIGHTS cannot be fetched ({e})") from None
+    if not Path(local).is_file():
+        raise DetectError(f"{weights}: MODEL.WEIGHTS file not found")
+    from transfer.safe_load import UnsafeFileError, load_detectron2_weights
+
+    try:
+        data = load_detectron2_weights(local)
+    except UnsafeFileError as e:
+        raise DetectError(f"MODEL.WEIGHTS {e}") from None
+    # --eval-only evaluates OUTPUT_DIR's own checkpoint when resuming from one
+    resumed = args.resume and Path(cfg.OUTPUT_DIR, "last_checkpoint").is_file()
+    if not (args.eval_only and resumed):
+        _check_fit(cfg, weights, data, complete=args.eval_only)
+
+
+def _tensor_like(v) -> bool:
+    import torch
+
+    return isinstance(v, np.ndarray | torch.Tensor)
+
+
+def _trunk_keys(keys: Sequence[str]) -> list[str]:
+    """The ResNet trunk's keys of a detector state_dict: ``backbone.bottom_up.*`` (FPN), or
+    ``backbone.*`` and ``roi_heads.res5.*`` without the added ``res5.norm`` (C4)."""
+    base = (
+        "backbone.bottom_up."
+        if any(k.startswith("backbone.bottom_up.") for k in keys)
+        else "backbone."
+    )
+    return [
+        k
+        for k in keys
+        if k.startswith(base)
+        or (k.startswith("roi_heads.res5.") and not k.startswith("roi_heads.res5.norm."))
+    ]
+
+
+_BLOCK = re.compile(r"(?:^|[._])res([2-5])[._](\d+)[._](conv[1-3]|branch2[a-c])")
+
+
+def _file_depth(keys) -> int | None:
+    """ResNet depth of Detectron2- or Caffe2-named trunk keys, if they make a known ResNet."""
+    from transfer.convert import DEPTHS
+
+    blocks, bottleneck = [0, 0, 0, 0], False
+    for k in keys:
+        m = _BLOCK.search(k)
+        if m:
+            stage, block = int(m.group(1)) - 2, int(m.group(2))
+            blocks[stage] = max(blocks[stage], block + 1)
+            bottleneck |= m.group(3) in ("conv3", "branch2c")
+    return DEPTHS.get((tuple(blocks), bottleneck))
+
+
+def _likely_cause(cfg, file_keys: Sequence[str], weights: str) -> str:
+    if any(re.search(r"(?:^|\.)layer[1-4]\.\d+\.", k) for k in file_keys):
+        return (
+            "the file has torchvision names (layer1, ...): not converted? "
+            f"run feataug convert {weights} OUT.pkl"
+        )
+    depth, want = _file_depth(file_keys), cfg.MODEL.RESNETS.DEPTH
+    if depth is not None and depth != want:
+        return f"wrong depth? the file is ResNet-{depth}, the config MODEL.RESNETS.DEPTH {want}"
+    if depth is not None:
+        return f"the file holds a ResNet-{depth} but not these tensors, or with other shapes"
+    return f"the file's keys look like {file_keys[0]!r}" if file_keys else "the file is empty"
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Silence these loggers and their children (their warnings on the trial load would
+    otherwise reach stderr, or the log of an earlier run in this process)."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+
+
+def _check_fit(cfg, weights: str, data: dict, complete: bool) -> None:
+    """Load ``data`` into the model as Detectron2 will (on the meta device) and refuse weights
+    that leave trunk tensors (``complete``: any model tensor) random or mis-shaped."""
+    import torch
+    from detectron2.modeling import build_model
+
+    import transfer.modeling  # noqa: F401  (registers the C4 heads the configs name)
+
+    file_keys = [str(k) for k in data["model"]]
+    bad_type = next((k for k, v in data["model"].items() if not _tensor_like(v)), None)
+    if bad_type is not None:
+        v = data["model"][bad_type]
+        raise DetectError(
+            f"{weights}: not Detectron2 weights (model[{bad_type!r}] is a {type(v).__name__}): "
+            f"a training checkpoint? run feataug convert {weights} OUT.pkl"
+        )
+    meta = cfg.clone()
+    meta.MODEL.DEVICE = "meta"
+    with _quiet("detectron2", "fvcore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: copying into meta tensors is a no-op
+        with torch.device("meta"):
+            model = build_model(meta)
+        checkpoint = {**data, "model": dict(data["model"])}
+        try:
+            result = checkpointer_class()(model)._load_model(checkpoint)
+        except (TypeError, ValueError, RuntimeError) as e:  # e.g. arrays of Python objects
+            reason = " ".join(str(e).split())[:160]
+            raise DetectError(f"{weights}: cannot be loaded into the model ({reason})") from None
+    keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    shapes = {k: (tuple(a), tuple(b)) for k, a, b in result.incorrect_shapes}
+    lost = set(result.missing_keys) | set(shapes)
+    trunk = _trunk_keys(keys)
+    wanted = keys if complete else trunk
+    bad = [k for k in wanted if k in lost]
+    if not bad:
+        return
+    listing = ", ".join(
+        f"{k} (shape {shapes[k][0]} in the file, {shapes[k][1]} in the model)" if k in shapes else k
+        for k in bad[:3]
+    ) + (", ..." if len(bad) > 3 else "")
+    if complete:
+        what = (
+            f"--eval-only needs the whole model from the file, but {len(bad)} of {len(wanted)} "
+            "model tensors are not in it or have another shape"
+        )
+        if not any(k in lost for k in trunk):
+            cause = "only the backbone is there: evaluate a trained detector (model_final.pth)"
+        else:
+            cause = _likely_cause(cfg, file_keys, weights)
+    else:
+        what = f"{len(bad)} of {len(wanted)} backbone tensors would stay random"
+        cause = _likely_cause(cfg, file_keys, weights)
+    raise DetectError(f"{weights}: {what} ({listing}); {cause}")
+
+
+@functools.cache
+def checkpointer_class():
+    """Detectron2's ``DetectionCheckpointer`` reading weights through ``transfer.safe_load``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from transfer import safe_load
+
+    class SafeCheckpointer(DetectionCheckpointer):
+        """``.pkl`` through the restricted unpickler, other files through ``load_torch`` (no
+        placeholders): nothing from a weights file runs. Refusals raise :class:`DetectError`."""
+
+        def _load_file(self, filename):
+            try:
+                if filename.endswith(".pkl"):
+                    return safe_load.load_detectron2_weights(filename)
+                return super()._load_file(filename)
+            except safe_load.UnsafeFileError as e:
+                raise DetectError(str(e)) from None
+
+        def _torch_load(self, f):
+            return safe_load.load_torch(f)
+
+    SafeCheckpointer.__module__ = __name__
+    return SafeCheckpointer
+
+
+def _check_output_dir(output_dir: str) -> None:
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise DetectError(f"OUTPUT_DIR {out}: exists and is not a folder")
+    folder = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise DetectError(f"OUTPUT_DIR {out}: cannot be created, {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DetectError(f"OUTPUT_DIR {out}: no write permission in {folder}")
+
+
 # -------------------------------------------------------------------------------------- run
 def _worker(args: argparse.Namespace) -> None:
     """Entry of every process started by ``launch``."""
@@ -324,7 +544,6 @@ def run(cfg, args: argparse.Namespace) -> dict:
 
 
 def _run_once(cfg, args: argparse.Namespace) -> dict:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
 
@@ -337,12 +556,16 @@ def _run_once(cfg, args: argparse.Namespace) -> dict:
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        checkpointer_class()(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
+        old = trainer.checkpointer  # the same files and state, read safely
+        trainer.checkpointer = checkpointer_class()(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
         trainer.resume_or_load(resume=args.resume)
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}

@@ -1,0 +1,222 @@
+"""Crafted bad input for `feataug detect`: weights files never run code, and weights that do not
+fit, contradictory flags and unusable outputs are refused before anything is written.
+
+Each refusal: exit status 2, one line on stderr naming the file or flag, and every file under
+the test folder byte-identical afterwards (sha256), with no OUTPUT_DIR created. Positive controls
+show that the same checks pass weights that do fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+pytest.importorskip("detectron2")
+pytestmark = [pytest.mark.detectron2, pytest.mark.usefixtures("one_thread")]
+
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from detect_data import make_voc  # noqa: E402
+from test_safety_transfer import Payload, snapshot  # noqa: E402
+
+from transfer import convert, detect  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
+TINY = CONFIGS / "tiny_faster_R18_FPN.yaml"
+C4 = CONFIGS / "pascal_voc_R_50_C4_24k.yaml"
+
+
+@pytest.fixture
+def catalog():
+    saved_d = dict(DatasetCatalog)
+    saved_m = {name: MetadataCatalog.get(name) for name in MetadataCatalog.list()}
+    yield
+    DatasetCatalog.clear()
+    DatasetCatalog.update(saved_d)
+    MetadataCatalog.clear()
+    MetadataCatalog.update(saved_m)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Converted R18 and R50 weights, an unconverted torchvision R18 and a pretraining-style
+    checkpoint (trunk under ``model.encoder_q.``), all from random torchvision ResNets."""
+    folder = tmp_path_factory.mktemp("weights")
+    out = {}
+    for depth in (18, 50):
+        torch.manual_seed(depth)
+        state = getattr(torchvision.models, f"resnet{depth}")().state_dict()
+        torch.save(state, folder / f"tv{depth}.pth")
+        convert.convert(folder / f"tv{depth}.pth", folder / f"r{depth}.pkl")
+        out[f"r{depth}"], out[f"tv{depth}"] = folder / f"r{depth}.pkl", folder / f"tv{depth}.pth"
+    state = torch.load(out["tv18"], weights_only=True)
+    last = {"version": 1, "model": {f"encoder_q.{k}": v for k, v in state.items()}, "iter": 9}
+    torch.save(last, folder / "last.pth")
+    out["last"] = folder / "last.pth"
+    return out
+
+
+def _parse(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    detect.add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def _argv(tmp_path: Path, *extra, config=TINY) -> list:
+    if not (tmp_path / "voc").exists():
+        make_voc(tmp_path / "voc", n_train=2, n_test=1)
+    return [
+        "--config-file", config, "--register-voc", "tr", tmp_path / "voc", "trainval", *extra,
+        "DATASETS.TRAIN", "('tr',)", "DATASETS.TEST", "('tr',)", "DATASETS.AUTO_NUM_CLASSES",
+        "True", "OUTPUT_DIR", tmp_path / "out",
+    ]  # fmt: skip
+
+
+def refused(tmp_path: Path, capsys, argv) -> str:
+    before = snapshot(tmp_path)
+    assert detect.main(_parse(argv)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("feataug detect: error: "), captured.err
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+    return err[0]
+
+
+# ------------------------------------------------------------------------- weights that run code
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pth"])
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "pathlib.Path.touch"])
+def test_weights_with_a_payload_are_refused(payload, suffix, tmp_path, capsys, catalog, weights):
+    """Converted weights plus a payload: refused at setup, naming the file and the global; the
+    checkpointer used for training refuses it too."""
+    marker = tmp_path / "MARKER"
+    with open(weights["r18"], "rb") as f:
+        data = pickle.load(f)
+    data["extra"] = Payload(payload, marker)
+    bad = tmp_path / f"bad{suffix}"
+    if suffix == ".pkl":
+        bad.write_bytes(pickle.dumps(data))
+    else:
+        data["model"] = {k: torch.from_numpy(v) for k, v in data["model"].items()}
+        torch.save(data, bad)
+    line = refused(tmp_path, capsys, _argv(tmp_path, "MODEL.WEIGHTS", bad))
+    names = {"os.system": "posix.system", "pathlib.Path.touch": "pathlib.Path.touch"}
+    if suffix == ".pth" and payload == "pathlib.Path.touch":
+        names[payload] = "builtins.getattr"  # torch.save's protocol 2 reaches it by getattr
+    assert f"{bad}: refused to load: its pickle names {names.get(payload, payload)}," in line
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(detect.DetectError, match="refused to load"):
+        detect.checkpointer_class()(model).load(str(bad))
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------- weights that do not fit
+
+
+def _c4_missing_res5(weights, tmp_path: Path) -> Path:
+    with open(weights["r50"], "rb") as f:
+        data = pickle.load(f)
+    del data["model"]["res5.2.conv3.norm.running_var"]
+    path = tmp_path / "r50_cut.pkl"
+    path.write_bytes(pickle.dumps(data))
+    return path
+
+
+CASES = [
+    # (id, extra argv, config, words the line must contain)
+    ("empty weights", [], TINY, "MODEL.WEIGHTS is empty: the model would train from random"),
+    ("from scratch and weights", ["--from-scratch", "MODEL.WEIGHTS", "r18"], TINY,
+     "--from-scratch contradicts MODEL.WEIGHTS"),
+    ("eval-only from scratch", ["--eval-only", "--from-scratch"], TINY,
+     "cannot be combined with --from-scratch"),
+    ("R50 into R18", ["MODEL.WEIGHTS", "r50"], TINY,
+     "wrong depth? the file is ResNet-50, the config MODEL.RESNETS.DEPTH 18"),
+    ("R18 into R50-C4", ["MODEL.WEIGHTS", "r18"], C4,
+     "wrong depth? the file is ResNet-18, the config MODEL.RESNETS.DEPTH 50"),
+    ("unconverted torchvision", ["MODEL.WEIGHTS", "tv18"], TINY,
+     "100 of 100 backbone tensors would stay random (backbone.bottom_up.stem.conv1.weight"),
+    ("pretraining last.pth", ["MODEL.WEIGHTS", "last"], TINY, "not converted? run feataug convert"),
+    ("C4 res5 tensor missing", ["MODEL.WEIGHTS", "cut"], C4,
+     "1 of 265 backbone tensors would stay random (roi_heads.res5.2.conv3.norm.running_var); "
+     "the file holds a ResNet-50 but not these"),  # 265: 53 convs + 53 BNs x 4
+    ("eval-only of a backbone", ["--eval-only", "MODEL.WEIGHTS", "r18"], TINY,
+     "--eval-only needs the whole model from the file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, config, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_weights_that_do_not_fit_are_refused(
+    extra, config, words, tmp_path, capsys, catalog, weights
+):
+    files = dict(weights, cut=_c4_missing_res5(weights, tmp_path) if "cut" in extra else None)
+    extra = [files.get(a, a) for a in extra]
+    line = refused(tmp_path, capsys, _argv(tmp_path, *extra, config=config))
+    assert words in line, line
+
+
+@pytest.mark.parametrize(
+    "extra, config",
+    [(["MODEL.WEIGHTS", "r18"], TINY), (["MODEL.WEIGHTS", "r50"], C4), (["--from-scratch"], TINY)],
+    ids=["R18 into R18-FPN", "R50 into R50-C4", "from scratch"],
+)
+def test_weights_that_fit_pass_setup(extra, config, tmp_path, catalog, weights):
+    extra = [weights.get(a, a) for a in extra]
+    cfg = detect.setup(_parse(_argv(tmp_path, *extra, config=config)))
+    assert cfg.MODEL.WEIGHTS == (str(extra[1]) if len(extra) == 2 else "")
+
+
+def test_run_detection_from_scratch_flag(tmp_path, catalog, weights):
+    make_voc(tmp_path / "voc", n_train=2, n_test=1)
+    reg = [("tr", tmp_path / "voc", "trainval")]
+    opts = ["DATASETS.TRAIN", "('tr',)", "OUTPUT_DIR", tmp_path / "o"]
+    with pytest.raises(detect.DetectError, match="MODEL.WEIGHTS is empty"):
+        detect.run_detection(TINY, opts, register_voc=reg)
+    with pytest.raises(detect.DetectError, match="--from-scratch contradicts MODEL.WEIGHTS"):
+        detect.run_detection(
+            TINY, [*opts, "MODEL.WEIGHTS", weights["r18"]], register_voc=reg, from_scratch=True
+        )
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------- files and folders
+
+
+@pytest.mark.parametrize(
+    "setup_file, words",
+    [
+        (lambda d: (d / "w.pkl").write_text("MODEL:\n  WEIGHTS: x\n") and d / "w.pkl",
+         "w.pkl: not a readable pickle"),
+        (lambda d: (d / "w.pth").write_bytes(b"not a torch file") and d / "w.pth",
+         "w.pth: not a readable PyTorch checkpoint"),
+        (lambda d: (d / "w.pkl").write_bytes(pickle.dumps([1, 2])) and d / "w.pkl",
+         "w.pkl: not Detectron2 weights (a list)"),
+        (lambda d: torch.save({"state_dict": {}, "epoch": 3}, d / "w.pth") or d / "w.pth",
+         "w.pth: not Detectron2 weights (model['state_dict'] is a dict): a training checkpoint? "
+         "run feataug convert"),
+    ],
+    ids=["text as .pkl", "junk as .pth", "pickled list", "training checkpoint"],
+)  # fmt: skip
+def test_weights_that_are_not_weights(setup_file, words, tmp_path, capsys, catalog):
+    path = setup_file(tmp_path)
+    assert words in refused(tmp_path, capsys, _argv(tmp_path, "MODEL.WEIGHTS", path))
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys, catalog, weights):
+    argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
+    (tmp_path / "out").write_text("results of last week")
+    before = snapshot(tmp_path)
+    assert detect.main(_parse(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"OUTPUT_DIR {tmp_path / 'out'}: exists and is not a folder" in err[0]
+    assert snapshot(tmp_path) == before
+    argv[argv.index(tmp_path / "out")] = tmp_path / "out" / "sub"
+    assert detect.main(_parse(argv)) == 2
+    assert "cannot be created" in capsys.readouterr().err and snapshot(tmp_path) == before
