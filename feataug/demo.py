@@ -83,7 +83,7 @@ def pretrain(out: Path, data_root: Path, prof: dict, fa: bool, seed: int) -> Pat
 def convert(ckpt: Path, out: Path) -> Path:
     from transfer.convert import convert as convert_checkpoint
 
-    convert_checkpoint(ckpt, out)
+    convert_checkpoint(ckpt, out, overwrite=True)  # the demo owns its output folder
     return out
 
 
@@ -104,7 +104,8 @@ def detect(out: Path, voc_root: Path, weights: Path | None, prof: dict, seed: in
     ]
     registrations = [("demo_trees_train", str(voc_root), "train"),
                      ("demo_trees_test", str(voc_root), "test")]
-    results = run_detection(_config_path(DETECT_CONFIG), opts, register_voc=registrations)
+    results = run_detection(_config_path(DETECT_CONFIG), opts, register_voc=registrations,
+                            from_scratch=weights is None)
     bbox = results.get("bbox", {})
     return {"AP": float(bbox.get("AP", float("nan"))), "AP50": float(bbox.get("AP50", float("nan")))}
 

@@ -420,6 +420,7 @@ def test_labelme_coco_polygons_train_a_tiny_mask_rcnn(labelme_root, tmp_path):
          "MODEL.RPN.POST_NMS_TOPK_TEST", "32", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
          "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)],
         register_coco=[("labelme_smoke", root / "instances.json", root / "JPEGImages")],
+        from_scratch=True,
     )  # fmt: skip
     assert {"bbox", "segm"} <= set(results)
     losses = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
