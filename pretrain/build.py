@@ -6,7 +6,9 @@ A method is an ``nn.Module`` built as ``cls(cfg)`` with this interface (the engi
   0-dim entries to log (``loss_ssl``, ``loss_fa`` when FA has its own term, ``acc`` for MoCo).
 - ``backbone``: the query / online ResNet trunk, torchvision parameter names.
 - ``param_groups() -> list[dict]``: ``{"params": [...]}`` plus optional keys (``fix_lr``).
-- ``after_step(progress)``: called after every optimizer step, ``progress`` = iter / max_iter.
+- ``before_step(progress)`` / ``after_step(progress)``: called before every forward with
+  ``progress`` = iteration / iterations (the FA schedule reads it), and after every optimizer
+  step with the progress reached (momentum updates).
 - ``backbone_spec() -> {"name": MODEL.BACKBONE, "stem": MODEL.STEM}`` (the checkpoint's ``arch``).
 
 The implementations register themselves when ``pretrain`` is imported (its ``__init__``).
@@ -23,6 +25,31 @@ from .utils.registry import Registry, lookup
 
 METHOD_REGISTRY = Registry("METHOD")
 METHOD_REGISTRY.__doc__ = "Pretraining methods, by MODEL.METHOD name; built as ``cls(cfg)``."
+
+
+class SSLMethod(nn.Module):
+    """The interface's defaults: one parameter group, the backbone spec, FA progress."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self._spec = {"name": cfg.MODEL.BACKBONE, "stem": cfg.MODEL.STEM}
+        self.fa = None
+
+    def backbone_spec(self) -> dict:
+        return dict(self._spec)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def before_step(self, progress: float) -> None:
+        if self.fa is not None:
+            self.fa.progress = progress
+
+    def after_step(self, progress: float) -> None:
+        """No momentum network by default."""
+
+    def fa_active(self) -> bool:
+        return self.fa is not None and self.fa.active
 
 
 def check_cfg(cfg) -> None:

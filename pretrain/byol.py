@@ -10,7 +10,8 @@ After every optimizer step (``after_step``): ξ ← τ ξ + (1 − τ) θ with
 
 FA (see ``pretrain/fa.py``): ``PredictorFA`` gives augmented predictions p̃_i paired with the
 other view's target z'; the positive z⁺ is the target network's feature of the other view.
-``loss_fa = ℓ(p̃1, z'2) + ℓ(p̃2, z'1)`` over the FA.NUM copies, ``loss = loss_ssl + w·loss_fa``.
+``loss_fa = ℓ(p̃1, z'2) + ℓ(p̃2, z'1)`` over the FA.NUM copies (soft or augmented targets where
+the operator makes them), combined with ``loss_ssl`` by FA.LOSS_MODE.
 """
 
 from __future__ import annotations
@@ -19,33 +20,25 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backbone import build_backbone
-from .build import METHOD_REGISTRY
+from .build import METHOD_REGISTRY, SSLMethod
 from .fa import PredictorFA, fa_dim
 from .heads import byol_mlp
+from .losses import regression_loss
 from .momentum import cosine_momentum, ema_update_
 from .utils.amp import float32
 from .utils.registry import register_as
 
 
-def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """mean_i (2 − 2 cos(p_i, z_i)), in float32; the target z gets no gradient. p, z: [N, C]."""
-    p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.detach().float(), dim=1)
-    return (2 - 2 * torch.einsum("nc,nc->n", p, z)).mean()  # [N] -> scalar
-
-
 @register_as(METHOD_REGISTRY, "byol")
-class BYOL(nn.Module):
+class BYOL(SSLMethod):
     """BYOL + FA. ``param_groups`` puts biases and BN parameters in a group without weight decay
     and marked ``lars_exclude`` (the paper excludes them from both weight decay and LARS)."""
 
     def __init__(self, cfg):
-        super().__init__()
+        super().__init__(cfg)
         mc = cfg.MODEL
-        self._arch = {"name": mc.BACKBONE, "stem": mc.STEM}
         self.base_momentum = self.momentum = mc.BYOL.BASE_MOMENTUM
 
         self.backbone = build_backbone(mc.BACKBONE, mc.STEM, mc.ZERO_INIT_RESIDUAL)
@@ -58,15 +51,9 @@ class BYOL(nn.Module):
         for p in self._target_params():
             p.requires_grad_(False)
 
-        fa = cfg.FA
-        self.fa = None
-        if fa.ENABLED:
+        if cfg.FA.ENABLED:
             make_predictor = lambda: byol_mlp(dim, pred_hidden, dim)  # noqa: E731
             self.fa = PredictorFA(cfg, fa_dim(cfg, feat_dim, dim), make_predictor)
-        self.fa_weight = fa.LOSS_WEIGHT
-
-    def backbone_spec(self) -> dict:
-        return dict(self._arch)
 
     def param_groups(self) -> list[dict]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -98,20 +85,15 @@ class BYOL(nn.Module):
         with torch.no_grad():
             ht1, ht2 = self.backbone_t(x1), self.backbone_t(x2)  # [N, F]
             zt1, zt2 = self.projector_t(ht1), self.projector_t(ht2)  # [N, C]
-        if self.fa is not None:
+        if self.fa_active():  # p̃ of each view, paired with the other view's target
             branch = (self.projector, self.predictor)
-            p1_aug = self.fa((h1, z1, p1), (ht2, zt2), *branch)  # p̃1 [NUM*N, C]
-            p2_aug = self.fa((h2, z2, p2), (ht1, zt1), *branch)  # p̃2 [NUM*N, C]
+            pairs = (self.fa((h1, z1, p1), (ht2, zt2), zt2, *branch)
+                     + self.fa((h2, z2, p2), (ht1, zt1), zt1, *branch))
 
         with float32(x1):
-            loss = loss_ssl = regression_loss(p1, zt2) + regression_loss(p2, zt1)
-            out = {"loss_ssl": loss_ssl}
-            if self.fa is not None:
-                num = p1_aug.shape[0] // z1.shape[0]
-                loss_fa = regression_loss(p1_aug, zt2.repeat(num, 1)) + regression_loss(
-                    p2_aug, zt1.repeat(num, 1)
-                )
-                out["loss_fa"] = loss_fa
-                loss = loss + self.fa_weight * loss_fa
-        out["loss"] = loss
+            loss_ssl = regression_loss(p1, zt2) + regression_loss(p2, zt1)
+            out = {"loss_ssl": loss_ssl, "loss": loss_ssl}
+            if self.fa_active():
+                out["loss_fa"] = sum(regression_loss(p, t, w) for p, t, w in pairs)
+                out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])
         return out

@@ -53,21 +53,31 @@ _C.MODEL.BYOL.BASE_MOMENTUM = 0.996  # tau_base; tau follows 1 - (1 - tau_base)(
 # ----------------------------------------------------------------------------- feature augmentation
 _C.FA = CN()
 _C.FA.ENABLED = False
-_C.FA.OP = "noise"  # noise | dropout | extrapolate | interpolate | hardmix | generator
+_C.FA.OP = "noise"  # identity | noise | dropout | extrapolate | interpolate | hardmix | generator
 _C.FA.POSITION = "projector"  # backbone | projector
 _C.FA.ARCH = "basic"  # basic | pre_predictor | post_predictor | separate_predictor
 _C.FA.STOP_GRAD = "none"  # none | input | all
 _C.FA.ROLE = "positive"  # MoCo: positive | negative | both
 _C.FA.NUM = 1  # augmented copies per sample
-_C.FA.LOSS_WEIGHT = 1.0
+_C.FA.LOSS_WEIGHT = 1.0  # w
+_C.FA.LOSS_MODE = "add"  # add: L_ssl + w L_fa | mean: (L_ssl + w L_fa)/(1 + w) | replace: L_fa
+_C.FA.START = 0.0  # fraction of the run before FA acts (no FA is computed before it)
+_C.FA.RAMP = 0.0  # fraction of the run over which the FA factor grows linearly to 1
 # operator hyper-parameters
 _C.FA.NOISE_STD = 0.1  # sigma, relative to the batch feature std
 _C.FA.DROPOUT_P = 0.1
 _C.FA.ALPHA = 2.0  # Beta(alpha, alpha) for extrapolate / interpolate
-_C.FA.HARDMIX_TOPN = 1024  # N hardest queue negatives mixed
-_C.FA.HARDMIX_NUM = 1024  # synthesized negatives per query (half neg-neg, half query-neg)
+_C.FA.LAMBDA_PER = "batch"  # extrapolate / interpolate: one lambda per batch | sample
+_C.FA.BOTH_SIDES = True  # extrapolate the positive too (z~+ = lam z+ + (1 - lam) z)
+_C.FA.RENORM = False  # MoCo, POSITION projector: L2-normalise augmented features again
+_C.FA.QUEUE_MIX = False  # MoCo: the FA term's negatives are mixed queue entries
+_C.FA.QUEUE_ALPHA = 1.6  # mu ~ Beta(QUEUE_ALPHA, QUEUE_ALPHA) for QUEUE_MIX
+_C.FA.HARDMIX_TOPN = 1024  # MoCHi's N: hardest queue negatives mixed
+_C.FA.HARDMIX_NUM = 512  # MoCHi's s: neg-neg mixes per query
+_C.FA.HARDMIX_QUERY_NUM = 256  # MoCHi's s': query-neg mixes per query
 _C.FA.GEN_HIDDEN_DIM = 512
 _C.FA.GEN_NOISE_DIM = 64
+_C.FA.GEN_BOUND = 0.1  # rho: the generator moves z by less than rho * ||z||
 
 # ----------------------------------------------------------------------------- data
 _C.DATA = CN()

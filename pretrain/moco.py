@@ -1,4 +1,5 @@
-"""MoCo v2 (He et al. 2020; Chen et al. 2020) with feature augmentation.
+"""MoCo v2 (He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation
+Learning"; Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning") + FA.
 
 x1 -> query encoder f_q (trunk + projector) -> q;  x2 -> key encoder f_k -> k, where f_k is a
 momentum copy of f_q (θ_k ← m θ_k + (1 − m) θ_q, updated at the start of every forward, as in the
@@ -8,14 +9,9 @@ MODEL.MOCO.SHUFFLE_BN, the key batch is shuffled across processes so BN cannot c
 process, MODEL.MOCO.SPLIT_BN = s does the same on one device: every BN of both trunks normalises
 s sub-batches separately and the key batch is shuffled before the key encoder.
 
-FA (see ``pretrain/fa.py`` for every key): augmented queries q̃ = normalize(FA(z_q)) (POSITION
-projector) or normalize(projector(FA(h_q))) (POSITION backbone), with the key encoder's feature as
-the positive z⁺.
-- ROLE positive: ``loss_fa`` = InfoNCE(q̃, k⁺, queue), ``loss = loss_ssl + w·loss_fa``.
-- ROLE negative: q̃ of the other images in the batch join every query's negatives.
-- ROLE both: the two.
-- OP hardmix: FA.HARDMIX_NUM synthesised hard negatives per query join its negatives.
-Augmented features are never enqueued.
+FA: ``pretrain.fa.ContrastiveFA`` computes the InfoNCE of the augmented problem from (q, k, the
+queue, the pooled features) and combines it with the plain one (FA.LOSS_MODE). Augmented
+features are never enqueued: only k is.
 """
 
 from __future__ import annotations
@@ -27,35 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import build_backbone
-from .build import METHOD_REGISTRY
+from .build import METHOD_REGISTRY, SSLMethod
 from .errors import ConfigError
-from .fa import FeatureAugmenter, fa_dim
+from .fa import ContrastiveFA, fa_dim
 from .heads import moco_projector
+from .losses import info_nce
 from .momentum import ema_update_
 from .utils.amp import float32
 from .utils.dist import broadcast_, concat_all_gather, get_rank, get_world_size
 from .utils.registry import register_as
-
-
-def info_nce(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    queue: torch.Tensor,
-    T: float,
-    extra: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE, averaged over the batch; the positive is logit 0.
-
-        L = − log [ exp(q·k⁺/T) / (exp(q·k⁺/T) + Σ_j exp(q·n_j/T)) ]
-
-    q, k: [N, C] unit vectors; queue: [K, C] unit negatives; extra: [N, M] similarities to extra
-    per-query negatives (``-inf`` masks an entry). Returns (loss, logits [N, 1+K(+M)]).
-    """
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(1)  # [N, 1]
-    l_neg = torch.einsum("nc,kc->nk", q, queue)  # [N, K]
-    logits = torch.cat([l_pos, l_neg] + ([extra] if extra is not None else []), dim=1) / T
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, labels), logits
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -100,15 +76,14 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
 
 @register_as(METHOD_REGISTRY, "moco")
-class MoCo(nn.Module):
+class MoCo(SSLMethod):
     """MoCo v2 + FA. ``forward(x1, x2)``: x1 the query view, x2 the key view."""
 
     def __init__(self, cfg):
-        super().__init__()
+        super().__init__(cfg)
         mc = cfg.MODEL
         self.K, self.m, self.T = mc.MOCO.K, mc.MOCO.M, mc.MOCO.T
         self.shuffle_bn = mc.MOCO.SHUFFLE_BN
-        self._arch = {"name": mc.BACKBONE, "stem": mc.STEM}
 
         self.backbone = build_backbone(mc.BACKBONE, mc.STEM, mc.ZERO_INIT_RESIDUAL)
         self.split_bn = mc.MOCO.SPLIT_BN
@@ -124,69 +99,29 @@ class MoCo(nn.Module):
 
         self.register_buffer("queue", F.normalize(torch.randn(self.K, dim), dim=1))  # [K, C]
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if cfg.FA.ENABLED:
+            self.fa = ContrastiveFA(cfg, fa_dim(cfg, feat_dim, dim))
 
-        fa = cfg.FA
-        self.fa = FeatureAugmenter(cfg, fa_dim(cfg, feat_dim, dim)) if fa.ENABLED else None
-        self.fa_position, self.fa_role, self.fa_weight = fa.POSITION, fa.ROLE, fa.LOSS_WEIGHT
-
-    # ------------------------------------------------------------------ engine interface
-    def backbone_spec(self) -> dict:
-        return dict(self._arch)
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-    def after_step(self, progress: float) -> None:
-        """No-op: the key encoder is updated inside ``forward``, as in the paper."""
-
-    # ------------------------------------------------------------------ forward
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x1)  # [N, F]
         z = self.projector(h)  # [N, C]
         with torch.no_grad():
-            self._momentum_update_key_encoder()
+            self._momentum_update_key_encoder()  # θ_k ← m θ_k + (1 − m) θ_q, as in the paper
             h_k, z_k = self._key_features(x2)  # [N, F], [N, C]
-        hardmix = self.fa is not None and self.fa.op_name == "hardmix"
-        z_aug = None  # [NUM*N, C] augmented queries, before normalisation
-        if self.fa is not None and not hardmix:
-            if self.fa_position == "backbone":
-                z_aug = self.projector(self.fa(h, h_k))
-            else:
-                z_aug = self.fa(z, z_k)
 
         with float32(x1):
             q = F.normalize(z.float(), dim=1)  # [N, C]
             k = F.normalize(z_k.float(), dim=1)  # [N, C]
             queue = self.queue.clone().detach()  # [K, C]; the enqueue below must not touch it
-            q_aug = F.normalize(z_aug.float(), dim=1) if z_aug is not None else None
-            extra = None
-            if hardmix:
-                extra = self.fa.op.similarities(q, queue)  # [N, M] q·h, h never built
-            elif q_aug is not None and self.fa_role in ("negative", "both"):
-                extra = self._other_image_similarities(q, q_aug)  # [N, NUM*N]
-            loss_ssl, logits = info_nce(q, k, queue, self.T, extra)
-            out = {
-                "loss_ssl": loss_ssl,
-                "acc": (logits.argmax(1) == 0).float().mean().detach() * 100,
-            }
-            loss = loss_ssl
-            if q_aug is not None and self.fa_role in ("positive", "both"):
-                num = q_aug.shape[0] // q.shape[0]
-                loss_fa, _ = info_nce(q_aug, k.repeat(num, 1), queue, self.T)
-                out["loss_fa"] = loss_fa
-                loss = loss + self.fa_weight * loss_fa
-        out["loss"] = loss
+            loss_ssl, logits = info_nce(q, k, queue, self.T)
+            out = {"loss_ssl": loss_ssl, "loss": loss_ssl,
+                   "acc": (logits.argmax(1) == 0).float().mean().detach() * 100}
+            if self.fa_active():  # every FA decision is in pretrain/fa.py
+                out["loss_fa"] = self.fa(q, k, queue, self.T, h.float(), h_k.float(),
+                                         self.projector)
+                out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])
         self._dequeue_and_enqueue(k)
         return out
-
-    @staticmethod
-    def _other_image_similarities(q: torch.Tensor, q_aug: torch.Tensor) -> torch.Tensor:
-        """q·q̃ for augmented queries of *other* images; own-image entries are ``-inf``."""
-        n = q.shape[0]
-        sim = torch.einsum("nc,mc->nm", q, q_aug)  # [N, NUM*N]
-        rows = torch.arange(n, device=q.device)
-        source = torch.arange(q_aug.shape[0], device=q.device) % n  # image of each augmented row
-        return sim.masked_fill(rows[:, None] == source[None, :], float("-inf"))
 
     # ------------------------------------------------------------------ key encoder and queue
     def _query_params(self) -> list[nn.Parameter]:

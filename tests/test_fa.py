@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import build, tiny_cfg, views
 
-from pretrain.fa import FA_REGISTRY, FeatureAugmenter, HardMix
+from pretrain.fa import FA_REGISTRY, FeatureAugmenter, HardMix, QueueMix
 
-OPS = ("noise", "dropout", "extrapolate", "interpolate", "hardmix", "generator")
+OPS = ("identity", "noise", "dropout", "extrapolate", "interpolate", "hardmix", "generator")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,7 @@ def test_noise_is_unbiased_with_batch_relative_std():
     torch.manual_seed(0)
     z = torch.randn(8, 16) * torch.linspace(0.5, 3.0, 16)  # per-dimension spread differs
     noise = op("noise", dim=16, noise_std=0.5)
-    draws = torch.stack([noise(z) for _ in range(4000)])  # [4000, 8, 16]
+    draws = torch.stack([noise(z).z for _ in range(4000)])  # [4000, 8, 16]
     s = z.std(dim=0, correction=0)  # [16]
     tol = 5 * 0.5 * s / 4000**0.5
     assert ((draws.mean(0) - z).abs() <= tol).all()  # E[z~] = z
@@ -51,7 +51,7 @@ def test_dropout_rescales_and_keeps_the_mean():
     torch.manual_seed(0)
     z = torch.rand(8, 16) + 0.5  # no exact zeros
     drop = op("dropout", dim=16, dropout_p=0.25)
-    draws = torch.stack([drop(z) for _ in range(4000)])
+    draws = torch.stack([drop(z).z for _ in range(4000)])
     kept = draws != 0
     torch.testing.assert_close(
         draws[kept], (z / 0.75).expand_as(draws)[kept]
@@ -60,56 +60,96 @@ def test_dropout_rescales_and_keeps_the_mean():
     assert ((draws.mean(0) - z).abs() < 0.05).all()
 
 
-def test_extrapolate_lambda_in_1_2_and_positive_is_constant():
+@pytest.mark.parametrize("per", ["batch", "sample"])
+def test_extrapolate_pushes_both_sides_apart_with_lambda_in_1_2(per):
     torch.manual_seed(0)
     z = torch.randn(256, 8, dtype=torch.float64, requires_grad=True)
     z_pos = torch.randn(256, 8, dtype=torch.float64, requires_grad=True)
-    out = op("extrapolate", alpha=2.0)(z, z_pos)
-    lam = (out - z_pos) / (z - z_pos)  # z~ - z+ = lam (z - z+)
-    torch.testing.assert_close(lam, lam[:, :1].expand_as(lam))  # one lam per sample
-    lam = lam[:, 0].detach()
+    out = op("extrapolate", alpha=2.0, lambda_per=per)(z, z_pos)
+    lam = (out.z - z_pos) / (z - z_pos)  # z~ - z+ = lam (z - z+)
+    torch.testing.assert_close(lam, lam[:, :1].expand_as(lam))  # one lam per row
+    lam = lam[:, :1].detach()
+    # the positive side with the same lam: z~+ = lam z+ + (1 - lam) z
+    torch.testing.assert_close(out.positive, lam * z_pos + (1 - lam) * z)
     assert (lam >= 1).all() and (lam <= 2).all()
-    assert abs(lam.mean().item() - 1.5) < 0.05  # 1 + Beta(2, 2) has mean 1.5
-    out.sum().backward()
+    if per == "batch":  # the published form: one lam for the whole batch
+        assert torch.unique(lam.round(decimals=12)).numel() == 1
+    else:
+        assert abs(lam.mean().item() - 1.5) < 0.05  # 1 + Beta(2, 2) has mean 1.5
+    out.z.sum().backward()
     assert z_pos.grad is None and z.grad is not None
+    one_sided = op("extrapolate", both_sides=False)(z, z_pos)
+    assert one_sided.positive is None
 
 
-def test_interpolate_is_convex_with_another_sample():
+def test_interpolate_is_convex_with_another_sample_and_says_which():
     torch.manual_seed(0)
     z = torch.randn(16, 8, dtype=torch.float64)
-    out = op("interpolate", alpha=2.0)(z)
-    shifts = set()
-    for i in range(16):
-        for j in range(16):
-            lam = ((out[i] - z[j]) / (z[i] - z[j]))[0] if j != i else None
-            if lam is not None and torch.allclose(out[i], lam * z[i] + (1 - lam) * z[j], atol=1e-5):
-                assert 0.5 <= lam <= 1
-                shifts.add((j - i) % 16)
-                break
-        else:
-            raise AssertionError(f"row {i} is not a mix with another sample")
+    out = op("interpolate", alpha=2.0, lambda_per="sample")(z)
+    lam = out.lam[:, None]
+    torch.testing.assert_close(out.z, lam * z + (1 - lam) * z[out.partner])
+    assert ((out.lam >= 0) & (out.lam <= 1)).all()
+    shifts = {int((j - i) % 16) for i, j in enumerate(out.partner.tolist())}
     assert len(shifts) == 1 and 0 not in shifts  # one partner shift per call, never itself
-    torch.testing.assert_close(op("interpolate")(z[:1]), z[:1])
+    torch.testing.assert_close(op("interpolate")(z[:1]).z, z[:1])
 
 
-def test_generator_has_parameters_that_learn():
+def test_queue_mix_is_one_mu_and_one_permutation():
+    torch.manual_seed(0)
+    queue = F.normalize(torch.randn(12, 4, dtype=torch.float64), dim=1)
+    mixed = QueueMix(fa_cfg(queue_alpha=1.6))(queue)
+    found = None
+    for j in range(12):  # row 0 = mu n_0 + (1 - mu) n_pi(0): find pi(0) and mu
+        if j == 0:
+            continue
+        mu = ((mixed[0] - queue[j]) / (queue[0] - queue[j]))[0]
+        if torch.allclose(mixed[0], mu * queue[0] + (1 - mu) * queue[j]):
+            found = mu
+            break
+    assert found is not None and 0 <= found <= 1
+    # every row is a mix with the same mu of itself and one other entry, a permutation
+    partners = []
+    for i in range(12):
+        rest = (mixed[i] - found * queue[i]) / (1 - found)
+        partners.append(int(torch.cdist(rest[None], queue).argmin()))
+        torch.testing.assert_close(rest, queue[partners[-1]])
+    assert sorted(partners) == list(range(12))
+
+
+def test_generator_is_adversarial_and_bounded(monkeypatch):
     model = build(fa_cfg("moco", op="generator"))
-    gen = model.fa.op
-    assert sum(p.numel() for p in gen.parameters()) > 0
+    twin_start = copy.deepcopy(model)
+    gen = model.fa.augment.op
     assert gen.g[0].in_features == 32 + 4  # [z, eps] at the projector output
-    model(*views())["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
-    # POSITION backbone: the generator works on the pooled 512-d trunk feature
-    assert (
-        build(fa_cfg("moco", op="generator", position="backbone")).fa.op.g[0].in_features == 512 + 4
-    )
+    x1, x2 = views()
+    torch.manual_seed(3)
+    loss_fa = model(x1, x2)["loss_fa"]
+    grads = torch.autograd.grad(loss_fa, list(gen.parameters()))
+    # the same term without the gradient reversal: the generator's gradient flips sign
+    import pretrain.fa as fa
+
+    monkeypatch.setattr(fa._ReverseGrad, "apply", staticmethod(lambda x: x))
+    torch.manual_seed(3)
+    twin = twin_start
+    loss_plain = twin(x1, x2)["loss_fa"]
+    plain = torch.autograd.grad(loss_plain, list(twin.fa.augment.op.parameters()))
+    torch.testing.assert_close(loss_plain, loss_fa)
+    for g, p in zip(grads, plain, strict=True):
+        assert p.abs().sum() > 0
+        torch.testing.assert_close(g, -p)
+    # the perturbation stays inside the ball of radius rho ||z||
+    z = torch.randn(64, 32) * 3
+    out = gen(z).z
+    assert ((out - z).norm(dim=1) < 0.1 * z.norm(dim=1)).all()
+    assert build(fa_cfg("moco", op="generator", position="backbone")).fa.augment.op.g[0].in_features \
+        == 512 + 4
 
 
 def test_hardmix_outputs_unit_norm_detached_mixes_of_top_negatives():
     torch.manual_seed(0)
     q = F.normalize(torch.randn(3, 8), dim=1).requires_grad_()
     queue = F.normalize(torch.randn(10, 8), dim=1)
-    mix = HardMix(fa_cfg(op="hardmix", hardmix_topn=2, hardmix_num=7), 8)
+    mix = HardMix(fa_cfg(op="hardmix", hardmix_topn=2, hardmix_num=3, hardmix_query_num=4), 8)
     out = mix(q, queue)  # [3, 7, 8]: 3 neg-neg mixes, then 4 query-neg mixes
     assert out.shape == (3, 7, 8) and not out.requires_grad
     torch.testing.assert_close(out.norm(dim=2), torch.ones(3, 7))
@@ -132,7 +172,7 @@ def test_hardmix_outputs_unit_norm_detached_mixes_of_top_negatives():
 
 def test_hardmix_closed_form_similarities_match_the_built_negatives():
     """``similarities`` = q·h of ``forward``'s h, in value and in gradient (h a constant)."""
-    mix = HardMix(fa_cfg(op="hardmix", hardmix_topn=5, hardmix_num=9), 16)
+    mix = HardMix(fa_cfg(op="hardmix", hardmix_topn=5, hardmix_num=4, hardmix_query_num=5), 16)
     g = torch.Generator().manual_seed(1)
     queue = torch.randn(40, 16, generator=g) * 0.7  # not unit: the norms must be exact too
     q0 = F.normalize(torch.randn(6, 16, generator=g), dim=1)
@@ -151,10 +191,10 @@ def test_hardmix_closed_form_similarities_match_the_built_negatives():
 def test_hardmix_negatives_are_only_negatives():
     x1, x2 = views()
     base = build(fa_cfg("moco", enabled=False))
-    hard = build(fa_cfg("moco", op="hardmix", role="negative"))
+    hard = build(fa_cfg("moco", op="hardmix", role="negative", loss_mode="replace"))
     out_base, out_hard = base(x1, x2), hard(x1, x2)
-    assert "loss_fa" not in out_hard  # no positive term for them
-    assert out_hard["loss_ssl"] > out_base["loss"]  # more negatives in the denominator
+    torch.testing.assert_close(out_hard["loss_ssl"], out_base["loss"])  # the plain problem
+    assert out_hard["loss"] == out_hard["loss_fa"] > out_base["loss"]  # more negatives
     assert torch.equal(hard.queue, base.queue)  # never enqueued: only the keys went in
 
 
@@ -163,7 +203,7 @@ def test_num_copies_are_stacked_copy_major():
     torch.manual_seed(0)
     fa = FeatureAugmenter(fa_cfg(op="extrapolate", num=3), 8)
     z, z_pos = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
-    out = fa(z, z_pos)
+    out = fa(z, z_pos).z
     assert out.shape == (15, 8)
     lam = (out - z_pos.repeat(3, 1)) / (z - z_pos).repeat(3, 1)  # row c*N + i is copy c of i
     torch.testing.assert_close(lam, lam[:, :1].expand_as(lam))
@@ -172,7 +212,7 @@ def test_num_copies_are_stacked_copy_major():
 
 def test_role_negative_appends_other_images_and_never_enqueues():
     # noise with sigma 0 is the identity, so q~_j = q_j: the truth is computable by hand
-    cfg = fa_cfg("moco", op="noise", noise_std=0.0, role="negative")
+    cfg = fa_cfg("moco", op="identity", role="negative", loss_mode="replace")
     model = build(cfg)
     base = build(fa_cfg("moco", enabled=False))
     ref = copy.deepcopy(model)
@@ -191,7 +231,6 @@ def test_role_negative_appends_other_images_and_never_enqueues():
             logits = torch.cat([(q[i] @ k[i])[None], ref.queue @ q[i], others @ q[i]]) / T
             losses.append(torch.logsumexp(logits, 0) - logits[0])
     torch.testing.assert_close(out["loss"], torch.stack(losses).mean())
-    assert "loss_fa" not in out
     assert torch.equal(model.queue, base.queue)
 
 
@@ -269,3 +308,146 @@ def test_position_backbone_runs_the_projector_on_augmented_trunk_features():
         2 - 2 * F.cosine_similarity(z2, t1)
     ).mean()
     torch.testing.assert_close(out["loss_fa"], expected)
+
+
+# ----------------------------------------------------------------------------- published forms
+def _moco_by_hand(model, x1, x2):
+    """q, k and the queue a fresh MoCo forward sees (after its momentum update)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for pk, pq in zip(ref._key_params(), ref._query_params(), strict=True):
+            pk.copy_(ref.m * pk + (1 - ref.m) * pq)
+        q = F.normalize(ref.projector(ref.backbone(x1)), dim=1)
+        k = F.normalize(ref.projector_k(ref.backbone_k(x2)), dim=1)
+    return q, k, ref.queue.clone()
+
+
+def test_feature_transformation_replace_is_the_published_logits(monkeypatch):
+    """FT (ICCV 2021): q^ = lq + (1-l)k, k^ = lk + (1-l)q, n^ = mu n + (1-mu) n_perm, one loss
+    over [q^.k^, q^.n^] / T. lambda, mu and the permutation are fixed by hand here."""
+    import pretrain.fa as fa
+
+    cfg = fa_cfg("moco", op="extrapolate", both_sides=True, lambda_per="batch", queue_mix=True,
+                 loss_mode="replace")
+    model = build(cfg)
+    x1, x2 = views()
+    q, k, queue = _moco_by_hand(model, x1, x2)
+    beta = iter([0.25, 0.5])  # first mu (queue mix), then b (lambda = 1 + b)
+    monkeypatch.setattr(fa, "_beta", lambda alpha, n, like: torch.full((n, 1), next(beta)))
+    perm = torch.arange(cfg.MODEL.MOCO.K).flip(0)
+    monkeypatch.setattr(fa.torch, "randperm", lambda n, device=None: perm)
+    out = model(x1, x2)
+    lam, mu, T = 1.5, 0.25, cfg.MODEL.MOCO.T
+    q_hat, k_hat = lam * q + (1 - lam) * k, lam * k + (1 - lam) * q
+    n_hat = mu * queue + (1 - mu) * queue[perm]
+    logits = torch.cat([(q_hat * k_hat).sum(1, keepdim=True), q_hat @ n_hat.t()], dim=1) / T
+    expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(out["loss_fa"], expected)
+    torch.testing.assert_close(model.queue[:4], k)  # the plain keys were enqueued
+
+
+def test_interpolate_soft_target_info_nce_by_hand(monkeypatch):
+    """i-Mix: q~_i = l q_i + (1-l) q_j scored against the batch keys and the queue with the
+    target l at k_i and 1 - l at k_j."""
+    import pretrain.fa as fa
+
+    model = build(fa_cfg("moco", op="interpolate", lambda_per="batch", loss_mode="replace"))
+    x1, x2 = views()
+    q, k, queue = _moco_by_hand(model, x1, x2)
+    monkeypatch.setattr(fa, "_beta", lambda alpha, n, like: torch.full((n, 1), 0.7))
+    torch.manual_seed(5)
+    out = model(x1, x2)
+    torch.manual_seed(5)
+    shift = int(torch.randint(1, 4, ()))
+    j = (torch.arange(4) + shift) % 4
+    q_mix = 0.7 * q + 0.3 * q[j]
+    logp = F.log_softmax(torch.cat([q_mix @ k.t(), q_mix @ queue.t()], dim=1) / model.T, dim=1)
+    expected = -(0.7 * logp[torch.arange(4), torch.arange(4)] + 0.3 * logp[torch.arange(4), j]).mean()
+    torch.testing.assert_close(out["loss_fa"], expected)
+
+
+def _grads(model, x1, x2):
+    out = model(x1, x2)
+    params = [p for p in model.backbone.parameters()]
+    return out, torch.autograd.grad(out["loss"], params)
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_mean_keeps_and_add_doubles_the_step_of_a_duplicated_term(method):
+    """OP identity makes L_fa = L_ssl: ``add`` (w 1) doubles every gradient — the loss-scale
+    control — ``mean`` leaves it unchanged."""
+    arch = "basic" if method == "moco" else "post_predictor"
+    x1, x2 = views()
+    _, g_off = _grads(build(fa_cfg(method, enabled=False)), x1, x2)
+    for mode, factor in (("add", 2.0), ("mean", 1.0)):
+        out, g = _grads(build(fa_cfg(method, op="identity", arch=arch, loss_mode=mode)), x1, x2)
+        torch.testing.assert_close(out["loss_fa"], out["loss_ssl"])
+        for a, b in zip(g, g_off, strict=True):
+            torch.testing.assert_close(a, factor * b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["moco", "simsiam"])
+def test_before_start_fa_is_exactly_off(method):
+    """While the schedule factor is 0 no FA runs: loss, gradients and the RNG equal FA off."""
+    arch = "basic" if method == "moco" else "pre_predictor"
+    x1, x2 = views()
+    off = build(fa_cfg(method, enabled=False))
+    model = build(fa_cfg(method, op="extrapolate", arch=arch, start=0.5))
+    torch.manual_seed(11)
+    out_off, g_off = _grads(off, x1, x2)
+    rng_off = torch.get_rng_state()
+    model.before_step(0.49)
+    torch.manual_seed(11)
+    out, g = _grads(model, x1, x2)
+    assert torch.equal(torch.get_rng_state(), rng_off)  # not one random number drawn
+    assert "loss_fa" not in out
+    torch.testing.assert_close(out["loss"], out_off["loss"], rtol=0, atol=0)
+    for a, b in zip(g, g_off, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.before_step(0.5)
+    assert "loss_fa" in model(x1, x2)
+
+
+def test_schedule_and_loss_modes_by_hand():
+    aug = build(fa_cfg("moco", op="identity", start=0.2, ramp=0.4, loss_weight=0.5)).fa
+    assert [aug.factor(p) for p in (0.0, 0.19, 0.2, 0.4, 0.5, 0.6, 0.9)] == \
+        pytest.approx([0, 0, 0, 0.5, 0.75, 1, 1])
+    ssl, fa_term = torch.tensor(2.0), torch.tensor(6.0)
+    aug.progress = 0.4  # s = 0.5, w = 0.5: s w = 0.25
+    assert float(aug.combine(ssl, fa_term)) == pytest.approx(2 + 0.25 * 6)
+    aug.mode = "mean"
+    assert float(aug.combine(ssl, fa_term)) == pytest.approx((2 + 0.25 * 6) / 1.25)
+    aug.mode, aug.weight = "replace", 1.0
+    assert float(aug.combine(ssl, fa_term)) == pytest.approx(0.5 * 2 + 0.5 * 6)
+
+
+def test_siamese_two_sided_extrapolation_extrapolates_the_target(monkeypatch):
+    import pretrain.fa as fa
+
+    monkeypatch.setattr(fa, "_beta", lambda alpha, n, like: torch.full((n, 1), 0.5))
+    model = build(fa_cfg("byol", op="extrapolate", arch="basic", loss_mode="replace"))
+    x1, x2 = views()
+    out = model(x1, x2)
+    with torch.no_grad():
+        z1, z2 = (model.projector(model.backbone(x)) for x in (x1, x2))
+        t1, t2 = (model.projector_t(model.backbone_t(x)) for x in (x1, x2))
+    lam = 1.5
+    expected = sum((2 - 2 * F.cosine_similarity(lam * z + (1 - lam) * t, lam * t + (1 - lam) * z)).mean()
+                   for z, t in ((z1, t2), (z2, t1)))
+    torch.testing.assert_close(out["loss_fa"], expected)
+
+
+def test_fa_config_refusals_name_the_key():
+    from pretrain.build import check_cfg
+    from pretrain.errors import ConfigError
+
+    for fa, match in ((dict(loss_mode="replace", loss_weight=0.5), "FA.LOSS_WEIGHT 0.5 has no effect"),
+                      (dict(loss_mode="sum"), "FA.LOSS_MODE 'sum'"),
+                      (dict(lambda_per="image"), "FA.LAMBDA_PER 'image'"),
+                      (dict(start=1.5), "FA.START must be in"),
+                      (dict(op="interpolate", role="negative"), "soft targets")):
+        with pytest.raises(ConfigError, match=match):
+            check_cfg(fa_cfg("moco", **fa))
+    with pytest.raises(ConfigError, match="FA.QUEUE_MIX"):
+        check_cfg(fa_cfg("simsiam", arch="pre_predictor", queue_mix=True))

@@ -18,11 +18,9 @@ from tiny_models import build, tiny_cfg, views
 
 from pretrain.backbone import build_backbone
 from pretrain.build import build_model
-from pretrain.byol import regression_loss
 from pretrain.config import ConfigError, load_cfg
-from pretrain.moco import info_nce
+from pretrain.losses import info_nce, negative_cosine, regression_loss
 from pretrain.momentum import cosine_momentum
-from pretrain.simsiam import negative_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
@@ -283,7 +281,7 @@ def test_fa_off_is_exactly_the_baseline(method):
 
 # ----------------------------------------------------------------------------- training
 TRAIN_FA = {
-    "moco": dict(op="interpolate", role="both", num=2),
+    "moco": dict(op="interpolate", num=2, queue_mix=True),
     "simsiam": dict(op="generator", arch="separate_predictor", position="backbone"),
     "byol": dict(op="dropout", arch="pre_predictor", dropout_p=0.2),
 }

@@ -17,7 +17,7 @@ def tiny_cfg(method: str = "moco", **fa):
     cfg.MODEL.PROJ_HIDDEN_DIM, cfg.MODEL.PROJ_DIM, cfg.MODEL.PRED_HIDDEN_DIM = 64, 32, 16
     cfg.MODEL.MOCO.K = 16
     cfg.FA.GEN_HIDDEN_DIM, cfg.FA.GEN_NOISE_DIM = 16, 4
-    cfg.FA.HARDMIX_TOPN, cfg.FA.HARDMIX_NUM = 4, 6
+    cfg.FA.HARDMIX_TOPN, cfg.FA.HARDMIX_NUM, cfg.FA.HARDMIX_QUERY_NUM = 4, 3, 3
     for key, value in fa.items():
         cfg.FA[key.upper()] = value
     if fa and "enabled" not in fa:

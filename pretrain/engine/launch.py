@@ -33,13 +33,15 @@ def init_distributed(cfg) -> tuple[torch.device, bool]:
     return device, created
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel with ``static_graph``: parameters some configs never use (e.g. an
-    FA generator whose output is detached) are found once, not by a graph search every step."""
+def wrap_ddp(model: torch.nn.Module, device: torch.device, static: bool = True) -> torch.nn.Module:
+    """DistributedDataParallel. ``static``: the same parameters are used every step, so those some
+    configs never use (e.g. a generator whose output is detached) are found once
+    (``static_graph``); otherwise (FA parameters idle before FA.START) they are searched for
+    every step (``find_unused_parameters``)."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   static_graph=True)
+                                   static_graph=static, find_unused_parameters=not static)
 
 
 def set_determinism(deterministic: bool) -> bool:

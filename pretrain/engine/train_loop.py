@@ -1,7 +1,7 @@
 """The pretraining loop, single process or under ``torchrun``.
 
-One iteration: two augmented views -> ``model(x1, x2)["loss"]`` -> SGD/LARS step at the scheduled
-lr -> ``model.after_step(progress)``. Around it (``hooks``, ``pretrain.checkpoint``): metrics, a
+One iteration: two augmented views -> ``model.before_step(progress)`` -> ``model(x1, x2)["loss"]``
+-> SGD/LARS step at the scheduled lr -> ``model.after_step(progress)``. Around it (``hooks``, ``pretrain.checkpoint``): metrics, a
 progress bar, checkpoints, the kNN monitor.
 
 Exact resume rests on three facts: every random choice of the data pipeline is a function of
@@ -127,7 +127,8 @@ def train(cfg, resume: bool = False) -> dict:
             logger.info(f"--resume: no {last_path} yet, starting from scratch")
         if main:  # the config of the run that now owns the folder
             atomic_write_text(out / "config.yaml", cfg.dump())
-        ddp_model = wrap_ddp(model, device) if world > 1 else model
+        ddp_model = wrap_ddp(model, device, static=_same_graph_every_step(model)) if world > 1 \
+            else model
         metrics = Metrics(out, start_iter, main, cfg.TENSORBOARD)
         logger.info(f"{cfg.MODEL.METHOD} {cfg.MODEL.BACKBONE}: {len(dataset)} images, "
                     f"{world} process(es) x batch {batch}, {ipe} iterations/epoch, "
@@ -157,6 +158,7 @@ def train(cfg, resume: bool = False) -> dict:
                 x1, x2 = (_prepare(x, device, cfg.SOLVER.CHANNELS_LAST) for x in (x1, x2))
                 set_lr(optimizer, lr, lr_factor(it, total, warmup, cfg.SOLVER.SCHEDULE, steps,
                                                 cfg.SOLVER.GAMMA))
+                unwrap(ddp_model).before_step(it / total)  # the FA schedule reads it
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                     outputs = ddp_model(x1, x2)
                 loss = outputs["loss"]
@@ -224,6 +226,13 @@ def train(cfg, resume: bool = False) -> dict:
         torch.use_deterministic_algorithms(det_before)
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _same_graph_every_step(model) -> bool:
+    """False when FA has parameters that the schedule leaves unused in some steps."""
+    fa = getattr(model, "fa", None)
+    scheduled = fa is not None and (fa.start > 0 or fa.ramp > 0)
+    return not (scheduled and any(p.requires_grad for p in fa.parameters()))
 
 
 def _last_good(last_path: Path, iteration: int) -> str:
