@@ -17,8 +17,9 @@ A checkpoint is a ``torch.save`` dict:
 ``skipped``     indices of unreadable images found so far
 ==============  =====================================================================
 
-Everything in it loads with ``torch.load(weights_only=True)``, the only way FeatAug reads its
-own checkpoints: a file that asks for any other Python object is refused, nothing in it runs.
+Everything in it loads with ``torch.load(weights_only=True)``; FeatAug reads it, as every file,
+through ``pretrain.utils.safe_load``: a file that asks for any other Python object is refused,
+nothing in it runs.
 
 The rest of this module is the run folder's side of checkpoints: a fresh run never replaces
 another's files, a resumed run must train what its checkpoint trained, and the temporaries of
@@ -30,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from .errors import CheckpointError, ConfigError
 from .utils.dist import all_gather_object, is_main_process, unwrap
 from .utils.env import seed_all
 from .utils.io import atomic_torch_save, atomic_write
+from .utils.safe_load import UnsafeFileError, load_torch
 
 logger = logging.getLogger("pretrain")
 
@@ -105,25 +106,15 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_torch_save(ckpt, path)
 
 
-def load_failure(e: BaseException) -> str:
-    """One line for a failed ``torch.load(weights_only=True)``; names a refused global."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(e))
-    if found:
-        return (f"refused: the file asks to run {found.group(1)}, which is not a tensor, array or "
-                "plain container (nothing was executed)")
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"not a readable checkpoint ({reason[:200]})"
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a pretraining checkpoint, checking the schema; raises ``CheckpointError``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
-        raise CheckpointError(f"{path}: {load_failure(e)}") from None
+        ckpt = load_torch(path)  # nothing from the file runs
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a pretraining checkpoint (a {type(ckpt).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

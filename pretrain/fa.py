@@ -1,6 +1,6 @@
 """Feature augmentation (FA): make features *similar to* the encoder's, in feature space.
 
-Every FA decision is in this file. Operators are small classes in ``FA_REGISTRY`` (name =
+One concern: feature augmentation. Every FA decision is in this file. Operators are small classes in ``FA_REGISTRY`` (name =
 ``FA.OP``), each with its formula and its published source in the docstring; adding an
 operator is adding a class. ``ContrastiveFA`` (MoCo) and ``PredictorFA`` (SimSiam, BYOL) wire an
 operator into a method's loss; the methods only call them.

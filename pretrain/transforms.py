@@ -1,5 +1,8 @@
 """Two-view augmentation pipelines on ``uint8`` images (OpenCV kernels).
 
+One concern: the CPU augmentation pipelines, each operation with its draw and its apply (the
+device path in ``pretrain/device_aug.py`` mirrors them).
+
 Every operation takes an RGB ``uint8`` array [H, W, 3] and a ``random.Random`` that draws all of
 its random parameters, and returns a ``uint8`` array; ``ToTensor`` ends a pipeline with a
 [3, H, W] ``uint8`` tensor. Each random operation is ``apply(img, draw(rng, shape))``: the draws

@@ -295,7 +295,7 @@ def test_converted_weights_reproduce_torchvision(
 
     with open(dst, "rb") as f:
         payload = pickle.load(f)
-    assert set(payload) == {"model", "__author__", "matching_heuristics"}
+    assert set(payload) == {"model", "__author__", "matching_heuristics", "feataug"}
     assert payload["__author__"] == "feataug" and payload["matching_heuristics"] is True
     assert all(isinstance(v, np.ndarray) for v in payload["model"].values())
 
@@ -533,3 +533,22 @@ def test_refuses_output_without_pkl(tmp_path, capsys, r18_state):
     assert cli.main(["convert", str(src), str(tmp_path / "out.pth")]) == 1
     assert "must end with .pkl" in capsys.readouterr().err
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_converted_weights_carry_the_config_they_need(tmp_path):
+    """The .pkl records the Detectron2 settings ``detectron2_opts`` prints, and a config merged
+    with those overrides has exactly them."""
+    from pretrain.utils.safe_load import load_pickle
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
+    C.convert(tmp_path / "tv.pth", tmp_path / "r18.pkl")
+    data = load_pickle(tmp_path / "r18.pkl")
+    need = data["feataug"]["config"]
+    assert need == C.detectron2_settings(18)
+    assert need["MODEL.PIXEL_MEAN"] == [123.675, 116.28, 103.53] and need["INPUT.FORMAT"] == "RGB"
+    cfg = get_detection_cfg(None, C.detectron2_opts(18))
+    for key, want in need.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert (list(node) if isinstance(node, tuple) else node) == pytest.approx(want), key

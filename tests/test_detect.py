@@ -24,15 +24,17 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from detect_data import CLASSES, make_coco, make_voc  # noqa: E402
 
-from transfer import datasets, detect  # noqa: E402
+from pretrain.utils.amp import amp_dtype, cpu_has_native_bf16  # noqa: E402
+from transfer import datasets, detect, trials  # noqa: E402
 from transfer.config import ConfigError, get_detection_cfg  # noqa: E402
-from transfer.trainer import (  # noqa: E402
-    CPUAutocastTrainer,
-    VOCEvaluator,
-    amp_dtype,
-    cpu_has_native_bf16,
-    voc_average_precision,
-)
+from transfer.evaluation import VOCEvaluator, voc_average_precisions  # noqa: E402
+from transfer.trainer import CPUAutocastTrainer  # noqa: E402
+
+
+def voc_average_precision(detections, gt_boxes, gt_difficult, iou_threshold, use_07_metric):
+    """``voc_average_precisions`` at one IoU threshold."""
+    return voc_average_precisions(detections, gt_boxes, gt_difficult, [iou_threshold],
+                                  use_07_metric)[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"
@@ -424,11 +426,13 @@ def test_cpu_autocast_trainer_step():
 
 
 def test_amp_dtype_policy():
-    cfg = get_detection_cfg(CONFIGS / "tiny_faster_R18_FPN.yaml")
-    assert amp_dtype(cfg, "cuda") == torch.float16
-    assert amp_dtype(cfg, "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)
-    cfg.SOLVER.AMP.PRECISION = "bfloat16"
-    assert amp_dtype(cfg, "cpu") == torch.bfloat16 and amp_dtype(cfg, "cuda") == torch.bfloat16
+    precision = get_detection_cfg(CONFIGS / "tiny_faster_R18_FPN.yaml").SOLVER.AMP.PRECISION
+    assert precision == "auto"
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert amp_dtype(precision, "cuda") == (torch.bfloat16 if cuda_bf16 else torch.float16)
+    assert amp_dtype(precision, "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert amp_dtype("bfloat16", "cpu") == torch.bfloat16 == amp_dtype("bfloat16", "cuda")
+    assert amp_dtype("off", "cuda") is None
 
 
 # ------------------------------------------------------------------------------------ trials
@@ -438,21 +442,21 @@ def test_trials_summary_by_hand(tmp_path):
         {"bbox": {"AP": 3.0, "AP50": 6.0}},
         {"bbox": {"AP": 5.0, "AP50": 7.0}},
     ]
-    flat = [detect.flatten_metrics(r) for r in per_trial]
+    flat = [trials.flatten_metrics(r) for r in per_trial]
     assert flat[0] == {"bbox/AP": 1.0, "bbox/AP50": 2.0}
-    summary = detect.summarize_trials(flat)
+    summary = trials.summarize_trials(flat)
     assert summary["bbox/AP"]["mean"] == pytest.approx(3.0)
     assert summary["bbox/AP"]["std"] == pytest.approx(2.0)  # sqrt((4 + 0 + 4) / 2)
     assert summary["bbox/AP50"]["mean"] == pytest.approx(5.0)
     assert summary["bbox/AP50"]["std"] == pytest.approx(math.sqrt(7.0))  # (9 + 1 + 4) / 2
-    assert detect.summarize_trials([{"m": 4.0}])["m"]["std"] == 0.0
-    nan = detect.summarize_trials([{"m": 1.0}, {"m": float("nan")}, {"m": 3.0}])["m"]
+    assert trials.summarize_trials([{"m": 4.0}])["m"]["std"] is None  # undefined for one
+    nan = trials.summarize_trials([{"m": 1.0}, {"m": float("nan")}, {"m": 3.0}])["m"]
     assert (nan["mean"], nan["n"], nan["values"]) == (2.0, 2, [1.0, None, 3.0])
-    trials = [
+    runs = [
         {"trial": k, "seed": 10 + k, "output_dir": "x", "results": r}
         for k, r in enumerate(per_trial)
     ]
-    detect.write_trials(tmp_path, trials)
+    trials.write_trials(tmp_path, runs)
     md = (tmp_path / "trials.md").read_text()
     assert "| bbox/AP | 3.00 ± 2.00 | 1.00 | 3.00 | 5.00 |" in md and "seed 12" in md
     doc = json.loads((tmp_path / "trials.json").read_text())

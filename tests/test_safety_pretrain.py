@@ -155,6 +155,6 @@ def test_crafted_checkpoints_are_refused_not_executed(finished_run, tmp_path, ca
         name = "lincls"
     assert rc == 2
     line = _one_error_line(capsys, name)
-    assert f"{out / 'last.pth'}: refused: the file asks to run posix.system" in line
+    assert f"{out / 'last.pth'}: refused to load: its pickle names posix.system" in line
     assert not marker.exists()
     assert _hashes(out) == before

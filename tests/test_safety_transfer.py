@@ -1,4 +1,4 @@
-"""Crafted bad input for `feataug convert` and `transfer.safe_load`: nothing from a file runs and
+"""Crafted bad input for `feataug convert` and `pretrain.utils.safe_load`: nothing from a file runs and
 nothing on disk is lost.
 
 Every refusal is checked for its exit status, its one line on stderr, and the sha256 of every
@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from feataug import cli
-from transfer import safe_load
+from pretrain.utils import safe_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PAYLOADS = ("os.system", "builtins.exec", "pathlib.Path.touch")

@@ -27,6 +27,7 @@ from detect_data import make_voc  # noqa: E402
 from test_safety_transfer import Payload, snapshot  # noqa: E402
 
 from transfer import convert, detect  # noqa: E402
+from transfer.weights import checkpointer_class  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 TINY = CONFIGS / "tiny_faster_R18_FPN.yaml"
@@ -114,7 +115,7 @@ def test_weights_with_a_payload_are_refused(payload, suffix, tmp_path, capsys, c
     assert f"{bad}: refused to load: its pickle names {names.get(payload, payload)}," in line
     model = torch.nn.Linear(1, 1)
     with pytest.raises(detect.DetectError, match="refused to load"):
-        detect.checkpointer_class()(model).load(str(bad))
+        checkpointer_class()(model).load(str(bad))
     assert not marker.exists()
 
 
@@ -144,6 +145,10 @@ CASES = [
     ("unconverted torchvision", ["MODEL.WEIGHTS", "tv18"], TINY,
      "100 of 100 backbone tensors would stay random (backbone.bottom_up.stem.conv1.weight"),
     ("pretraining last.pth", ["MODEL.WEIGHTS", "last"], TINY, "not converted? run feataug convert"),
+    ("config without the weights' normalisation", ["MODEL.WEIGHTS", "r18", "MODEL.PIXEL_STD",
+     "[1.0, 1.0, 1.0]", "INPUT.FORMAT", "BGR"], TINY,
+     "these weights need INPUT.FORMAT RGB (config: BGR); MODEL.PIXEL_STD [58.395, 57.12, 57.375] "
+     "(config: [1.0, 1.0, 1.0])"),
     ("C4 res5 tensor missing", ["MODEL.WEIGHTS", "cut"], C4,
      "1 of 265 backbone tensors would stay random (roi_heads.res5.2.conv3.norm.running_var); "
      "the file holds a ResNet-50 but not these"),  # 265: 53 convs + 53 BNs x 4

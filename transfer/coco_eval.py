@@ -1,5 +1,8 @@
 """Fast, exact COCO evaluation, and the ``feataug coco-eval`` command.
 
+One concern: COCO evaluation (input checks, the two backends, the report, the Detectron2
+evaluator that uses it).
+
 The numbers come from ``faster-coco-eval`` (C++ matching and accumulation) when it is importable
 and from pycocotools otherwise; both give the same 12 summary statistics. faster-coco-eval runs
 with its pycocotools-compatible settings (no LVIS rules, no separate evaluate/accumulate pass, no
@@ -34,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.errors import DataError
+
 STAT_NAMES = tuple("AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl".split())
 IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("faster-coco-eval", "pycocotools")
@@ -42,7 +47,7 @@ PathLike = str | os.PathLike
 logger = logging.getLogger(__name__)
 
 
-class COCOEvalError(ValueError):
+class COCOEvalError(DataError, ValueError):
     """A ground-truth or results file that cannot be evaluated; the message names the file."""
 
 

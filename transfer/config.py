@@ -24,9 +24,7 @@ from pathlib import Path
 
 from detectron2.config import CfgNode, get_cfg
 
-
-class ConfigError(Exception):
-    """A detection config file or override that cannot be used."""
+from pretrain.errors import ConfigError
 
 
 def add_feataug_config(cfg: CfgNode) -> CfgNode:

@@ -1,5 +1,8 @@
 """Convert a pretrained ResNet trunk into Detectron2 weights, exactly or not at all.
 
+One concern: conversion (formats, checks, renaming, the command), kept together so that every
+format's rule can be read in one place.
+
 A self-supervised checkpoint keeps the trunk somewhere inside it, under a key prefix that
 depends on the code that wrote it (``module.encoder_q.`` for MoCo, ``module.encoder.`` for
 SimSiam, ...). :data:`FORMATS` lists where each known format keeps it; the trunk is found by
@@ -19,7 +22,7 @@ Name mapping (torchvision -> Detectron2)::
 Heads (``fc``), momentum encoders, queues, predictors and ``num_batches_tracked`` are dropped and
 reported. Anything that would make the conversion inexact is refused with one line and no output.
 
-Nothing in the input is run: it is read by :func:`transfer.safe_load.load_torch`, which imports
+Nothing in the input is run: it is read by :func:`pretrain.utils.safe_load.load_torch`, which imports
 no class or function the file names beyond an allow-list (tensors, numpy arrays, containers,
 ``argparse.Namespace``) and keeps other objects as inert placeholders. The output is never the
 input (under any path or link) and replaces an existing file only with ``--overwrite``.
@@ -42,8 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.errors import CheckpointError
+from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.utils import safe_load
 from pretrain.utils.io import atomic_write
-from transfer import safe_load
 
 __all__ = [
     "FORMATS",
@@ -55,13 +60,13 @@ __all__ = [
     "detectron2_opts",
     "detect_format",
     "infer_depth",
-    "load_checkpoint",
+    "read_checkpoint",
     "torchvision_to_detectron2",
 ]
 
 # ImageNet normalisation of torchvision-style weights, in Detectron2's 0-255 pixel units.
-PIXEL_MEAN = (123.675, 116.280, 103.530)
-PIXEL_STD = (58.395, 57.120, 57.375)
+PIXEL_MEAN = tuple(round(255 * m, 3) for m in IMAGENET_MEAN)  # (123.675, 116.28, 103.53)
+PIXEL_STD = tuple(round(255 * s, 3) for s in IMAGENET_STD)  # (58.395, 57.12, 57.375)
 
 # (blocks per stage, bottleneck?) -> depth
 DEPTHS = {
@@ -73,7 +78,7 @@ DEPTHS = {
 }
 
 
-class ConvertError(Exception):
+class ConvertError(CheckpointError):
     """A checkpoint that cannot be converted exactly. The message is one line naming the file."""
 
 
@@ -156,10 +161,10 @@ class Conversion:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: str | Path, notes: list[str] | None = None) -> Mapping:
+def read_checkpoint(path: str | Path, notes: list[str] | None = None) -> Mapping:
     """Read a checkpoint on the CPU without running anything from it.
 
-    :func:`transfer.safe_load.load_torch` with placeholders: tensors, numpy arrays, containers
+    :func:`pretrain.utils.safe_load.load_torch` with placeholders: tensors, numpy arrays, containers
     and ``argparse.Namespace`` are read; objects of any other class (hyper-parameters or
     options of training code) become inert placeholders, whose names are added to ``notes``.
     """
@@ -354,7 +359,7 @@ def convert_checkpoint(path: str | Path, fmt: str = "auto") -> Conversion:
     """Read ``path``, find and check its ResNet trunk, and rename it for Detectron2."""
     source = str(path)
     notes: list[str] = []
-    ckpt = load_checkpoint(path, notes)
+    ckpt = read_checkpoint(path, notes)
     form, container_path, container, prefix = detect_format(ckpt, fmt, source)
 
     trunk: dict[str, torch.Tensor] = {}
@@ -419,7 +424,8 @@ def convert(
     src, dst = Path(src), Path(dst)
     _check_output(src, dst, overwrite)
     conv = convert_checkpoint(src, fmt)
-    payload = {"model": conv.model, "__author__": "feataug", "matching_heuristics": True}
+    payload = {"model": conv.model, "__author__": "feataug", "matching_heuristics": True,
+               "feataug": {"config": detectron2_settings(conv.depth), "format": conv.format.name}}
     try:
         atomic_write(dst, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError as e:
@@ -427,18 +433,27 @@ def convert(
     return conv
 
 
-def detectron2_opts(depth: int) -> list[str]:
-    """Detectron2 config overrides (``cfg.merge_from_list`` form) these weights need."""
-    opts = [
-        "INPUT.FORMAT", "RGB",
-        "MODEL.PIXEL_MEAN", "[" + ", ".join(f"{v:.3f}" for v in PIXEL_MEAN) + "]",
-        "MODEL.PIXEL_STD", "[" + ", ".join(f"{v:.3f}" for v in PIXEL_STD) + "]",
-        "MODEL.RESNETS.DEPTH", str(depth),
-        "MODEL.RESNETS.STRIDE_IN_1X1", "False",
-    ]  # fmt: skip
+def detectron2_settings(depth: int) -> dict[str, Any]:
+    """Detectron2 config values these weights need: torchvision's RGB input and ImageNet
+    normalisation, stride in the 3x3 conv, and the basic-block widths of ResNet-18/34. The
+    converted file carries them (``"feataug": {"config": ...}``) and ``feataug detect`` checks
+    the config against them."""
+    settings: dict[str, Any] = {
+        "INPUT.FORMAT": "RGB", "MODEL.PIXEL_MEAN": list(PIXEL_MEAN),
+        "MODEL.PIXEL_STD": list(PIXEL_STD), "MODEL.RESNETS.DEPTH": depth,
+        "MODEL.RESNETS.STRIDE_IN_1X1": False,
+    }  # fmt: skip
     if depth in (18, 34):
-        opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.RES5_DILATION", "1"]
-    return opts
+        settings |= {"MODEL.RESNETS.RES2_OUT_CHANNELS": 64, "MODEL.RESNETS.RES5_DILATION": 1}
+    return settings
+
+
+def detectron2_opts(depth: int) -> list[str]:
+    """:func:`detectron2_settings` as config overrides (``cfg.merge_from_list`` form)."""
+    def text(v):
+        return "[" + ", ".join(f"{x:.3f}" for x in v) + "]" if isinstance(v, list) else str(v)
+
+    return [x for k, v in detectron2_settings(depth).items() for x in (k, text(v))]
 
 
 # ----------------------------------------------------------------------------- command line

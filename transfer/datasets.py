@@ -9,7 +9,7 @@ VOC layout (``ROOT``)::
 The reader accepts what real exports contain: float box coordinates, an empty or missing
 ``<difficult/>``, a missing ``<size>`` (read from the image), class names with spaces or
 slashes. Records keep each object's ``difficult`` flag; the VOC evaluator
-(``transfer.trainer.VOCEvaluator``) evaluates against these records instead of re-reading the XML.
+(``transfer.evaluation.VOCEvaluator``) evaluates against these records instead of re-reading the XML.
 
 Boxes follow Detectron2's VOC convention: VOC coordinates are 1-based inclusive pixel
 indices, so ``xmin``/``ymin`` are shifted by -1 into Detectron2's continuous coordinates.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -33,6 +32,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.structures import BoxMode
+
+from transfer.voc import DatasetError, parse_voc_xml
 
 __all__ = [
     "CLIP_TOLERANCE",
@@ -70,10 +71,6 @@ STANDARD_VOC_SPLITS = {
 }
 
 
-class DatasetError(Exception):
-    """A dataset that cannot be registered or read; the message names the file."""
-
-
 def datasets_root() -> Path:
     """``$DETECTRON2_DATASETS`` or ``./datasets`` (Detectron2's convention)."""
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
@@ -96,28 +93,9 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- VOC
-def _text(node: ET.Element | None, tag: str) -> str | None:
-    child = None if node is None else node.find(tag)
-    if child is None or child.text is None:
-        return None
-    return child.text.strip() or None
-
-
-def _number(node: ET.Element | None, tag: str, file: Path, what: str) -> float:
-    s = _text(node, tag)
-    if s is None:
-        raise DatasetError(f"{file}: {what} has no <{tag}>")
-    try:
-        return float(s)
-    except ValueError:
-        raise DatasetError(f"{file}: {what} <{tag}> is not a number: {s!r}") from None
-
-
 def _parse_voc_xml(path: str) -> tuple[tuple[int, int] | None, tuple[tuple, ...]]:
-    """``((width, height) or None, ((name, (x1, y1, x2, y2), difficult), ...))`` in VOC units.
-
-    Cached per (path, modification time, size): class collection and loading read each file once.
-    """
+    """:func:`transfer.voc.parse_voc_xml` of a file, cached per (path, modification time, size):
+    class collection and loading read each file once."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -127,41 +105,11 @@ def _parse_voc_xml(path: str) -> tuple[tuple[int, int] | None, tuple[tuple, ...]
 
 @cache
 def _parse_voc_xml_cached(path: str, mtime_ns: int, size: int):
-    file = Path(path)
     try:
-        root = ET.parse(file).getroot()
-    except ET.ParseError as e:
-        raise DatasetError(f"{file}: invalid XML ({e})") from None
-    size = root.find("size")
-    wh = None
-    if _text(size, "width") and _text(size, "height"):
-        wh = (
-            round(_number(size, "width", file, "<size>")),
-            round(_number(size, "height", file, "<size>")),
-        )
-        if wh[0] <= 0 or wh[1] <= 0:
-            wh = None  # some exporters write 0; read the image instead
-    objects = []
-    for k, obj in enumerate(root.findall("object")):
-        name = _text(obj, "name")
-        if name is None:
-            raise DatasetError(f"{file}: object {k} has no <name>")
-        box = obj.find("bndbox")
-        if box is None:
-            raise DatasetError(f"{file}: object {k} ({name}) has no <bndbox>")
-        what = f"object {k} ({name}) <bndbox>"
-        x1, y1, x2, y2 = (_number(box, t, file, what) for t in ("xmin", "ymin", "xmax", "ymax"))
-        if x2 < x1 or y2 < y1:
-            raise DatasetError(f"{file}: object {k} ({name}) has xmax < xmin or ymax < ymin")
-        difficult = _text(obj, "difficult")
-        try:
-            difficult = int(float(difficult)) if difficult is not None else 0
-        except ValueError:
-            raise DatasetError(
-                f"{file}: object {k} ({name}) <difficult> is {difficult!r}"
-            ) from None
-        objects.append((name, (x1, y1, x2, y2), bool(difficult)))
-    return wh, tuple(objects)
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_voc_xml(data, path)
 
 
 def _read_split(root: Path, split: str) -> list[str]:

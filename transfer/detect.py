@@ -11,35 +11,34 @@ trials::
 Every run writes ``OUTPUT_DIR/eval_results.json`` (the evaluators' nested dict). With
 ``--trials K`` trial ``k`` runs with ``SEED`` = base + k (base = ``SEED``, or 0 when negative) in
 ``OUTPUT_DIR/trial<k>/``, and ``OUTPUT_DIR/trials.json`` / ``trials.md`` hold every metric's mean
-and sample standard deviation (n - 1 denominator; 0 for a single trial). ``--resume`` skips
+and sample standard deviation (n − 1 denominator; undefined, shown n/a, for a single trial). ``--resume`` skips
 trials that already have results and resumes the others from their last checkpoint.
 
-Weights are checked before anything runs or is written: ``MODEL.WEIGHTS`` is read without
-executing anything from it (:func:`transfer.safe_load.load_detectron2_weights`), and loaded into
-the model (built on the meta device, no memory) as Detectron2 will load it. Training needs every
-ResNet trunk tensor from the file with its shape (``backbone.bottom_up.*`` in FPN models; in C4
-models ``backbone.*`` and ``roi_heads.res5.*`` except the added ``res5.norm``), ``--eval-only``
-every model tensor. An empty ``MODEL.WEIGHTS`` (random initialization) needs ``--from-scratch``.
+Weights are checked before anything runs or is written (``transfer/weights.py``): read without
+executing anything from them, they must fit the model; an empty ``MODEL.WEIGHTS`` (random
+initialization) needs ``--from-scratch``. Trial summaries: ``transfer/trials.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import logging
-import math
 import os
-import re
 import sys
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
+from pretrain.errors import FeatAugError
 from pretrain.utils.io import atomic_write_text
+from transfer.trials import (
+    _plain,
+    flatten_metrics,
+    format_trials_markdown,
+    summarize_trials,
+    write_trials,
+)
+from transfer.weights import DetectError, check_weights, checkpointer_class
 
 __all__ = [
     "DetectError",
@@ -55,10 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("transfer.detect")
-
-
-class DetectError(Exception):
-    """A detection run that cannot start (bad flags, unregistered data, class mismatch)."""
 
 
 # ------------------------------------------------------------------------------- command line
@@ -122,19 +117,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from transfer.config import ConfigError
-    from transfer.datasets import DatasetError
 
     try:
         _check_args(args)
         cfg = setup(args)  # validates config and datasets before any process starts
-    except (ConfigError, DatasetError, DetectError) as e:
+    except FeatAugError as e:
         print(f"feataug detect: error: {e}", file=sys.stderr)
         return 2
     if args.num_gpus * args.num_machines == 1:
         try:
             run(cfg, args)
-        except (DatasetError, DetectError) as e:  # records are read when training starts
+        except FeatAugError as e:  # records are read when training starts
             print(f"feataug detect: error: {e}", file=sys.stderr)
             return 1
     else:
@@ -234,7 +227,7 @@ def setup(args: argparse.Namespace):
         datasets.register_coco(name, json_file, image_root, replace=True)
 
     _check_datasets(cfg, eval_only=args.eval_only)
-    _check_weights(cfg, args)
+    check_weights(cfg, args)
     _check_output_dir(cfg.OUTPUT_DIR)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("feataug detect: CUDA is not available, running on CPU", file=sys.stderr)
@@ -299,192 +292,6 @@ def _check_datasets(cfg, eval_only: bool) -> None:
                 f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
                 f"{name!r} has {len(classes)} classes (set DATASETS.AUTO_NUM_CLASSES True to follow the data)"
             )
-
-
-# ---------------------------------------------------------------------------------- weights
-def _check_weights(cfg, args: argparse.Namespace) -> None:
-    """``MODEL.WEIGHTS`` agrees with ``--from-scratch``, reads safely and fits the model."""
-    weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        if args.eval_only:
-            raise DetectError("--eval-only evaluates MODEL.WEIGHTS, which is empty")
-        if not args.from_scratch:
-            raise DetectError(
-                "MODEL.WEIGHTS is empty: the model would train from random initialization; "
-                "give weights (e.g. from feataug convert) or pass --from-scratch"
-            )
-        return
-    if args.from_scratch:
-        raise DetectError(f"--from-scratch contradicts MODEL.WEIGHTS {weights}: drop one of them")
-    local = weights
-    if "://" in weights:
-        from detectron2.utils.file_io import PathManager
-
-        try:
-            local = PathManager.get_local_path(weights)
-        except Exception as e:
-            raise DetectError(f"{weights}: MODEL.WEIGHTS cannot be fetched ({e})") from None
-    if not Path(local).is_file():
-        raise DetectError(f"{weights}: MODEL.WEIGHTS file not found")
-    from transfer.safe_load import UnsafeFileError, load_detectron2_weights
-
-    try:
-        data = load_detectron2_weights(local)
-    except UnsafeFileError as e:
-        raise DetectError(f"MODEL.WEIGHTS {e}") from None
-    # --eval-only evaluates OUTPUT_DIR's own checkpoint when resuming from one
-    resumed = args.resume and Path(cfg.OUTPUT_DIR, "last_checkpoint").is_file()
-    if not (args.eval_only and resumed):
-        _check_fit(cfg, weights, data, complete=args.eval_only)
-
-
-def _tensor_like(v) -> bool:
-    import torch
-
-    return isinstance(v, np.ndarray | torch.Tensor)
-
-
-def _trunk_keys(keys: Sequence[str]) -> list[str]:
-    """The ResNet trunk's keys of a detector state_dict: ``backbone.bottom_up.*`` (FPN), or
-    ``backbone.*`` and ``roi_heads.res5.*`` without the added ``res5.norm`` (C4)."""
-    base = (
-        "backbone.bottom_up."
-        if any(k.startswith("backbone.bottom_up.") for k in keys)
-        else "backbone."
-    )
-    return [
-        k
-        for k in keys
-        if k.startswith(base)
-        or (k.startswith("roi_heads.res5.") and not k.startswith("roi_heads.res5.norm."))
-    ]
-
-
-_BLOCK = re.compile(r"(?:^|[._])res([2-5])[._](\d+)[._](conv[1-3]|branch2[a-c])")
-
-
-def _file_depth(keys) -> int | None:
-    """ResNet depth of Detectron2- or Caffe2-named trunk keys, if they make a known ResNet."""
-    from transfer.convert import DEPTHS
-
-    blocks, bottleneck = [0, 0, 0, 0], False
-    for k in keys:
-        m = _BLOCK.search(k)
-        if m:
-            stage, block = int(m.group(1)) - 2, int(m.group(2))
-            blocks[stage] = max(blocks[stage], block + 1)
-            bottleneck |= m.group(3) in ("conv3", "branch2c")
-    return DEPTHS.get((tuple(blocks), bottleneck))
-
-
-def _likely_cause(cfg, file_keys: Sequence[str], weights: str) -> str:
-    if any(re.search(r"(?:^|\.)layer[1-4]\.\d+\.", k) for k in file_keys):
-        return (
-            "the file has torchvision names (layer1, ...): not converted? "
-            f"run feataug convert {weights} OUT.pkl"
-        )
-    depth, want = _file_depth(file_keys), cfg.MODEL.RESNETS.DEPTH
-    if depth is not None and depth != want:
-        return f"wrong depth? the file is ResNet-{depth}, the config MODEL.RESNETS.DEPTH {want}"
-    if depth is not None:
-        return f"the file holds a ResNet-{depth} but not these tensors, or with other shapes"
-    return f"the file's keys look like {file_keys[0]!r}" if file_keys else "the file is empty"
-
-
-@contextlib.contextmanager
-def _quiet(*names: str):
-    """Silence these loggers and their children (their warnings on the trial load would
-    otherwise reach stderr, or the log of an earlier run in this process)."""
-    loggers = [logging.getLogger(n) for n in names]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, saved, strict=True):
-            lg.setLevel(level)
-
-
-def _check_fit(cfg, weights: str, data: dict, complete: bool) -> None:
-    """Load ``data`` into the model as Detectron2 will (on the meta device) and refuse weights
-    that leave trunk tensors (``complete``: any model tensor) random or mis-shaped."""
-    import torch
-    from detectron2.modeling import build_model
-
-    import transfer.modeling  # noqa: F401  (registers the C4 heads the configs name)
-
-    file_keys = [str(k) for k in data["model"]]
-    bad_type = next((k for k, v in data["model"].items() if not _tensor_like(v)), None)
-    if bad_type is not None:
-        v = data["model"][bad_type]
-        raise DetectError(
-            f"{weights}: not Detectron2 weights (model[{bad_type!r}] is a {type(v).__name__}): "
-            f"a training checkpoint? run feataug convert {weights} OUT.pkl"
-        )
-    meta = cfg.clone()
-    meta.MODEL.DEVICE = "meta"
-    with _quiet("detectron2", "fvcore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch: copying into meta tensors is a no-op
-        with torch.device("meta"):
-            model = build_model(meta)
-        checkpoint = {**data, "model": dict(data["model"])}
-        try:
-            result = checkpointer_class()(model)._load_model(checkpoint)
-        except (TypeError, ValueError, RuntimeError) as e:  # e.g. arrays of Python objects
-            reason = " ".join(str(e).split())[:160]
-            raise DetectError(f"{weights}: cannot be loaded into the model ({reason})") from None
-    keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    shapes = {k: (tuple(a), tuple(b)) for k, a, b in result.incorrect_shapes}
-    lost = set(result.missing_keys) | set(shapes)
-    trunk = _trunk_keys(keys)
-    wanted = keys if complete else trunk
-    bad = [k for k in wanted if k in lost]
-    if not bad:
-        return
-    listing = ", ".join(
-        f"{k} (shape {shapes[k][0]} in the file, {shapes[k][1]} in the model)" if k in shapes else k
-        for k in bad[:3]
-    ) + (", ..." if len(bad) > 3 else "")
-    if complete:
-        what = (
-            f"--eval-only needs the whole model from the file, but {len(bad)} of {len(wanted)} "
-            "model tensors are not in it or have another shape"
-        )
-        if not any(k in lost for k in trunk):
-            cause = "only the backbone is there: evaluate a trained detector (model_final.pth)"
-        else:
-            cause = _likely_cause(cfg, file_keys, weights)
-    else:
-        what = f"{len(bad)} of {len(wanted)} backbone tensors would stay random"
-        cause = _likely_cause(cfg, file_keys, weights)
-    raise DetectError(f"{weights}: {what} ({listing}); {cause}")
-
-
-@functools.cache
-def checkpointer_class():
-    """Detectron2's ``DetectionCheckpointer`` reading weights through ``transfer.safe_load``."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    from transfer import safe_load
-
-    class SafeCheckpointer(DetectionCheckpointer):
-        """``.pkl`` through the restricted unpickler, other files through ``load_torch`` (no
-        placeholders): nothing from a weights file runs. Refusals raise :class:`DetectError`."""
-
-        def _load_file(self, filename):
-            try:
-                if filename.endswith(".pkl"):
-                    return safe_load.load_detectron2_weights(filename)
-                return super()._load_file(filename)
-            except safe_load.UnsafeFileError as e:
-                raise DetectError(str(e)) from None
-
-        def _torch_load(self, f):
-            return safe_load.load_torch(f)
-
-    SafeCheckpointer.__module__ = __name__
-    return SafeCheckpointer
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -577,73 +384,3 @@ def _run_once(cfg, args: argparse.Namespace) -> dict:
     return results
 
 
-def _plain(obj):
-    """Evaluator output (OrderedDicts, numpy scalars) as JSON-ready values (NaN/inf -> None)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (float, np.floating, np.integer)) and not isinstance(obj, bool):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    return obj
-
-
-# ----------------------------------------------------------------------------------- trials
-def flatten_metrics(results: Mapping, prefix: str = "") -> dict[str, float]:
-    """``{"bbox": {"AP": 1.0}}`` -> ``{"bbox/AP": 1.0}`` (any depth; None kept as NaN)."""
-    flat: dict[str, float] = {}
-    for key, value in results.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, name + "/"))
-        elif value is None or isinstance(value, (int, float, np.number)):
-            flat[name] = float("nan") if value is None else float(value)
-    return flat
-
-
-def summarize_trials(per_trial: Sequence[Mapping[str, float]]) -> dict[str, dict]:
-    """Per metric: ``mean``, ``std`` (sample standard deviation, n - 1 denominator; 0 when one
-    value), ``n`` and ``values``, over the trials that report a finite value. Metric order: first
-    appearance."""
-    names: list[str] = []
-    for metrics in per_trial:
-        names += [m for m in metrics if m not in names]
-    out = {}
-    for m in names:
-        values = [float(t[m]) for t in per_trial if m in t and math.isfinite(float(t[m]))]
-        arr = np.array(values, dtype=np.float64)
-        out[m] = {
-            "mean": float(arr.mean()) if len(arr) else None,
-            "std": float(arr.std(ddof=1)) if len(arr) > 1 else (0.0 if len(arr) else None),
-            "n": len(values),
-            "values": [
-                float(t[m]) if m in t and math.isfinite(float(t[m])) else None for t in per_trial
-            ],
-        }
-    return out
-
-
-def format_trials_markdown(summary: Mapping[str, Mapping], seeds: Sequence[int]) -> str:
-    head = "| metric | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
-    rule = "|---|---|" + "---|" * len(seeds)
-    rows = []
-    for m, s in summary.items():
-        mean_std = "n/a" if s["mean"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
-        vals = " | ".join("n/a" if v is None else f"{v:.2f}" for v in s["values"])
-        rows.append(f"| {m} | {mean_std} | {vals} |")
-    return (
-        f"{len(seeds)} trials (seeds {', '.join(map(str, seeds))}); "
-        "std = sample standard deviation (n - 1)\n\n" + "\n".join([head, rule, *rows]) + "\n"
-    )
-
-
-def write_trials(output_dir: str | os.PathLike, trials: Sequence[Mapping]) -> dict:
-    """Write ``trials.json`` and ``trials.md`` in ``output_dir``; returns the summary."""
-    summary = summarize_trials([flatten_metrics(t["results"]) for t in trials])
-    seeds = [t["seed"] for t in trials]
-    doc = {"summary": summary, "trials": list(trials), "std": "sample (ddof=1)"}
-    atomic_write_text(Path(output_dir, "trials.json"), json.dumps(_plain(doc), indent=2))
-    atomic_write_text(Path(output_dir, "trials.md"), format_trials_markdown(summary, seeds))
-    logger.info("trials:\n" + format_trials_markdown(summary, seeds))
-    return summary

@@ -46,19 +46,15 @@ def clip_boxes(boxes: np.ndarray, tile: Sequence[int], min_visible: float = MIN_
 
 
 def parse_voc(xml: bytes, what: str) -> tuple[int, int, list[str], np.ndarray]:
-    """``(width, height, names, boxes (N, 4) xyxy float)`` of a VOC XML file, values as written."""
-    try:
-        root = ET.fromstring(xml)
-        width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
-        names, boxes = [], []
-        for obj in root.iter("object"):
-            names.append(obj.findtext("name").strip())
-            boxes.append(
-                [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
-            )
-    except (ET.ParseError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{what}: not a readable VOC annotation ({e})") from None
-    return width, height, names, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    """``(width, height, names, boxes (N, 4) xyxy float)`` of a VOC XML file, values as written
+    (read by ``transfer.voc``, the one VOC reader)."""
+    from transfer.voc import parse_voc_xml
+
+    wh, objects = parse_voc_xml(xml, what)
+    if wh is None:
+        raise DataError(f"{what}: no <size> with a positive width and height")
+    boxes = np.asarray([box for _, box, _ in objects], dtype=np.float64).reshape(-1, 4)
+    return wh[0], wh[1], [name for name, _, _ in objects], boxes
 
 
 def voc_xml(

@@ -42,7 +42,8 @@ def amp_dtype(precision: str, device_type: str, key: str = "SOLVER.AMP") -> torc
         return None
     if precision == "auto":
         if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if bf16 else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
     if precision == "float16" and device_type != "cuda":
         raise ConfigError(f"{key} float16 needs CUDA; use bfloat16 or off on the CPU")

@@ -1,4 +1,4 @@
-"""Read foreign checkpoints and Detectron2 weights without executing anything.
+"""Read checkpoints and weights files without executing anything from them.
 
 A pickle is a program: each global it names is imported and may be called while it loads, so a
 ``.pth`` or ``.pkl`` whose pickle names ``os.system`` runs a command. Here no global outside an
@@ -19,6 +19,7 @@ by an inert :class:`Placeholder` that stores what the pickle hands it and never 
 Placeholders let a converter read the tensors of a checkpoint that also pickles objects of
 training code (Lightning hyper-parameters, OmegaConf configs, ...) it has no reason to import.
 :func:`load_pickle` reads a plain pickle with the numpy allow-list and no placeholders.
+Every checkpoint FeatAug reads (its own, foreign ones, Detectron2 weights) comes through here.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CheckpointError
+
 __all__ = [
     "NUMPY_GLOBALS",
     "Placeholder",
     "RestrictedUnpickler",
     "UnsafeFileError",
-    "load_detectron2_weights",
     "load_pickle",
     "load_torch",
     "placeholder_class",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 
-class UnsafeFileError(Exception):
+class UnsafeFileError(CheckpointError):
     """A file that cannot be read safely, or not at all. The message is one line naming it."""
 
 
@@ -281,33 +283,3 @@ def load_torch(
             "only tensors and containers are read from the file"
         )
     return obj
-
-
-def load_detectron2_weights(path: str | Path) -> dict:
-    """What ``DetectionCheckpointer._load_file`` returns for ``path``, read safely.
-
-    ``.pkl``: :func:`load_pickle`, then Detectron2's reading of it (a Detectron2 model-zoo dict
-    with ``model`` and ``__author__`` as is; otherwise Caffe2 ``blobs`` without ``*_momentum``,
-    marked for name matching). Other files: :func:`load_torch` (no placeholders), the object
-    itself or its ``model``.
-    """
-    path = Path(path)
-    if path.suffix == ".pkl":
-        data = load_pickle(path)
-        if not isinstance(data, dict):
-            raise UnsafeFileError(f"{path}: not Detectron2 weights (a {type(data).__name__})")
-        if not ("model" in data and "__author__" in data):
-            blobs = data.get("blobs", data)
-            if not isinstance(blobs, dict):
-                raise UnsafeFileError(f"{path}: 'blobs' is a {type(blobs).__name__}, not a dict")
-            model = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
-            data = {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
-    else:
-        data = load_torch(path)
-        if not isinstance(data, dict):
-            raise UnsafeFileError(f"{path}: not model weights (a {type(data).__name__})")
-        if "model" not in data:
-            data = {"model": data}
-    if not isinstance(data["model"], dict):
-        raise UnsafeFileError(f"{path}: 'model' is a {type(data['model']).__name__}, not a dict")
-    return data
