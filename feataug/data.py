@@ -829,7 +829,10 @@ def format_summary(name: str, out: Path, summary: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", choices=list(PREPARERS), help="which dataset to prepare")
+    from feataug import scenes
+
+    choices = [*PREPARERS, scenes.NAME]
+    parser.add_argument("dataset", choices=choices, help="which dataset to prepare")
     parser.add_argument(
         "--root",
         type=Path,
@@ -850,9 +853,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="deepforest: add scikit-image's sample photos to unlabeled/",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scenes.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    from feataug import scenes
+
+    if args.dataset == scenes.NAME:
+        return scenes.main(args)
     root = Path(args.root or default_root())
     kwargs = {"source": args.source, "force": args.force}
     if args.dataset == "deepforest":
