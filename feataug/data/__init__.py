@@ -48,6 +48,7 @@ from pathlib import Path
 from pretrain.data import parse_idx as read_idx
 from pretrain.errors import DataError, FeatAugError
 
+from . import scenes
 from .deepforest import DEEPFOREST_FILES, DEEPFOREST_PREFIX, DEEPFOREST_WHEEL, prepare_deepforest
 from .fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist, prepare_fashion_mnist
 from .fetch import default_root, fetch_pip, sha256_bytes
@@ -71,6 +72,7 @@ PREPARERS = {
     "deepforest": prepare_deepforest,
     "labelme": prepare_labelme,
     "fashion-mnist": prepare_fashion_mnist,
+    scenes.NAME: scenes.prepare_fmnist_scenes,
 }
 
 
@@ -114,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="deepforest: add scikit-image's sample photos to unlabeled/",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scenes.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -121,6 +124,9 @@ def main(args: argparse.Namespace) -> int:
     kwargs = {"source": args.source, "force": args.force}
     if args.dataset == "deepforest":
         kwargs |= {"extra_photos": args.extra_photos, "progress": not args.no_progress}
+    if args.dataset == scenes.NAME:
+        kwargs |= {"train_scenes": args.train_scenes, "test_scenes": args.test_scenes,
+                   "seed": args.seed, "canvas": args.canvas}
     try:
         summary = PREPARERS[args.dataset](root, **kwargs)
     except FeatAugError as e:
