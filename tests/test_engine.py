@@ -240,7 +240,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, case):
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path):
-    with pytest.raises(CheckpointError, match="missing.pth: no such file"):
+    with pytest.raises(CheckpointError, match="missing.pth: no such checkpoint file"):
         load_checkpoint(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match="junk.pth: not a readable PyTorch checkpoint"):
