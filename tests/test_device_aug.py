@@ -46,12 +46,13 @@ def _pairs(size: int) -> dict[str, T.TwoViews]:
 
 @pytest.fixture(scope="module")
 def photos() -> list[np.ndarray]:
-    from feataug import data as fd
+    from feataug.data.deepforest import SKIMAGE_PHOTOS, SKIMAGE_PREFIX, SKIMAGE_WHEEL
+    from feataug.data.fetch import fetch_pip, read_members
+    from pretrain.errors import DataError
 
     try:
-        files = fd.read_members(fd.fetch_pip(fd.SKIMAGE_WHEEL), fd.SKIMAGE_PREFIX,
-                                fd.SKIMAGE_PHOTOS)
-    except fd.DataError as e:
+        files = read_members(fetch_pip(SKIMAGE_WHEEL), SKIMAGE_PREFIX, SKIMAGE_PHOTOS)
+    except DataError as e:
         pytest.skip(f"scikit-image photos unavailable: {e}")
     return [cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR),
                          cv2.COLOR_BGR2RGB) for b in files.values()]
