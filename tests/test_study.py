@@ -276,12 +276,59 @@ def test_aggregation_mean_std_delta_by_hand():
 
     table = study.markdown_table(grid, list(rows.values()), ["knn_top1", "linear_top1"])
     assert table.splitlines() == [
-        "| run | FA.OP | seeds | kNN top-1 | Δ kNN top-1 | linear top-1 | Δ linear top-1 |",
+        "| run | FA.OP | seeds | kNN top-1 | Δ kNN top-1 vs baseline | linear top-1 | "
+        "Δ linear top-1 vs baseline |",
         "|---|---|---|---|---|---|---|",
-        "| ri |  | 1 | 40.00 |  | 41.00 |  |",
+        "| ri |  | 1 | 40.00 | untrained | 41.00 | untrained |",
         "| off | off | 3 | 72.00 ± 2.00 | baseline | 80.50 ± 0.71 | baseline |",
-        "| fa | noise | 3 | 74.00 ± 2.65 | +2.00 ± 1.00 | 85.00 ± 1.41 | +4.00 |",
+        # 2.00 is not more than 2 x 1.00, and one seed is too few: no claim either way
+        "| fa | noise | 3 | 74.00 ± 2.65 | +2.00 ± 1.00 (no effect shown) | 85.00 ± 1.41 | "
+        "+4.00 (no effect shown) |",
     ]
+
+
+def test_claim_rule_by_hand():
+    from pretrain.utils.stats import claim
+
+    assert claim([2.1, 2.0, 1.9]) == "helps"  # same sign, 2.0 > 2 x 0.1
+    assert claim([-1.0, -1.1, -0.9]) == "hurts"
+    assert claim([1.0, 3.0, 2.0]) == "no effect shown"  # mean 2 = 2 sd, not more
+    assert claim([1.0, -0.1, 2.0]) == "no effect shown"  # signs differ
+    assert claim([5.0, 5.1]) == "no effect shown"  # fewer than 3 seeds
+    assert claim([5.0, 5.1, None]) == "no effect shown"
+
+
+def test_control_variant_is_matched_and_compared(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(f"""
+base: {TINY}
+overrides: {{DATA.ROOT: x}}
+eval: {{train: a, val: b}}
+blocks:
+  - name: m
+    control: scale
+    variants:
+      base: {{FA.ENABLED: false}}
+      scale: {{FA.ENABLED: true, FA.OP: identity}}
+      ext: {{FA.ENABLED: true, FA.OP: extrapolate}}
+""")
+    grid = study.load_grid(grid_file)
+    by = {r.name: r for r in grid.runs}
+    assert by["m.ext"].control == "m.scale" and by["m.ext"].baseline == "m.base"
+    assert by["m.scale"].control is None and by["m.scale"].baseline == "m.base"
+
+    def rec(run, seed, knn):
+        return {"run": run, "seed": seed, "status": "ok", "metrics": {"knn_top1": knn}}
+
+    records = [rec("m.base", s, 70.0 + s) for s in range(3)]
+    records += [rec("m.scale", s, 68.0 + s) for s in range(3)]
+    records += [rec("m.ext", s, 69.0 + s + 0.1 * (s == 1)) for s in range(3)]
+    rows = {r["run"]: r for r in study.summarize(grid, records, ["knn_top1"])}
+    assert rows["m.ext"]["knn_top1_claim"] == "hurts"  # -1, -0.9, -1 vs the baseline
+    assert rows["m.ext"]["knn_top1_claim_control"] == "helps"  # +1, +1.1, +1 vs the control
+    assert rows["m.scale"]["knn_top1_claim"] == "hurts"
+    line = study.markdown_table(grid, list(rows.values()), ["knn_top1"]).splitlines()[-1]
+    assert line.endswith("| -0.97 ± 0.06 **hurts** | +1.03 ± 0.06 **helps** |")
 
 
 def test_mean_std_matches_numpy():

@@ -37,7 +37,7 @@ def format_plan(grid: Grid, seeds: Sequence[int]) -> str:
                                              if (k, v) in shared))
     for run in grid.runs:
         ref = ("reference" if run.random_init else "baseline" if run.baseline is None
-               else f"vs {run.baseline}")
+               else f"vs {run.baseline}" + (f", {run.control}" if run.control else ""))
         over = " ".join(f"{k}={_fmt(v)}" for k, v in run.overrides if (k, v) not in shared)
         lines.append(f"  {run.name:<40} {ref:<28} {over}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ EVAL_DEFAULTS = dict(train="", val="", format="folder", max_train=0, max_val=0,
                      num_workers=0, image_size=0)
 GRID_KEYS = {"base", "seeds", "jobs", "prepare", "random_init", "overrides", "eval", "blocks",
              "description"}
-BLOCK_KEYS = {"name", "base", "overrides", "variants", "axes", "skip_invalid"}
+BLOCK_KEYS = {"name", "base", "overrides", "variants", "axes", "skip_invalid", "control"}
 
 
 class StudyError(FeatAugError):
@@ -41,6 +41,7 @@ class Run:
     overrides: tuple[tuple[str, Any], ...]  # KEY, value pairs applied to config_file
     random_init: bool = False  # evaluate the untrained trunk instead of pretraining
     baseline: str | None = None  # name of the matching FA-off run
+    control: str | None = None  # name of the matching loss-scale control run (FA runs only)
     settings: tuple[tuple[str, str], ...] = ()  # study axis -> value shown in tables and plots
 
     def opts(self) -> list:
@@ -170,6 +171,9 @@ def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root:
     for key, values in axes.items():
         _need(isinstance(values, list) and values, bwhere, f"axis {key} needs a non-empty list")
     skip_invalid = bool(block.get("skip_invalid", False))
+    control = block.get("control")
+    _need(control is None or control in variants, bwhere,
+          f"control {control!r} is not one of the block's variants ({', '.join(variants)})")
 
     out, refused, used = [], {}, set()
     for combo in itertools.product(*axes.values()):
@@ -199,13 +203,13 @@ def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root:
             ]
             used.update((k, _fmt(v)) for k, v in chosen.items())
             name = _safe(".".join(p for p in parts if p))
-            out.append((name, str(config_file), over, cfg))
+            out.append((name, str(config_file), over, cfg, vname == control))
     for (key, value), reason in refused.items():
         _need((key, _fmt(value)) in used, bwhere, f"{key} value {value!r} is never valid: {reason}")
     return out
 
 
-def _study_axes(runs: Sequence[tuple[str, str, dict, Any]], priority: Sequence[str]) -> list[str]:
+def _study_axes(runs: Sequence[tuple], priority: Sequence[str]) -> list[str]:
     """The config keys that describe how the runs differ.
 
     Candidates are the overridden keys, in ``priority`` order (axes, then variant keys, then
@@ -214,11 +218,12 @@ def _study_axes(runs: Sequence[tuple[str, str, dict, Any]], priority: Sequence[s
     the method, or FA.ROLE that follows FA.OP, by those keys); then kept keys that the others
     determine are dropped. Kept keys are returned in order of first appearance.
     """
-    overridden = list(dict.fromkeys(k for _, _, over, _ in runs for k in over))
+    overridden = list(dict.fromkeys(k for _, _, over, *_ in runs for k in over))
     order = [k for k in dict.fromkeys([*priority, *overridden]) if k != "FA.ENABLED"]
 
     def determined(key: str, by: list[str]) -> bool:  # is key's value a function of by's values?
-        pairs = {(tuple(_setting(cfg, k) for k in by), _setting(cfg, key)) for *_, cfg in runs}
+        pairs = {(tuple(_setting(cfg, k) for k in by), _setting(cfg, key))
+                 for _, _, _, cfg, *_ in runs}
         return len(pairs) == len({ctx for ctx, _ in pairs})
 
     kept: list[str] = []
@@ -269,25 +274,30 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
             for v in _mapping(block.get("variants"), where, "variants").values():
                 variant_keys += list(v or {}) if isinstance(v, dict) else []
             block_keys += list(_mapping(block.get("overrides"), where, "overrides"))
-        for name, config_file, over, cfg in _expand_block(block, i, path.parent, top, data_root,
-                                                          where):
+        for name, config_file, over, cfg, is_control in _expand_block(block, i, path.parent, top,
+                                                                      data_root, where):
             key = (config_file, _digest_cfg(cfg))
             if key in seen:  # the same run reached twice (e.g. FA off under several FA values)
                 continue
             _need(name not in {n for n, *_ in expanded}, where,
                   f"two different runs are both named {name!r}; give the variants distinct names")
             seen[key] = name
-            expanded.append((name, config_file, over, cfg))
+            expanded.append((name, config_file, over, cfg, is_control))
 
     axes = _study_axes(expanded, [*axis_keys, *variant_keys, *block_keys])
     baselines = {_digest_cfg(cfg, drop_fa=True): name
-                 for name, _, _, cfg in expanded if not cfg.FA.ENABLED}
-    runs = [Run(name, config_file, tuple(over.items()),
-                baseline=baselines.get(_digest_cfg(cfg, drop_fa=True)) if cfg.FA.ENABLED else None,
-                settings=tuple((k, _setting(cfg, k)) for k in axes))
-            for name, config_file, over, cfg in expanded]
+                 for name, _, _, cfg, _ in expanded if not cfg.FA.ENABLED}
+    controls = {_digest_cfg(cfg, drop_fa=True): name
+                for name, _, _, cfg, is_control in expanded if is_control and cfg.FA.ENABLED}
+    runs = []
+    for name, config_file, over, cfg, is_control in expanded:
+        same = _digest_cfg(cfg, drop_fa=True)
+        runs.append(Run(name, config_file, tuple(over.items()),
+                        baseline=baselines.get(same) if cfg.FA.ENABLED else None,
+                        control=controls.get(same) if cfg.FA.ENABLED and not is_control else None,
+                        settings=tuple((k, _setting(cfg, k)) for k in axes)))
     if top.get("random_init"):
-        _, file0, over0, _ = expanded[0]  # the first run's trunk, untrained
+        _, file0, over0, *_ = expanded[0]  # the first run's trunk, untrained
         over = {k: v for k, v in over0.items() if not k.startswith("FA.")}
         runs.insert(0, Run(RANDOM_INIT, file0, tuple(over.items()), random_init=True,
                            settings=tuple((k, "") for k in axes)))

@@ -151,7 +151,8 @@ def run_study(grid: Grid, out: str | os.PathLike, seeds: Sequence[int],
              f"{shown if rec['status'] == 'ok' else 'FAILED ' + rec['error']} "
              f"({rec['wall_s']:.0f} s; elapsed {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left)")
         write_reports(grid, out, records.values(), seeds, plots=False)
-    write_reports(grid, out, records.values(), seeds, plots=plots)
+    write_reports(grid, out, records.values(), seeds, plots=plots,
+                  wall_s=time.perf_counter() - t0 if todo else None)
     return [records[(j.run.name, j.seed)] for j in all_jobs if (j.run.name, j.seed) in records]
 
 

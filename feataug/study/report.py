@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pretrain.utils.io import atomic_open, atomic_write_text
-from pretrain.utils.stats import mean_std
+from pretrain.utils.stats import claim, mean_std
 
 from .grid import Grid, _safe
 
@@ -21,10 +21,12 @@ MAX_GROUPS = 12  # plots with more contexts than this show the mean over the oth
 
 
 def summarize(grid: Grid, records: Iterable[dict], metrics: Sequence[str]) -> list[dict]:
-    """Per run: seeds, mean/std of each metric over seeds and the delta vs. the matching baseline.
+    """Per run: seeds, mean/std of each metric over seeds, and against the matching baseline
+    (``M_delta``, ``M_claim``) and the matching loss-scale control (``M_vs_control``,
+    ``M_claim_control``) the paired differences.
 
-    Delta = mean over the seeds both runs finished of (run - baseline), same seed; its std is the
-    sample std of those paired differences.
+    Delta = mean over the seeds both runs finished of (run − reference), same seed; its std is
+    the sample std of those paired differences; the claim is ``pretrain.utils.stats.claim``.
     """
     values: dict[str, dict[str, dict[int, float]]] = {}
     for rec in records:
@@ -37,15 +39,18 @@ def summarize(grid: Grid, records: Iterable[dict], metrics: Sequence[str]) -> li
     rows = []
     for run in grid.runs:
         mine = values.get(run.name, {})
-        row = dict(run=run.name, baseline=run.baseline, random_init=run.random_init,
+        row = dict(run=run.name, baseline=run.baseline, control=run.control,
+                   random_init=run.random_init,
                    settings=dict(run.settings),
                    seeds=sorted({s for per in mine.values() for s in per}))
         for m in metrics:
             per = mine.get(m, {})
             row[m] = mean_std(list(per.values()))
-            base = values.get(run.baseline, {}).get(m, {}) if run.baseline else {}
-            common = sorted(set(per) & set(base))
-            row[m + "_delta"] = mean_std([per[s] - base[s] for s in common])
+            for ref, tag in ((run.baseline, ""), (run.control, "_control")):
+                other = values.get(ref, {}).get(m, {}) if ref else {}
+                diffs = [per[s] - other[s] for s in sorted(set(per) & set(other))]
+                row[m + ("_delta" if not tag else "_vs_control")] = mean_std(diffs)
+                row[m + "_claim" + tag] = claim(diffs) if ref else ""
         rows.append(row)
     return rows
 
@@ -58,23 +63,34 @@ def _pm(ms: tuple[float, float], signed: bool = False) -> str:
     return text if math.isnan(s) else f"{text} ± {s:.2f}"
 
 
+def _verdict(row: dict, m: str, tag: str = "") -> str:
+    c = row[m + "_claim" + tag]
+    return f" **{c}**" if c in ("helps", "hurts") else (" (no effect shown)" if c else "")
+
+
 def markdown_table(grid: Grid, rows: list[dict], metrics: Sequence[str]) -> str:
-    """One line per run: its study-axis values, seeds, mean ± std and delta of each metric."""
+    """One line per run: its study-axis values, seeds, mean ± std of each metric, and the paired
+    Δ against the matching baseline (and control, when the grid names one) with the claim."""
+    controls = any(r.get("control") for r in rows)
     head = ["run", *grid.axes, "seeds"]
     for m in metrics:
-        head += [METRICS.get(m, m), f"Δ {METRICS.get(m, m)}"]
+        head += [METRICS.get(m, m), f"Δ {METRICS.get(m, m)} vs baseline"]
+        head += ["Δ vs scale control"] if controls else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["run"], *(row["settings"].get(a, "") for a in grid.axes),
                  str(len(row["seeds"]))]
         for m in metrics:
             if row["random_init"]:
-                delta = ""
+                delta = "untrained"
             elif row["baseline"] is None:
                 delta = "baseline"
             else:
-                delta = _pm(row[m + "_delta"], signed=True)
+                delta = _pm(row[m + "_delta"], signed=True) + _verdict(row, m)
             cells += [_pm(row[m]), delta]
+            if controls:
+                cells.append(_pm(row[m + "_vs_control"], signed=True) + _verdict(row, m, "_control")
+                             if row.get("control") else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -85,7 +101,7 @@ def _metrics_present(records: Iterable[dict]) -> list[str]:
 
 
 def write_reports(grid: Grid, out: Path, records: Iterable[dict], seeds: Sequence[int],
-                  plots: bool = True) -> None:
+                  plots: bool = True, wall_s: float | None = None) -> None:
     """``results.csv``, ``results.md`` and (with ``plots``) ``plots/<AXIS>.png`` in ``out``."""
     order = {run.name: i for i, run in enumerate(grid.runs)}
     records = sorted((r for r in records if r["run"] in order),
@@ -110,9 +126,13 @@ def write_reports(grid: Grid, out: Path, records: Iterable[dict], seeds: Sequenc
     text = [f"# Study `{grid.path}`", "",
             f"{len(grid.runs)} runs x seeds {list(seeds)}: {ok} jobs finished"
             + (f", {len(failed)} failed" if failed else "")
-            + f"; compute time {total_s / 60:.1f} min (sum over jobs).", "",
+            + f"; compute time {total_s / 60:.1f} min (sum over jobs)"
+            + (f", wall time of this invocation {wall_s / 60:.1f} min" if wall_s else "")
+            + ".", "",
             "Top-1 (%) is mean ± sample std over seeds. Δ is the mean over seeds of (run − its "
-            "matching FA-off baseline, same seed) ± the std of those differences.", ""]
+            "matching FA-off baseline, or its loss-scale control; same seed) ± the std of those "
+            "paired differences. A run **helps** / **hurts** only when every paired Δ has the "
+            "same sign and |mean Δ| > 2 sd over ≥ 3 seeds; otherwise no effect is shown.", ""]
     text.append(markdown_table(grid, rows, metrics) if metrics else "(no finished jobs yet)\n")
     if failed:
         text += ["", "Failed jobs:", *(f"- {f}" for f in failed)]

@@ -6,6 +6,22 @@ import math
 from collections.abc import Sequence
 
 
+def claim(deltas: Sequence[float], min_n: int = 3) -> str:
+    """The claim rule for paired differences (run − reference, one per seed).
+
+    ``"helps"`` / ``"hurts"`` only when there are at least ``min_n`` of them, every one has the
+    same sign, and |mean| > 2 × their sample standard deviation; otherwise ``"no effect shown"``.
+    """
+    vals = [float(d) for d in deltas if d is not None and math.isfinite(float(d))]
+    if len(vals) < min_n:
+        return "no effect shown"
+    mean, sd = mean_std(vals)
+    same_sign = all(v > 0 for v in vals) or all(v < 0 for v in vals)
+    if same_sign and abs(mean) > 2 * sd:
+        return "helps" if mean > 0 else "hurts"
+    return "no effect shown"
+
+
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n − 1 denominator) of the finite values of ``xs``.
 
