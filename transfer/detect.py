@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pretrain.errors import FeatAugError
 from pretrain.utils.io import atomic_write_text
+from pretrain.utils.logger import setup_logging
 from transfer.trials import (
     _plain,
     flatten_metrics,
@@ -181,6 +182,7 @@ def run_detection(
     register_coco: Sequence[Sequence[str]] = (),
     trials: int | None = None,
     eval_only: bool = False,
+    quiet: bool = False,
     resume: bool = False,
     from_scratch: bool = False,
 ) -> dict:
@@ -188,7 +190,8 @@ def run_detection(
 
     ``register_voc``: ``(NAME, ROOT, SPLIT)`` triples; ``register_coco``: ``(NAME, JSON,
     IMAGE_ROOT)``. ``from_scratch``: train from random initialization (``MODEL.WEIGHTS`` must be
-    empty; without it empty weights are refused). Returns the evaluation results (nested dict
+    empty; without it empty weights are refused). ``quiet``: Detectron2's log goes to
+    ``OUTPUT_DIR/log.txt`` only, not to the console. Returns the evaluation results (nested dict
     as in ``eval_results.json``), or ``{"trials": [...], "summary": {...}}`` with ``trials``.
     Raises ``ConfigError``, ``DatasetError`` or :class:`DetectError` on bad input.
     """
@@ -205,6 +208,7 @@ def run_detection(
         from_scratch=from_scratch,
         trials=trials,
         opts=[str(o) for o in opts],
+        quiet=quiet,
     )
     _check_args(args)
     return run(setup(args), args)
@@ -315,16 +319,12 @@ def _worker(args: argparse.Namespace) -> None:
 def run(cfg, args: argparse.Namespace) -> dict:
     """Train/evaluate once, or ``args.trials`` times; returns the results (rank 0)."""
     from detectron2.utils import comm
-    from detectron2.utils.logger import setup_logger
 
-    rank = comm.get_rank()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    # One set of handlers per run: in-process callers (the demo, trials) run several times,
-    # and Detectron2's cached setup_logger would otherwise stack handlers and repeat every line.
-    setup_logger.cache_clear()
-    for name in ("detectron2", "fvcore", "transfer"):
-        logging.getLogger(name).handlers.clear()
-        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name=name, abbrev_name=name[:2])
+    # One set of handlers per run (in-process callers run several times): the log file always,
+    # the console unless ``args.quiet`` (the demo and the study keep Detectron2 in files).
+    setup_logging(("detectron2", "fvcore", "transfer", "d2"), Path(cfg.OUTPUT_DIR) / "log.txt",
+                  console=not getattr(args, "quiet", False), main=comm.is_main_process())
     if args.trials is None:
         return _run_once(cfg, args)
 
