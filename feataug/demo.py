@@ -1,38 +1,64 @@
-"""``feataug demo``: the whole pipeline on real images, on a CPU, in minutes.
+"""``feataug demo``: does self-supervised pretraining show in detection? On a CPU, in minutes.
 
-1. prepare DeepForest (real NEON aerial RGB, VOC boxes) from its PyPI wheel;
-2. pretrain tiny MoCo v2 on unlabeled crops of the training images, without and with FA;
-3. convert both checkpoints to Detectron2 weights;
-4. fine-tune the tiny Faster R-CNN R18-FPN on the training tiles from {random init, MoCo v2,
-   MoCo v2 + FA} and evaluate each on the held-out tiles (other sites, never seen in training);
-5. print one table (AP, AP50) and write plots.
+1. prepare Fashion-MNIST (Debian's package) and the Fashion-MNIST scenes detection benchmark
+   (``feataug prepare-data fmnist-scenes``: 50 labelled training scenes made of training-split
+   garments, 200 test scenes made of test-split garments);
+2. pretrain MoCo v2 on the 60k Fashion-MNIST training images, without and with FA;
+3. convert both trunks to Detectron2 weights;
+4. fine-tune Faster R-CNN R18-FPN on the training scenes from {random init, MoCo v2, MoCo v2 +
+   FA}, several seeds each, and evaluate COCO AP / AP50 on the test scenes;
+5. (``full``) the real-photo case: DeepForest aerial tiles, random init vs MoCo v2 pretrained on
+   the unlabeled crops of the training image, evaluated on two sites never seen in training;
+6. print the table (mean ± sd over seeds) and write plots: the table as bars with error bars,
+   and test images with ground truth and predictions.
 
-The profiles differ only in schedule lengths; both fit a 2-core laptop (``quick`` about 5 min,
-``full`` about 20 min). Numbers from such short schedules show the pipeline working, not the
-published gains, which need ImageNet-scale pretraining.
+The console shows a header, one line and a progress bar per stage, and the table; the
+pretraining and Detectron2 logs go to files under the output folder (``-v`` prints them too).
+Budgets on an idle 2-core machine: ``quick`` ≤ 5 min, ``full`` ≤ 20 min (measured: README).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from feataug import REPO_ROOT
 from pretrain.errors import FeatAugError
+from pretrain.utils.stats import claim, mean_std
 
-# schedule lengths per profile
-PROFILES = {
-    "quick": {"pretrain_iters": 50, "pretrain_batch": 16, "detect_iters": 60, "detect_batch": 2,
-              "min_size": 224},
-    "full": {"pretrain_iters": 250, "pretrain_batch": 16, "detect_iters": 250, "detect_batch": 2,
-             "min_size": 224},
-}
-PRETRAIN_CONFIG = "configs/pretrain/tiny_moco_fa_r18.yaml"
-DETECT_CONFIG = "configs/detection/tiny_faster_R18_FPN.yaml"
+PRETRAIN_CONFIG = "configs/pretrain/fmnist_moco_r18.yaml"
+SCENES_CONFIG = "configs/detection/scenes_faster_R18_FPN.yaml"
+TREES_PRETRAIN_CONFIG = "configs/pretrain/tiny_moco_fa_r18.yaml"
+TREES_CONFIG = "configs/detection/tiny_faster_R18_FPN.yaml"
 STARTS = ("random init", "MoCo v2", "MoCo v2 + FA")
+# The FA variant of the demo: MoCHi's hard negatives after a warm-up of a quarter of the run
+# (the FA setting that did not hurt kNN in the CPU study, docs/study.md).
+FA_OPTS = ["FA.ENABLED", "True", "FA.OP", "hardmix", "FA.ROLE", "negative",
+           "FA.LOSS_MODE", "replace", "FA.START", "0.25"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    pretrain_iters: int  # MoCo v2 iterations on Fashion-MNIST (batch 64, 32 px)
+    detect_iters: int  # Faster R-CNN iterations on the scenes
+    detect_batch: int
+    seeds: int  # fine-tuning seeds per start point
+    trees: bool  # the DeepForest case
+    trees_pretrain_iters: int = 0
+    trees_detect_iters: int = 0
+
+
+PROFILES = {
+    "quick": Profile(pretrain_iters=200, detect_iters=50, detect_batch=4, seeds=2, trees=False),
+    "full": Profile(pretrain_iters=400, detect_iters=100, detect_batch=8, seeds=3, trees=True,
+                    trees_pretrain_iters=200, trees_detect_iters=150),
+}
 
 
 class DemoError(FeatAugError):
@@ -48,221 +74,302 @@ def _config_path(name: str) -> Path:
 
 
 class Stage:
-    """Prints ``[k/n] title ...`` and the elapsed time when the block ends."""
+    """Prints ``[k/n] title`` and, when the block ends, the elapsed time on the same line."""
 
-    total = 5
-
-    def __init__(self, k: int, title: str):
-        self.k, self.title = k, title
+    def __init__(self, k: int, total: int, title: str):
+        self.k, self.total, self.title = k, total, title
 
     def __enter__(self):
         self.t0 = time.perf_counter()
-        print(f"\n[{self.k}/{self.total}] {self.title}", flush=True)
+        print(f"[{self.k}/{self.total}] {self.title}", flush=True)
         return self
 
     def __exit__(self, *exc):
         if exc[0] is None:
-            print(f"[{self.k}/{self.total}] done in {time.perf_counter() - self.t0:.0f} s", flush=True)
+            print(f"      done in {time.perf_counter() - self.t0:.0f} s", flush=True)
 
 
-def pretrain(out: Path, data_root: Path, prof: dict, fa: bool, seed: int) -> Path:
+@contextlib.contextmanager
+def _logs_to(path: Path, verbose: bool):
+    """Send what a stage prints (the pretraining log) to ``path``; progress bars stay."""
+    if verbose:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f):
+        yield
+
+
+# ----------------------------------------------------------------------------------- steps
+def pretrain(out: Path, config: str, opts: list[str], verbose: bool) -> Path:
+    """``feataug pretrain`` of ``config`` + ``opts`` into ``out`` (a rerun reuses a finished run)."""
     from pretrain.config import load_cfg
     from pretrain.engine import train
 
-    opts = [
-        "DATA.ROOT", str(data_root), "DATA.FORMAT", "folder", "OUTPUT_DIR", str(out),
-        "SOLVER.MAX_ITER", str(prof["pretrain_iters"]), "SOLVER.EPOCHS", "1000", "SEED", str(seed),
-        "SOLVER.BATCH_SIZE", str(prof["pretrain_batch"]),
-        "FA.ENABLED", str(fa), "DATALOADER.NUM_WORKERS", "1", "LOG_PERIOD", "5",
-        "SOLVER.WARMUP_EPOCHS", "0", "TENSORBOARD", "False",
-    ]
-    train(load_cfg(str(_config_path(PRETRAIN_CONFIG)), opts), resume=True)  # a rerun reuses it
+    with _logs_to(out / "console.txt", verbose):
+        train(load_cfg(str(_config_path(config)), [*opts, "OUTPUT_DIR", str(out)]), resume=True)
     return out / "last.pth"
 
 
-def convert(ckpt: Path, out: Path) -> Path:
+def convert(ckpt: Path) -> Path:
     from transfer.convert import convert as convert_checkpoint
 
+    out = ckpt.with_name("d2_weights.pkl")
     convert_checkpoint(ckpt, out, overwrite=True)  # the demo owns its output folder
     return out
 
 
-def detect(out: Path, voc_root: Path, weights: Path | None, prof: dict, seed: int) -> dict:
+def fine_tune(config: str, out: Path, weights: Path | None, opts: list[str], seeds: int,
+              register: dict, verbose: bool) -> list[dict]:
+    """``seeds`` trials of ``feataug detect``; per trial its ``bbox`` results."""
     from transfer.detect import run_detection
 
-    iters = prof["detect_iters"]
-    size = prof["min_size"]
-    opts = [
-        "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(weights or ""), "SEED", str(seed),
-        "DATASETS.TRAIN", "('demo_trees_train',)", "DATASETS.TEST", "('demo_trees_test',)",
-        "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)},)",
-        "SOLVER.WARMUP_ITERS", str(max(1, iters // 5)), "SOLVER.IMS_PER_BATCH",
-        str(prof["detect_batch"]), "INPUT.MIN_SIZE_TRAIN", f"({size - 32}, {size}, {size + 32})",
-        "INPUT.MIN_SIZE_TEST", str(size), "TEST.PRECISE_BN.NUM_ITER", "5",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "200",
-    ]
-    registrations = [("demo_trees_train", str(voc_root), "train"),
-                     ("demo_trees_test", str(voc_root), "test")]
-    results = run_detection(_config_path(DETECT_CONFIG), opts, register_voc=registrations,
-                            from_scratch=weights is None)
-    bbox = results.get("bbox", {})
-    return {"AP": float(bbox.get("AP", float("nan"))), "AP50": float(bbox.get("AP50", float("nan")))}
+    opts = [*opts, "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(weights or ""), "SEED", "0",
+            "DATASETS.AUTO_NUM_CLASSES", "True"]
+    results = run_detection(_config_path(config), opts, trials=seeds, quiet=not verbose,
+                            from_scratch=weights is None, resume=True, **register)
+    return [t["results"].get("bbox", {}) for t in results["trials"]]
+
+
+def summarize(per_start: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per start point: AP and AP50 values over seeds, mean, sd, and the paired Δ vs random
+    init with the claim rule (``pretrain.utils.stats.claim``)."""
+    ref = per_start.get("random init", [])
+    rows = {}
+    for name, trials in per_start.items():
+        row = {}
+        for metric in ("AP", "AP50"):
+            values = [float(t.get(metric, math.nan)) for t in trials]
+            mean, sd = mean_std(values)
+            row[metric] = {"values": values, "mean": mean, "sd": sd}
+            if name != "random init" and ref:
+                diffs = [v - float(r.get(metric, math.nan)) for v, r in zip(values, ref, strict=False)]
+                d_mean, d_sd = mean_std(diffs)
+                row[metric] |= {"delta": d_mean, "delta_sd": d_sd, "claim": claim(diffs)}
+        rows[name] = row
+    return rows
+
+
+def _pm(mean: float, sd: float, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+    return text if math.isnan(sd) else f"{text} ± {sd:.1f}"
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    lines = ["| start point | AP | AP50 |", "|---|---:|---:|"]
+    """Markdown: mean ± sd over seeds of AP and AP50, and the paired Δ vs random init."""
+    lines = ["| start point | AP | AP50 | Δ AP vs random init | Δ AP50 vs random init |",
+             "|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['AP']:.1f} | {r['AP50']:.1f} |")
+        cells = [name, _pm(r["AP"]["mean"], r["AP"]["sd"]), _pm(r["AP50"]["mean"], r["AP50"]["sd"])]
+        for metric in ("AP", "AP50"):
+            m = r[metric]
+            cells.append("" if "delta" not in m else _pm(m["delta"], m["delta_sd"], signed=True)
+                         + (f" {m['claim']}" if m["claim"] != "no effect shown" else ""))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- plots
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written when the run ended
-    return out
-
-
-def plot_curves(out: Path, pretrain_dirs: dict[str, Path], detect_dirs: dict[str, Path]) -> list[Path]:
+def plot_bars(rows: dict[str, dict], out_png: Path, title: str) -> Path:
+    """AP and AP50 per start point, mean ± sd over seeds, the seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, d in pretrain_dirs.items():
-        rows = [r for r in _read_jsonl(d / "metrics.jsonl") if "loss_ssl" in r and "iter" in r]
-        ax.plot([r["iter"] for r in rows], [r["loss_ssl"] for r in rows], label=name)
-    ax.set(xlabel="iteration", ylabel="InfoNCE of the views (without the FA term)",
-           title="Pretraining loss (tiny MoCo v2, DeepForest crops)")
-    ax.legend()
+    from pretrain.utils.io import atomic_open
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric in zip(axes, ("AP", "AP50"), strict=True):
+        names = list(rows)
+        means = [rows[n][metric]["mean"] for n in names]
+        sds = [0 if math.isnan(rows[n][metric]["sd"]) else rows[n][metric]["sd"] for n in names]
+        ax.bar(range(len(names)), means, yerr=sds, capsize=4, color=["0.6", "C0", "C1"][:len(names)])
+        for i, n in enumerate(names):
+            vals = rows[n][metric]["values"]
+            ax.plot([i] * len(vals), vals, "k.", ms=5)
+        ax.set_xticks(range(len(names)), names)
+        ax.set(ylabel=f"{metric} (%)", title=f"{metric}, mean ± sd over seeds")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "pretrain_loss.png", dpi=120)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    written.append(out / "pretrain_loss.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, d in detect_dirs.items():
-        rows = [r for r in _read_jsonl(d / "metrics.json") if "total_loss" in r]
-        ax.plot([r["iteration"] for r in rows], [r["total_loss"] for r in rows], label=name)
-    ax.set(xlabel="iteration", ylabel="total loss", title="Faster R-CNN R18-FPN fine-tuning")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "detect_loss.png", dpi=120)
-    plt.close(fig)
-    written.append(out / "detect_loss.png")
-    return written
+    return out_png
 
 
-def plot_predictions(out_png: Path, detect_dir: Path, voc_root: Path, min_size: int) -> Path | None:
-    """One held-out tile: ground truth in green, predictions (score ≥ 0.3) in red."""
+def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[dict],
+                     config: str, opts: list[str]) -> Path | None:
+    """The busiest test image once per start point: ground truth green, predictions (score ≥
+    0.5) red, from each start point's first trial."""
     import cv2
+    import numpy as np
     import torch
-
-    from transfer.config import get_detection_cfg
-    from transfer.datasets import load_voc
-
-    weights = detect_dir / "model_final.pth"
-    if not weights.is_file():
-        return None
     from detectron2.engine import DefaultPredictor
 
-    records = load_voc(str(voc_root), "test", ["tree"])
-    record = max(records, key=lambda r: len(r["annotations"]))  # the busiest tile
-    cfg = get_detection_cfg(str(_config_path(DETECT_CONFIG)), [
-        "MODEL.WEIGHTS", str(weights), "MODEL.ROI_HEADS.NUM_CLASSES", "1",
-        "INPUT.MIN_SIZE_TEST", str(min_size), "DATASETS.AUTO_NUM_CLASSES", "False",
-        "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu",
-    ])
-    predictor = DefaultPredictor(cfg)
+    from pretrain.utils.io import atomic_write
+    from transfer.config import get_detection_cfg
+
+    record = max(records, key=lambda r: len(r["annotations"]))
     image = cv2.imread(record["file_name"])  # BGR
-    instances = predictor(image[:, :, ::-1].copy())["instances"].to("cpu")  # predictor wants RGB
-    canvas = image.copy()
-    for a in record["annotations"]:
-        x0, y0, x1, y1 = (int(round(v)) for v in a["bbox"])
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 200, 0), 1)
-    keep = instances.scores >= 0.3
-    for x0, y0, x1, y1 in instances.pred_boxes.tensor[keep].round().int().tolist():
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 0, 255), 2)
-    cv2.imwrite(str(out_png), canvas)
+    panels = []
+    for name, d in detect_dirs.items():
+        weights = d / "trial0" / "model_final.pth"
+        if not weights.is_file():
+            return None
+        cfg = get_detection_cfg(str(_config_path(config)), [
+            *opts, "MODEL.WEIGHTS", str(weights), "DATASETS.AUTO_NUM_CLASSES", "False",
+            "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"])
+        instances = DefaultPredictor(cfg)(image[:, :, ::-1].copy())["instances"].to("cpu")
+        canvas = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+        for a in record["annotations"]:
+            x0, y0, x1, y1 = (int(round(2 * v)) for v in a["bbox"])
+            cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 200, 0), 1)
+        keep = instances.scores >= 0.5
+        for x0, y0, x1, y1 in (2 * instances.pred_boxes.tensor[keep]).round().int().tolist():
+            cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 0, 255), 2)
+        cv2.putText(canvas, name, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+        panels.append(canvas)
+    ok, png = cv2.imencode(".png", np.concatenate(panels, axis=1))
+    atomic_write(out_png, lambda f: f.write(png.tobytes()))
     return out_png
 
 
 # --------------------------------------------------------------------------------------- run
 def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str | None = None,
-        seed: int = 0) -> dict:
-    from feataug.data import default_root, prepare_deepforest
-    from pretrain.utils.io import atomic_write_text
+        verbose: bool = False) -> dict:
+    from feataug.data import PREPARERS, default_root
 
     prof = PROFILES[profile]
     out = Path(out) / profile
     out.mkdir(parents=True, exist_ok=True)
+    root = Path(data_root or default_root())
     t_start = time.perf_counter()
+    total = 6 if prof.trees else 5
+    print(f"FeatAug demo, profile '{profile}': does pretraining show in detection AP? "
+          f"{prof.seeds} fine-tuning seeds per start point; logs and plots in {out}/", flush=True)
 
-    with Stage(1, "prepare DeepForest (real NEON aerial images) from its PyPI wheel"):
-        prepare_deepforest(data_root)
-        voc_root = Path(data_root or default_root()) / "deepforest"
-        print(f"    train/test tiles and unlabeled crops under {voc_root}")
+    with Stage(1, total, "prepare Fashion-MNIST and its detection scenes"
+               + (" and DeepForest" if prof.trees else "")):
+        for name in ("fashion-mnist", "fmnist-scenes", *(["deepforest"] if prof.trees else [])):
+            PREPARERS[name](root)
+    scenes = root / "fmnist-scenes"
 
+    data = ["DATA.ROOT", str(root / "fashion-mnist"), "DATA.FORMAT", "idx", "KNN.PERIOD", "0",
+            "SOLVER.MAX_ITER", str(prof.pretrain_iters), "MODEL.MOCO.SPLIT_BN", "4",
+            "DATALOADER.NUM_WORKERS", "1", "SEED", "0"]
     pre_dirs = {"MoCo v2": out / "pretrain_moco", "MoCo v2 + FA": out / "pretrain_moco_fa"}
-    with Stage(2, f"pretrain tiny MoCo v2 without / with FA ({prof['pretrain_iters']} iterations each)"):
-        ckpts = {
-            name: pretrain(d, voc_root / "unlabeled", prof, fa="FA" in name, seed=seed)
-            for name, d in pre_dirs.items()
-        }
+    with Stage(2, total, f"pretrain MoCo v2 without / with FA on 60k Fashion-MNIST images "
+                         f"({prof.pretrain_iters} iterations each)"):
+        ckpts = {name: pretrain(d, PRETRAIN_CONFIG, data + (FA_OPTS if "FA" in name else []),
+                                verbose) for name, d in pre_dirs.items()}
 
-    with Stage(3, "convert both checkpoints to Detectron2 weights"):
+    with Stage(3, total, "convert both trunks to Detectron2 weights"):
         weights: dict[str, Path | None] = {"random init": None}
-        for name, ckpt in ckpts.items():
-            weights[name] = convert(ckpt, ckpt.with_name("d2_weights.pkl"))
+        weights |= {name: convert(ckpt) for name, ckpt in ckpts.items()}
 
-    det_dirs = {name: out / ("detect_" + name.lower().replace(" ", "_").replace("+", "plus"))
-                for name in STARTS}
-    results = {}
-    with Stage(4, f"fine-tune + evaluate Faster R-CNN R18-FPN ({prof['detect_iters']} iterations "
-                  "each) from three start points"):
-        for name in STARTS:
-            print(f"    -- {name}", flush=True)
-            results[name] = detect(det_dirs[name], voc_root, weights[name], prof, seed)
+    register = {"register_coco": [
+        ("demo_scenes_train", scenes / "annotations" / "train.json", scenes / "JPEGImages"),
+        ("demo_scenes_test", scenes / "annotations" / "test.json", scenes / "JPEGImages")]}
+    it = prof.detect_iters
+    det_opts = ["DATASETS.TRAIN", "('demo_scenes_train',)", "DATASETS.TEST", "('demo_scenes_test',)",
+                "SOLVER.MAX_ITER", str(it), "SOLVER.IMS_PER_BATCH", str(prof.detect_batch),
+                "SOLVER.STEPS", f"({int(it * 0.75)}, {int(it * 0.9)})",
+                "SOLVER.WARMUP_ITERS", str(max(1, it * 3 // 10))]
+    det_dirs = {n: out / ("detect_" + n.lower().replace(" ", "_").replace("+", "plus"))
+                for n in STARTS}
+    from tqdm import tqdm
 
-    with Stage(5, "table and plots"):
-        table = format_table(results)
-        plots = plot_curves(out, pre_dirs, det_dirs)
-        tile = plot_predictions(out / "test_tile_predictions.png", det_dirs["MoCo v2 + FA"], voc_root,
-                                prof["min_size"])
-        plots += [tile] if tile else []
-        report = {"profile": profile, "seed": seed, "results": results,
+    per_start = {}
+    with Stage(4, total, f"fine-tune Faster R-CNN R18-FPN on 50 labelled scenes ({it} iterations) "
+                         f"and evaluate on 200 test scenes: 3 start points x {prof.seeds} seeds"):
+        for name in tqdm(STARTS, desc="fine-tune", unit="start point", leave=False):
+            per_start[name] = fine_tune(SCENES_CONFIG, det_dirs[name], weights[name], det_opts,
+                                        prof.seeds, register, verbose)
+    rows = summarize(per_start)
+
+    trees_rows = None
+    if prof.trees:
+        trees_rows = _trees(out, root, prof, total, verbose)
+
+    with Stage(total, total, "table and plots"):
+        plots = [plot_bars(rows, out / "scenes_ap.png",
+                           "Fashion-MNIST scenes: COCO AP of Faster R-CNN R18-FPN fine-tuned from")]
+        records = _test_records("demo_scenes_test")
+        picture = plot_predictions(out / "scenes_predictions.png", det_dirs, records,
+                                   SCENES_CONFIG, det_opts)
+        plots += [picture] if picture else []
+        if trees_rows:
+            plots.append(plot_bars(trees_rows, out / "trees_ap.png", "DeepForest: VOC AP from"))
+        report = {"profile": profile, "scenes": rows, "trees": trees_rows,
                   "seconds": round(time.perf_counter() - t_start, 1),
                   "plots": [str(p) for p in plots]}
-        atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(out / "results.md", table + "\n")
+        from pretrain.utils.io import atomic_write_text
 
-    print(f"\nDeepForest held-out tiles (VOC AP, %), profile '{profile}', seed {seed}:\n")
-    print(table)
-    print(f"\nwall time {report['seconds']:.0f} s; plots and results in {out}/")
+        atomic_write_text(out / "results.json", json.dumps(report, indent=2, default=str) + "\n")
+        text = format_table(rows) + ("\n\n" + format_table(trees_rows) if trees_rows else "")
+        atomic_write_text(out / "results.md", text + "\n")
+
+    print(f"\nFashion-MNIST test scenes, COCO AP (%), mean ± sd over {prof.seeds} seeds "
+          f"(Δ: paired by seed):")
+    print(format_table(rows))
+    if trees_rows:
+        print(f"\nDeepForest held-out sites, VOC AP (%), {prof.seeds} seeds:")
+        print(format_table(trees_rows))
+    print(f"\n{report['seconds']:.0f} s; plots {', '.join(Path(p).name for p in plots)} and logs "
+          f"in {out}/")
     return report
+
+
+def _test_records(name: str) -> list[dict]:
+    from detectron2.data import DatasetCatalog
+
+    return DatasetCatalog.get(name)
+
+
+def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> dict:
+    """DeepForest: random init vs MoCo v2 pretrained on the unlabeled crops."""
+    voc = root / "deepforest"
+    with Stage(5, total, f"DeepForest: pretrain MoCo v2 on the unlabeled crops "
+                         f"({prof.trees_pretrain_iters} iterations), fine-tune on the training "
+                         f"tiles from random init and from it, evaluate on two unseen sites"):
+        ckpt = pretrain(out / "trees_pretrain_moco", TREES_PRETRAIN_CONFIG, [
+            "DATA.ROOT", str(voc / "unlabeled"), "DATA.FORMAT", "folder", "FA.ENABLED", "False",
+            "SOLVER.MAX_ITER", str(prof.trees_pretrain_iters), "SOLVER.EPOCHS", "1000",
+            "SOLVER.BATCH_SIZE", "32", "DATALOADER.NUM_WORKERS", "1"], verbose)
+        weights = {"random init": None, "MoCo v2": convert(ckpt)}
+        it = prof.trees_detect_iters
+        opts = ["DATASETS.TRAIN", "('demo_trees_train',)", "DATASETS.TEST", "('demo_trees_test',)",
+                "SOLVER.MAX_ITER", str(it), "SOLVER.STEPS", f"({int(it * 0.75)},)",
+                "SOLVER.WARMUP_ITERS", str(max(1, it // 5)), "SOLVER.IMS_PER_BATCH", "2",
+                "INPUT.MIN_SIZE_TRAIN", "(192, 224, 256)", "INPUT.MIN_SIZE_TEST", "224",
+                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
+                "MODEL.RPN.POST_NMS_TOPK_TEST", "200", "TEST.PRECISE_BN.NUM_ITER", "5"]
+        register = {"register_voc": [("demo_trees_train", voc, "train"),
+                                     ("demo_trees_test", voc, "test")]}
+        per_start = {name: fine_tune(TREES_CONFIG, out / f"trees_detect_{name.split()[0].lower()}",
+                                     w, opts, prof.seeds, register, verbose)
+                     for name, w in weights.items()}
+    return summarize(per_start)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick (about 5 min on 2 cores) or full (about 20 min)")
+                        help="quick (≤ 5 min on 2 cores) or full (≤ 20 min, adds seeds and the "
+                        "DeepForest real-photo case)")
     parser.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
     parser.add_argument("--data-root", default=None,
                         help="datasets folder (default: $FEATAUG_DATA or ./datasets)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the pretraining and Detectron2 logs too")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        run(args.profile, args.out, args.data_root, args.seed)
+        run(args.profile, args.out, args.data_root, args.verbose)
     except FeatAugError as e:
         print(f"feataug demo: error: {e}", file=sys.stderr)
         return 1

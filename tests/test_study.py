@@ -136,12 +136,20 @@ def test_bad_grids_are_refused_with_the_file_named(tmp_path, body, message):
     assert str(path) in str(e.value) and message in str(e.value)
 
 
-def test_paper_and_quick_grids_expand():
-    quick = study.load_grid(ROOT / "configs" / "study" / "quick.yaml")
-    assert quick.axes == ["MODEL.METHOD", "FA.OP"] and quick.seeds == 2
-    ops = {dict(r.settings)["FA.OP"] for r in quick.runs if not r.random_init}
-    assert ops >= {"off", "noise", "extrapolate", "interpolate", "hardmix"}
-    assert all(r.baseline for r in quick.runs if dict(r.settings).get("FA.OP") not in ("off", ""))
+def test_shipped_grids_expand():
+    cpu = study.load_grid(ROOT / "configs" / "study" / "cpu.yaml")
+    assert cpu.seeds == 3 and cpu.runs[0].random_init
+    ops = {dict(r.settings)["FA.OP"] for r in cpu.runs if not r.random_init}
+    assert ops >= {"off", "identity", "extrapolate", "hardmix"}
+    fa_runs = [r for r in cpu.runs if not r.fa_off and not r.random_init]
+    assert all(r.baseline for r in fa_runs)
+    # runs that add their term are also compared with their block's scale control
+    added = [r for r in fa_runs if ("FA.LOSS_MODE", "add") in r.overrides
+             and not r.name.endswith(".scale")]
+    assert added and all(r.control == r.name.split(".")[0] + ".scale" for r in added)
+    assert all(r.control is None for r in fa_runs if r not in added)
+    gpu = study.load_grid(ROOT / "configs" / "study" / "cifar_gpu.yaml")
+    assert {r.name for r in gpu.runs} >= {"moco.feature_transformation", "moco.mochi", "moco.scale"}
     paper = study.load_grid(ROOT / "configs" / "study" / "paper.yaml")
     assert {"MODEL.METHOD", "FA.OP", "FA.POSITION", "FA.ARCH", "FA.STOP_GRAD"} <= set(paper.axes)
     assert any(a.startswith("DA.") for a in paper.axes)
@@ -274,17 +282,17 @@ def test_aggregation_mean_std_delta_by_hand():
     assert m == 40.0 and math.isnan(s)
     assert math.isnan(rows["off"]["knn_top1_delta"][0])
 
-    table = study.markdown_table(grid, list(rows.values()), ["knn_top1", "linear_top1"])
-    assert table.splitlines() == [
-        "| run | FA.OP | seeds | kNN top-1 | Δ kNN top-1 vs baseline | linear top-1 | "
-        "Δ linear top-1 vs baseline |",
-        "|---|---|---|---|---|---|---|",
-        "| ri |  | 1 | 40.00 | untrained | 41.00 | untrained |",
-        "| off | off | 3 | 72.00 ± 2.00 | baseline | 80.50 ± 0.71 | baseline |",
+    knn = study.markdown_table(grid, list(rows.values()), "knn_top1")
+    assert knn.splitlines() == [
+        "| run | FA.OP | seeds | kNN top-1 | Δ vs baseline | Δ vs random init |",
+        "|---|---|---|---|---|---|",
+        "| ri |  | 1 | 40.00 | untrained |  |",
+        "| off | off | 3 | 72.00 ± 2.00 | baseline | +30.00 (no effect shown) |",
         # 2.00 is not more than 2 x 1.00, and one seed is too few: no claim either way
-        "| fa | noise | 3 | 74.00 ± 2.65 | +2.00 ± 1.00 (no effect shown) | 85.00 ± 1.41 | "
-        "+4.00 (no effect shown) |",
+        "| fa | noise | 3 | 74.00 ± 2.65 | +2.00 ± 1.00 (no effect shown) | +31.00 (no effect shown) |",
     ]
+    linear = study.markdown_table(grid, list(rows.values()), "linear_top1").splitlines()
+    assert linear[-1] == "| fa | noise | 3 | 85.00 ± 1.41 | +4.00 (no effect shown) | +43.00 (no effect shown) |"
 
 
 def test_claim_rule_by_hand():
@@ -311,11 +319,13 @@ blocks:
       base: {{FA.ENABLED: false}}
       scale: {{FA.ENABLED: true, FA.OP: identity}}
       ext: {{FA.ENABLED: true, FA.OP: extrapolate}}
+      ext_mean: {{FA.ENABLED: true, FA.OP: extrapolate, FA.LOSS_MODE: mean}}
 """)
     grid = study.load_grid(grid_file)
     by = {r.name: r for r in grid.runs}
     assert by["m.ext"].control == "m.scale" and by["m.ext"].baseline == "m.base"
     assert by["m.scale"].control is None and by["m.scale"].baseline == "m.base"
+    assert by["m.ext_mean"].control is None  # at the baseline's loss scale: no control needed
 
     def rec(run, seed, knn):
         return {"run": run, "seed": seed, "status": "ok", "metrics": {"knn_top1": knn}}
@@ -327,7 +337,7 @@ blocks:
     assert rows["m.ext"]["knn_top1_claim"] == "hurts"  # -1, -0.9, -1 vs the baseline
     assert rows["m.ext"]["knn_top1_claim_control"] == "helps"  # +1, +1.1, +1 vs the control
     assert rows["m.scale"]["knn_top1_claim"] == "hurts"
-    line = study.markdown_table(grid, list(rows.values()), ["knn_top1"]).splitlines()[-1]
+    line = study.markdown_table(grid, list(rows.values()), "knn_top1").splitlines()[-2]
     assert line.endswith("| -0.97 ± 0.06 **hurts** | +1.03 ± 0.06 **helps** |")
 
 
@@ -411,3 +421,55 @@ def test_parallel_jobs_write_the_same_records(tmp_path):
         (run.name, 0): fake_metrics(run.name, 0) for run in grid.runs}
     for run in grid.runs:
         assert (tmp_path / "out" / "runs" / run.name / "seed0" / "result.json").is_file()
+
+
+# ----------------------------------------------------------------------------- detection
+def test_eval_detection_end_to_end_at_tiny_size(tmp_path):
+    """Pretrain 2 iterations, convert, fine-tune Faster R-CNN 2 iterations on a tiny COCO set,
+    COCO AP in the records and a detection table with the Δ columns; random init from scratch."""
+    pytest.importorskip("detectron2")
+    from detect_data import make_coco
+    from test_engine import _images
+
+    data = _images(tmp_path / "imgs", 8)
+    train_json = make_coco(tmp_path / "coco", "train", n_images=4)
+    test_json = make_coco(tmp_path / "coco", "test", n_images=2, seed=1)
+    det_cfg = ROOT / "configs" / "detection" / "tiny_faster_R18_FPN.yaml"
+    tiny = ("{SOLVER.MAX_ITER: 2, SOLVER.IMS_PER_BATCH: 2, SOLVER.WARMUP_ITERS: 1, "
+            "SOLVER.STEPS: '(1,)', INPUT.MIN_SIZE_TRAIN: '(128,)', INPUT.MAX_SIZE_TRAIN: 160, "
+            "INPUT.MIN_SIZE_TEST: 128, INPUT.MAX_SIZE_TEST: 160, TEST.PRECISE_BN.NUM_ITER: 1, "
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN: 64, MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE: 32, "
+            "MODEL.RPN.POST_NMS_TOPK_TEST: 32, MODEL.DEVICE: cpu}")
+    grid_file = tmp_path / "det.yaml"
+    grid_file.write_text(f"""
+base: {TINY}
+random_init: true
+overrides: {{DATA.ROOT: {data}, DATA.IMAGE_SIZE: 32, SOLVER.BATCH_SIZE: 4, SOLVER.MAX_ITER: 2,
+             SOLVER.EPOCHS: 0, DATALOADER.NUM_WORKERS: 0, TENSORBOARD: false, DEVICE: cpu}}
+eval:
+  train: {data}
+  val: {data}
+  linear: false
+  detection:
+    config: {det_cfg}
+    train: [{train_json}, {tmp_path / 'coco' / 'images'}]
+    test: [{test_json}, {tmp_path / 'coco' / 'images'}]
+    overrides: {tiny}
+blocks:
+  - name: moco
+    variants:
+      base: {{FA.ENABLED: false}}
+""")
+    grid = study.load_grid(grid_file)
+    assert grid.eval["detection"]["trials"] == 1
+    out = tmp_path / "out"
+    records = study.run_study(grid, out, [0], echo=lambda s: None, plots=False)
+    assert [r["status"] for r in records] == ["ok", "ok"], records
+    for r in records:
+        assert 0 <= r["metrics"]["det_ap"] <= 100 and 0 <= r["metrics"]["det_ap50"] <= 100
+    job = out / "runs" / "moco.base" / "seed0"
+    assert (job / "d2_weights.pkl").is_file()
+    assert (job / "detect" / "trial0" / "eval_results.json").is_file()
+    assert not (out / "runs" / "random-init" / "seed0" / "d2_weights.pkl").exists()
+    report = (out / "results.md").read_text()
+    assert "## detection AP (%)" in report and "## detection AP50 (%)" in report

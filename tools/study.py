@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a study grid of FA pretraining experiments; the same as `feataug study`.
 
-    python tools/study.py --grid configs/study/quick.yaml --seeds 2 --out output/study/quick
+    python tools/study.py --grid configs/study/cpu.yaml --out output/study/cpu
 """
 
 import sys

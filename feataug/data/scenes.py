@@ -28,6 +28,10 @@ each annotation records its garment's ``source_index`` in its split's IDX file a
 built: ``--train-scenes 50`` gives the first 50 scenes of ``--train-scenes 200``, and the test set
 stays the same whatever the number of labelled training scenes.
 
+The default, 50 labelled training scenes (about 200 garments) and 200 test scenes, is the
+low-label regime: with 200 training scenes a randomly initialised Faster R-CNN R18-FPN already
+reached AP 36 in 200 iterations here, with 50 it reached AP 17 in 100 (one seed each).
+
 Layout of ``ROOT/fmnist-scenes``: VOC (``Annotations/``, ``JPEGImages/*.png``,
 ``ImageSets/Main/{train,test}.txt``, ``labels.txt``) and COCO (``annotations/{train,test}.json``,
 images in ``JPEGImages/``), the same boxes in both, and ``prepared.json``.
@@ -250,7 +254,7 @@ def prepare_fmnist_scenes(
     source: str | os.PathLike | None = None,
     *,
     arrays: Arrays | None = None,
-    train_scenes: int = 200,
+    train_scenes: int = 50,
     test_scenes: int = 200,
     seed: int = 0,
     canvas: int = 160,
@@ -305,7 +309,9 @@ def prepare_fmnist_scenes(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fmnist-scenes`` options of ``feataug prepare-data``."""
     group = parser.add_argument_group("fmnist-scenes")
-    group.add_argument("--train-scenes", type=int, default=200, help="labelled training scenes")
+    group.add_argument("--train-scenes", type=int, default=50,
+                       help="labelled training scenes (default 50: the low-label regime, where "
+                       "pretraining matters)")
     group.add_argument("--test-scenes", type=int, default=200, help="test scenes")
     group.add_argument("--seed", type=int, default=0, help="scene seed")
     group.add_argument("--canvas", type=int, default=160, help="scene side, pixels")

@@ -18,11 +18,13 @@ from typing import Any
 from pretrain.errors import ConfigError, FeatAugError
 
 RANDOM_INIT = "random-init"
-# metric key -> label, in report order
 EVAL_DEFAULTS = dict(train="", val="", format="folder", max_train=0, max_val=0,
                      train_per_class=0, val_per_class=0, knn_k=200,
                      knn_t=0.1, linear=True, linear_weight_decay=1e-3, batch_size=256,
-                     num_workers=0, image_size=0)
+                     num_workers=0, image_size=0, detection=None)
+# eval.detection: fine-tune the converted trunk (random init for the reference row) and report
+# COCO AP / AP50 on the test split; ``train`` / ``test`` are [COCO json, image folder].
+DETECTION_KEYS = {"config", "train", "test", "overrides", "trials"}
 GRID_KEYS = {"base", "seeds", "jobs", "prepare", "random_init", "overrides", "eval", "blocks",
              "description"}
 BLOCK_KEYS = {"name", "base", "overrides", "variants", "axes", "skip_invalid", "control"}
@@ -245,6 +247,37 @@ def _setting(cfg, key: str) -> str:
     return _fmt(node)
 
 
+def _scaled(cfg) -> bool:
+    """Whether an FA run changes the loss scale (LOSS_MODE add): only then does the loss-scale
+    control tell augmentation from scale; a ``mean`` or ``replace`` run keeps the baseline's."""
+    return cfg.FA.ENABLED and cfg.FA.LOSS_MODE == "add"
+
+
+def _detection_spec(spec, grid_dir: Path, data_root: str, where: str) -> dict:
+    """The checked ``eval.detection`` mapping, paths made absolute."""
+    spec = _mapping(spec, where, "eval.detection")
+    unknown = set(spec) - DETECTION_KEYS
+    _need(not unknown, where, f"eval.detection: unknown key(s) {sorted(unknown)}; "
+          f"allowed: {sorted(DETECTION_KEYS)}")
+    config = spec.get("config")
+    _need(isinstance(config, str) and config, where, "eval.detection.config is required")
+    config = Path(_subst(config, data_root))
+    config = config if config.is_absolute() else grid_dir / config
+    _need(config.is_file(), where, f"eval.detection.config {config} not found")
+    out = {"config": str(config.resolve()), "trials": spec.get("trials", 1),
+           "overrides": {k: _subst(v, data_root)
+                         for k, v in _mapping(spec.get("overrides"), where,
+                                              "eval.detection.overrides").items()}}
+    _need(isinstance(out["trials"], int) and out["trials"] >= 1, where,
+          f"eval.detection.trials must be a positive integer, got {out['trials']!r}")
+    for split in ("train", "test"):
+        pair = _subst(spec.get(split), data_root)
+        _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair),
+              where, f"eval.detection.{split} must be [COCO json, image folder], got {pair!r}")
+        out[split] = pair
+    return out
+
+
 def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
     """Read, expand and validate a study grid; raises StudyError naming the file and problem."""
     import yaml
@@ -294,7 +327,7 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
         same = _digest_cfg(cfg, drop_fa=True)
         runs.append(Run(name, config_file, tuple(over.items()),
                         baseline=baselines.get(same) if cfg.FA.ENABLED else None,
-                        control=controls.get(same) if cfg.FA.ENABLED and not is_control else None,
+                        control=controls.get(same) if _scaled(cfg) and not is_control else None,
                         settings=tuple((k, _setting(cfg, k)) for k in axes)))
     if top.get("random_init"):
         _, file0, over0, *_ = expanded[0]  # the first run's trunk, untrained
@@ -304,11 +337,11 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
 
     ev = {**EVAL_DEFAULTS, **_mapping(top.get("eval"), where, "eval")}
     unknown = set(ev) - set(EVAL_DEFAULTS)
-    _need("detection" not in unknown, where,
-          "eval.detection is not wired yet (kNN and linear top-1 only); see docs/study.md")
     _need(not unknown, where, f"eval: unknown key(s) {sorted(unknown)}; "
           f"allowed: {sorted(EVAL_DEFAULTS)}")
     ev = {k: _subst(v, data_root) for k, v in ev.items()}
+    if ev["detection"] is not None:
+        ev["detection"] = _detection_spec(ev["detection"], path.parent, data_root, where)
     _need(bool(ev["train"]) and bool(ev["val"]), where,
           "eval.train and eval.val (labelled splits) are required")
     prepare = top.get("prepare") or []

@@ -183,6 +183,30 @@ def _last_loss(metrics_path: Path) -> float | None:
     return loss
 
 
+def detection_metrics(spec: dict, checkpoint: Path | None, folder: Path, seed: int) -> dict:
+    """COCO AP / AP50 (%) of Faster/Mask R-CNN fine-tuned from ``checkpoint`` (converted to
+    Detectron2 weights in ``folder``; None: random initialization) on ``spec``'s data, with
+    ``feataug detect``'s own training and evaluation; the mean over ``spec["trials"]`` seeds
+    ``seed``, ``seed + 1``, ... Detectron2's log goes to ``folder/detect*/log.txt``."""
+    from transfer.convert import convert
+    from transfer.detect import run_detection
+
+    weights = ""
+    if checkpoint is not None:
+        weights = str(folder / "d2_weights.pkl")
+        convert(checkpoint, weights, overwrite=True)
+    names = (f"study_det_train_{seed}", f"study_det_test_{seed}")
+    opts = ["DATASETS.TRAIN", f"('{names[0]}',)", "DATASETS.TEST", f"('{names[1]}',)",
+            "DATASETS.AUTO_NUM_CLASSES", "True", "MODEL.WEIGHTS", weights,
+            "OUTPUT_DIR", str(folder / "detect"), "SEED", str(seed),
+            *[str(x) for kv in spec["overrides"].items() for x in kv]]
+    results = run_detection(spec["config"], opts, trials=spec["trials"], quiet=True,
+                            from_scratch=checkpoint is None, resume=True,
+                            register_coco=[(names[0], *spec["train"]), (names[1], *spec["test"])])
+    summary = results["summary"]
+    return {"det_ap": summary["bbox/AP"]["mean"], "det_ap50": summary["bbox/AP50"]["mean"]}
+
+
 def pretrain_and_evaluate(job: Job) -> dict:
     """The study's runner: pretrain (resuming from ``last.pth``) and evaluate the trunk of
     ``last.pth``; for ``random_init``, evaluate the untrained trunk of seed ``job.seed``."""
@@ -211,6 +235,9 @@ def pretrain_and_evaluate(job: Job) -> dict:
                     loss=_last_loss(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"))
     t1 = time.perf_counter()
     result = evaluate_backbone(backbone, job.eval, cfg.DATA.IMAGE_SIZE, device)
+    if job.eval.get("detection"):
+        last = None if job.run.random_init else Path(cfg.OUTPUT_DIR) / "last.pth"
+        result |= detection_metrics(job.eval["detection"], last, Path(job.output_dir), job.seed)
     t2 = time.perf_counter()
     return {**{k: round(v, 4) for k, v in result.items()}, **info,
             "pretrain_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),

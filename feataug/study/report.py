@@ -15,15 +15,17 @@ from pretrain.utils.stats import claim, mean_std
 from .grid import Grid, _safe
 
 # metric key -> label, in report order
-METRICS = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1"}
+METRICS = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "det_ap": "detection AP",
+           "det_ap50": "detection AP50"}
 EXTRA_COLUMNS = ("iterations", "loss", "pretrain_s", "eval_s", "cpu_s")
 MAX_GROUPS = 12  # plots with more contexts than this show the mean over the other settings
 
 
 def summarize(grid: Grid, records: Iterable[dict], metrics: Sequence[str]) -> list[dict]:
-    """Per run: seeds, mean/std of each metric over seeds, and against the matching baseline
-    (``M_delta``, ``M_claim``) and the matching loss-scale control (``M_vs_control``,
-    ``M_claim_control``) the paired differences.
+    """Per run: seeds, mean/std of each metric over seeds, and the paired differences against
+    the matching baseline (``M_delta``, ``M_claim``), the matching loss-scale control
+    (``M_vs_control``, ``M_claim_control``) and the untrained reference row (``M_vs_random``,
+    ``M_claim_random``).
 
     Delta = mean over the seeds both runs finished of (run − reference), same seed; its std is
     the sample std of those paired differences; the claim is ``pretrain.utils.stats.claim``.
@@ -36,6 +38,7 @@ def summarize(grid: Grid, records: Iterable[dict], metrics: Sequence[str]) -> li
             v = rec["metrics"].get(m)
             if v is not None:
                 values.setdefault(rec["run"], {}).setdefault(m, {})[rec["seed"]] = float(v)
+    random = next((r.name for r in grid.runs if r.random_init), None)
     rows = []
     for run in grid.runs:
         mine = values.get(run.name, {})
@@ -46,10 +49,13 @@ def summarize(grid: Grid, records: Iterable[dict], metrics: Sequence[str]) -> li
         for m in metrics:
             per = mine.get(m, {})
             row[m] = mean_std(list(per.values()))
-            for ref, tag in ((run.baseline, ""), (run.control, "_control")):
+            vs_random = None if run.random_init else random
+            for ref, tag, name in ((run.baseline, "", "_delta"),
+                                   (run.control, "_control", "_vs_control"),
+                                   (vs_random, "_random", "_vs_random")):
                 other = values.get(ref, {}).get(m, {}) if ref else {}
                 diffs = [per[s] - other[s] for s in sorted(set(per) & set(other))]
-                row[m + ("_delta" if not tag else "_vs_control")] = mean_std(diffs)
+                row[m + name] = mean_std(diffs)
                 row[m + "_claim" + tag] = claim(diffs) if ref else ""
         rows.append(row)
     return rows
@@ -68,29 +74,29 @@ def _verdict(row: dict, m: str, tag: str = "") -> str:
     return f" **{c}**" if c in ("helps", "hurts") else (" (no effect shown)" if c else "")
 
 
-def markdown_table(grid: Grid, rows: list[dict], metrics: Sequence[str]) -> str:
-    """One line per run: its study-axis values, seeds, mean ± std of each metric, and the paired
-    Δ against the matching baseline (and control, when the grid names one) with the claim."""
-    controls = any(r.get("control") for r in rows)
-    head = ["run", *grid.axes, "seeds"]
-    for m in metrics:
-        head += [METRICS.get(m, m), f"Δ {METRICS.get(m, m)} vs baseline"]
-        head += ["Δ vs scale control"] if controls else []
+def markdown_table(grid: Grid, rows: list[dict], metric: str) -> str:
+    """One table for ``metric``: per run its study-axis values, seeds, mean ± std, and the
+    paired Δ with the claim against the matching baseline, the loss-scale control (when the
+    grid names one) and the untrained trunk (when the grid has that row)."""
+    refs = [("baseline", "_delta", ""), ("scale control", "_vs_control", "_control"),
+            ("random init", "_vs_random", "_random")]
+    refs = [r for r in refs if any(not math.isnan(row[metric + r[1]][0]) for row in rows)
+            or (r[0] == "baseline")]
+    head = ["run", *grid.axes, "seeds", METRICS.get(metric, metric),
+            *(f"Δ vs {label}" for label, _, _ in refs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["run"], *(row["settings"].get(a, "") for a in grid.axes),
-                 str(len(row["seeds"]))]
-        for m in metrics:
-            if row["random_init"]:
-                delta = "untrained"
-            elif row["baseline"] is None:
-                delta = "baseline"
+                 str(len(row["seeds"])), _pm(row[metric])]
+        for label, key, tag in refs:
+            if label == "baseline" and row["random_init"]:
+                cells.append("untrained")
+            elif label == "baseline" and row["baseline"] is None:
+                cells.append("baseline")
             else:
-                delta = _pm(row[m + "_delta"], signed=True) + _verdict(row, m)
-            cells += [_pm(row[m]), delta]
-            if controls:
-                cells.append(_pm(row[m + "_vs_control"], signed=True) + _verdict(row, m, "_control")
-                             if row.get("control") else "")
+                d = row[metric + key]
+                cells.append("" if math.isnan(d[0]) else _pm(d, signed=True)
+                             + _verdict(row, metric, tag))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,7 +139,10 @@ def write_reports(grid: Grid, out: Path, records: Iterable[dict], seeds: Sequenc
             "matching FA-off baseline, or its loss-scale control; same seed) ± the std of those "
             "paired differences. A run **helps** / **hurts** only when every paired Δ has the "
             "same sign and |mean Δ| > 2 sd over ≥ 3 seeds; otherwise no effect is shown.", ""]
-    text.append(markdown_table(grid, rows, metrics) if metrics else "(no finished jobs yet)\n")
+    for m in metrics:
+        text += [f"## {METRICS.get(m, m)} (%)", "", markdown_table(grid, rows, m)]
+    if not metrics:
+        text.append("(no finished jobs yet)\n")
     if failed:
         text += ["", "Failed jobs:", *(f"- {f}" for f in failed)]
     atomic_write_text(out / "results.md", "\n".join(text).rstrip() + "\n")
