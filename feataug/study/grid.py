@@ -340,7 +340,9 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
     _need(not unknown, where, f"eval: unknown key(s) {sorted(unknown)}; "
           f"allowed: {sorted(EVAL_DEFAULTS)}")
     ev = {k: _subst(v, data_root) for k, v in ev.items()}
-    if ev["detection"] is not None:
+    if ev["detection"] is None:
+        del ev["detection"]  # (so that grids without it keep their job digests)
+    else:
         ev["detection"] = _detection_spec(ev["detection"], path.parent, data_root, where)
     _need(bool(ev["train"]) and bool(ev["val"]), where,
           "eval.train and eval.val (labelled splits) are required")
