@@ -235,7 +235,8 @@ def test_role_negative_appends_other_images_and_never_enqueues():
 
 
 def test_role_both_adds_the_positive_term():
-    model = build(fa_cfg("moco", op="dropout", role="both", num=2, loss_weight=0.3))
+    model = build(fa_cfg("moco", op="dropout", role="both", num=2, loss_weight=0.3,
+                         loss_mode="add"))
     out = model(*views())
     torch.testing.assert_close(out["loss"], out["loss_ssl"] + 0.3 * out["loss_fa"])
 
