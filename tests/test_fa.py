@@ -411,7 +411,8 @@ def test_before_start_fa_is_exactly_off(method):
 
 
 def test_schedule_and_loss_modes_by_hand():
-    aug = build(fa_cfg("moco", op="identity", start=0.2, ramp=0.4, loss_weight=0.5)).fa
+    aug = build(fa_cfg("moco", op="identity", start=0.2, ramp=0.4, loss_weight=0.5,
+                       loss_mode="add")).fa
     assert [aug.factor(p) for p in (0.0, 0.19, 0.2, 0.4, 0.5, 0.6, 0.9)] == \
         pytest.approx([0, 0, 0, 0.5, 0.75, 1, 1])
     ssl, fa_term = torch.tensor(2.0), torch.tensor(6.0)
