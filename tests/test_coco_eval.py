@@ -557,11 +557,11 @@ def test_fast_evaluator_equals_detectron2_pycocotools(tmp_path, monkeypatch):
     pytest.importorskip("detectron2")
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
-    from detectron2.evaluation import COCOEvaluator, coco_evaluation
+    from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, coco_evaluation
 
     from transfer.coco_eval import FastCOCOEvaluator
 
-    assert issubclass(FastCOCOEvaluator, COCOEvaluator)
+    assert issubclass(FastCOCOEvaluator, DatasetEvaluator)
     gt, _ = random_coco(5, n_images=10)
     name = f"_coco_eval_test_{tmp_path.name}"
     register_coco_instances(name, {}, _write(tmp_path / "gt.json", gt), str(tmp_path))
@@ -587,17 +587,29 @@ def test_fast_evaluator_equals_detectron2_pycocotools(tmp_path, monkeypatch):
 
         ref = run(COCOEvaluator(name, ("bbox", "segm"), False, use_fast_impl=False))
         assert calls == []
-        fast = run(FastCOCOEvaluator(name, ("bbox", "segm"), False))
+
+        def never(*args, **kwargs):
+            raise AssertionError("Detectron2's COCOeval_opt was used")
+
+        monkeypatch.setattr(coco_evaluation, "COCOeval_opt", never)  # nothing of it is touched
+        fast = run(FastCOCOEvaluator(name, ("bbox", "segm"), False, str(tmp_path / "fast")))
         assert sorted(calls) == ["bbox", "segm"]
-        assert coco_evaluation.COCOeval_opt is coco_evaluation.COCOeval  # restored afterwards
-        assert set(ref) == set(fast) == {"bbox", "segm"}
+        assert coco_evaluation.COCOeval_opt is never
+        slow = run(FastCOCOEvaluator(name, None, False, use_fast_impl=False))  # tasks inferred
+        assert sorted(calls) == ["bbox", "segm"]  # pycocotools: faster-coco-eval not called
+        assert set(ref) == set(fast) == set(slow) == {"bbox", "segm"}
         for task in ("bbox", "segm"):
-            assert set(ref[task]) == set(fast[task])
+            assert set(ref[task]) == set(fast[task]) == set(slow[task])
             assert {"AP", "AP50", "APm", "AP-tree", "AP-car", "AP-person"} <= set(ref[task])
             assert 0 < ref[task]["AP"] < 100
             for k, v in ref[task].items():  # Detectron2 reports %, so 1e-6 becomes 1e-4
-                same = math.isnan(v) and math.isnan(fast[task][k])
-                assert same or fast[task][k] == pytest.approx(v, abs=1e-4), k
+                for ours in (fast, slow):
+                    same = math.isnan(v) and math.isnan(ours[task][k])
+                    assert same or ours[task][k] == pytest.approx(v, abs=1e-4), k
+        # the results file holds the dataset's category ids, as Detectron2 writes it
+        written = json.loads((tmp_path / "fast" / "coco_instances_results.json").read_text())
+        assert {d["category_id"] for d in written} <= {c["id"] for c in CATEGORIES}
+        assert len(written) == sum(len(o["instances"]) for o in outputs)
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -213,9 +214,29 @@ def make_checkpoint(fmt: str, state: dict[str, torch.Tensor], depth: int) -> dic
                 "optimizer": optimizer,
             },
         }
+    if fmt == "lightly":  # lightly's examples: nn.Sequential(*list(resnet.children())[:-1])
+        seq = _as_sequential(state, depth)
+        sd = {
+            **_prefixed("backbone.", seq),
+            **_prefixed("backbone_momentum.", dict(list(seq.items())[:3])),
+            **_mlp("projection_head.layers.", (feat, 256, 128), bn=True),
+        }
+        return {"epoch": 5, "global_step": 50, "pytorch-lightning_version": "2.2.0",
+                "state_dict": sd, "optimizer_states": [optimizer]}  # fmt: skip
     if fmt == "torchvision":
         return dict(state)
     raise AssertionError(fmt)
+
+
+def _as_sequential(state: dict[str, torch.Tensor], depth: int, keep_fc: bool = False):
+    """``state`` as torchvision's ResNet children in an ``nn.Sequential`` names it (built by
+    torch itself: the children of a meta-device ResNet holding these tensors)."""
+    name = depth if isinstance(depth, str) else f"resnet{depth}"
+    with torch.device("meta"):
+        model = getattr(torchvision.models, name)()
+    model.load_state_dict(state, assign=True)
+    children = list(model.children())
+    return dict(nn.Sequential(*(children if keep_fc else children[:-1])).state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -552,3 +573,195 @@ def test_converted_weights_carry_the_config_they_need(tmp_path):
         for part in key.split("."):
             node = getattr(node, part)
         assert (list(node) if isinstance(node, tuple) else node) == pytest.approx(want), key
+
+
+# ----------------------------------------------------------------------------- other trunks
+
+TORCHVISION_ARCHS = {  # builder -> (groups, Detectron2 WIDTH_PER_GROUP), as torchvision defines
+    "resnet18": (1, 64), "resnet34": (1, 64), "resnet50": (1, 64), "resnet101": (1, 64),
+    "resnet152": (1, 64), "wide_resnet50_2": (1, 128), "wide_resnet101_2": (1, 128),
+    "resnext50_32x4d": (32, 4), "resnext101_32x8d": (32, 8), "resnext101_64x4d": (64, 4),
+}  # fmt: skip
+
+
+def _vissl_trunk(multiplier: int, depth: int = 50) -> nn.Module:
+    """A VISSL ``ResNeXt`` trunk of WIDTH_MULTIPLIER ``multiplier`` (their construction:
+    torchvision's ResNet, then stem and stages rebuilt with ``multiplier`` times the planes)."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    layers = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
+    model = ResNet(Bottleneck, layers)
+    model.inplanes = planes = 64 * multiplier
+    model.conv1 = nn.Conv2d(3, planes, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(planes)
+    model.layer1 = model._make_layer(Bottleneck, planes, layers[0])
+    model.layer2 = model._make_layer(Bottleneck, planes * 2, layers[1], stride=2)
+    model.layer3 = model._make_layer(Bottleneck, planes * 4, layers[2], stride=2)
+    model.layer4 = model._make_layer(Bottleneck, planes * 8, layers[3], stride=2)
+    model.fc = nn.Linear(planes * 32, 10)
+    return model
+
+
+def _shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()
+            if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TORCHVISION_ARCHS)
+def test_reference_shapes_equal_torchvision(name):
+    """The trunk layout the converter checks against is torchvision's, key for key, in order."""
+    with torch.device("meta"):
+        model = getattr(torchvision.models, name)()
+    want = _shapes(model)
+    arch = C.infer_arch(dict(model.state_dict()))
+    groups, width = TORCHVISION_ARCHS[name]
+    assert (arch.depth, arch.groups, arch.width_per_group, arch.multiplier) == (
+        int(re.search(r"\d+", name).group()), groups, width, 1)
+    assert arch.torchvision_name == name
+    assert list(C.reference_shapes(arch).items()) == want
+
+
+@pytest.mark.parametrize("multiplier", [2, 4])
+def test_reference_shapes_equal_vissl_wide_trunks(multiplier):
+    with torch.device("meta"):
+        model = _vissl_trunk(multiplier)
+    arch = C.infer_arch(dict(model.state_dict()))
+    assert arch == C.Arch(50, 1, 64 * multiplier, multiplier)
+    assert arch.title == f"ResNet-50 w{multiplier}"
+    assert list(C.reference_shapes(arch).items()) == _shapes(model)
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.25, 0.75)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _check_exact(dst: Path, model: nn.Module, arch) -> None:
+    """Detectron2's ResNet built from ``arch``'s settings, loaded from ``dst`` by Detectron2's
+    checkpointer, gives torchvision's res2..res5 (every tensor loaded, none left over)."""
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+            *C.detectron2_opts(arch)]  # fmt: skip
+    backbone = build_backbone(get_detection_cfg(R50_CONFIG, opts)).eval()
+    _poison(backbone)
+    ckpt = _RecordingCheckpointer(backbone)
+    ckpt.load(str(dst))
+    bad = ckpt.incompatible
+    assert bad.missing_keys == [] and bad.unexpected_keys == [] and bad.incorrect_shapes == []
+    x = _input()
+    with torch.no_grad():
+        want, got = _torchvision_stages(model, x), backbone(x)
+    for name in ("res2", "res3", "res4", "res5"):
+        assert got[name].shape == want[name].shape
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "name, fmt, title, settings",
+    [
+        ("wide_resnet50_2", "moco", "Wide ResNet-50-2", ("NUM_GROUPS 1", "WIDTH_PER_GROUP 128")),
+        ("resnext50_32x4d", "lightly", "ResNeXt-50 32x4d", ("NUM_GROUPS 32", "WIDTH_PER_GROUP 4")),
+    ],
+)
+def test_wide_and_resnext_trunks_reproduce_torchvision(name, fmt, title, settings, tmp_path,
+                                                       capsys):  # fmt: skip
+    model = _randomize_bn(getattr(torchvision.models, name)(), seed=1)
+    src, dst = tmp_path / "in.pth", tmp_path / "d2.pkl"
+    torch.save(make_checkpoint(fmt, model.state_dict(), name if fmt == "lightly" else 50), src)
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    report = capsys.readouterr().out
+    assert f"({fmt}), {title}," in report
+    assert all(f"MODEL.RESNETS.{s}\n" in report for s in settings)
+    assert "STEM_OUT_CHANNELS 64\n" in report and "RES2_OUT_CHANNELS 256\n" in report
+    from pretrain.utils.safe_load import load_pickle
+
+    groups, width = TORCHVISION_ARCHS[name]
+    need = load_pickle(dst)["feataug"]["config"]
+    got = (need["MODEL.RESNETS.NUM_GROUPS"], need["MODEL.RESNETS.WIDTH_PER_GROUP"])
+    assert got == (groups, width)
+    _check_exact(dst, model, C.Arch(50, groups, width))
+
+
+@pytest.mark.slow
+def test_vissl_wide_trunk_reproduces_vissl(tmp_path, capsys):
+    """A VISSL RN50-w2 trunk (SwAV's wide model): stem 128, res2 512 out."""
+    model = _randomize_bn(_vissl_trunk(2), seed=2)
+    src, dst = tmp_path / "vissl.torch", tmp_path / "d2.pkl"
+    torch.save(make_checkpoint("vissl", model.state_dict(), 50), src)
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    report = capsys.readouterr().out
+    assert "(vissl), ResNet-50 w2," in report
+    for s in ("NUM_GROUPS 1", "WIDTH_PER_GROUP 128", "STEM_OUT_CHANNELS 128",
+              "RES2_OUT_CHANNELS 512"):  # fmt: skip
+        assert f"MODEL.RESNETS.{s}\n" in report
+    _check_exact(dst, model, C.Arch(50, 1, 128, 2))
+
+
+def test_bare_sequential_trunk_with_its_classifier(resnets, tmp_path, capsys):
+    """torch.save(nn.Sequential(*resnet.children()).state_dict()): no prefix, fc at index 9."""
+    model = resnets[18]
+    src, dst = tmp_path / "seq.pth", tmp_path / "d2.pkl"
+    torch.save(_as_sequential(dict(model.state_dict()), 18, keep_fc=True), src)
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    report = capsys.readouterr().out
+    assert "(lightly), ResNet-18, trunk at top level with prefix ''" in report
+    assert "9. (fc) (2)" in report  # the classifier's weight and bias, dropped
+    with open(dst, "rb") as f:
+        out = pickle.load(f)["model"]
+    np.testing.assert_array_equal(out["res5.1.conv2.norm.running_var"],
+                                  model.state_dict()["layer4.1.bn2.running_var"].numpy())
+
+
+def test_refuses_sequential_that_is_not_torchvision_children(tmp_path, capsys, r18_state):
+    """lightly's own CIFAR ResNetGenerator puts layer1 at index 2: not torchvision's order."""
+    index = {0: 0, 1: 1, 4: 2, 5: 3, 6: 4, 7: 5}  # conv1, bn1, layer1..4 with no relu/maxpool
+    shifted = {}
+    for k, v in _as_sequential(r18_state, 18).items():
+        i, rest = k.split(".", 1)
+        shifted[f"{index[int(i)]}.{rest}"] = v
+    line = _refused(tmp_path, capsys, {"state_dict": _prefixed("backbone.", shifted)})
+    assert "backbone.2.0.conv1.weight: torchvision's ResNet children" in line
+
+
+@pytest.fixture(scope="module")
+def resnext_state():
+    torch.manual_seed(3)
+    return dict(torchvision.models.resnext50_32x4d().state_dict())
+
+
+def test_refuses_truncated_resnext(tmp_path, capsys, resnext_state):
+    state = dict(resnext_state)
+    del state["layer4.2.conv3.weight"]
+    line = _refused(tmp_path, capsys, make_checkpoint("moco", state, 50))
+    assert "ResNeXt-50 32x4d keys missing: layer4.2.conv3.weight" in line
+    state = {k: v for k, v in resnext_state.items() if not k.startswith("layer4.2.")}
+    line = _refused(tmp_path, capsys, state)
+    assert "not a ResNet-18/34/50/101/152 trunk (bottleneck blocks per stage 3-4-6-2)" in line
+    state = dict(resnext_state)
+    state["layer2.1.conv2.weight"] = torch.randn(256, 4, 3, 3)  # 64 groups where it has 32
+    line = _refused(tmp_path, capsys, make_checkpoint("simsiam", state, 50))
+    assert "shape mismatch for ResNeXt-50 32x4d: layer2.1.conv2.weight (256, 4, 3, 3)" in line
+    assert "(expected (256, 8, 3, 3))" in line
+
+
+def test_refuses_truncated_file(tmp_path, capsys, resnext_state):
+    full = tmp_path / "full.pth"
+    torch.save(resnext_state, full)
+    data = full.read_bytes()
+    full.unlink()
+    line = _refused(tmp_path, capsys, data[: len(data) // 2])
+    assert "in.pth: not a readable PyTorch checkpoint" in line
+
+
+def test_wide_settings_merge_into_a_config():
+    arch = C.Arch(50, 1, 128, 2)
+    cfg = get_detection_cfg(None, C.detectron2_opts(arch))
+    r = cfg.MODEL.RESNETS
+    widths = (r.NUM_GROUPS, r.WIDTH_PER_GROUP, r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS)
+    assert widths == (1, 128, 128, 512)

@@ -458,7 +458,9 @@ def test_trials_summary_by_hand(tmp_path):
     ]
     trials.write_trials(tmp_path, runs)
     md = (tmp_path / "trials.md").read_text()
-    assert "| bbox/AP | 3.00 ± 2.00 | 1.00 | 3.00 | 5.00 |" in md and "seed 12" in md
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in md.splitlines() if line.startswith("|")]  # fmt: skip
+    assert ["bbox/AP", "3.00 ± 2.00", "1.00", "3.00", "5.00"] in rows and "seed 12" in md
     doc = json.loads((tmp_path / "trials.json").read_text())
     assert doc["summary"]["bbox/AP50"]["mean"] == 5.0 and len(doc["trials"]) == 3
 
@@ -554,7 +556,19 @@ def test_detect_voc_trials_and_eval_only(tmp_path, catalog, r18_weights):
         assert summary[f"bbox/{key}"]["mean"] == pytest.approx(statistics.mean(values))
         assert summary[f"bbox/{key}"]["std"] == pytest.approx(statistics.stdev(values))
     assert "bbox/AP50" in (out / "trials.md").read_text()
-    assert "Running precise-BN" in (out / "log.txt").read_text()
+    assert (out / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (out / "log.txt").read_text()
+    assert "Running precise-BN" in log
+    # what produced the folder: provenance.json, the head of log.txt, trials.json, each trial
+    import hashlib
+
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["weights"]["sha256"] == hashlib.sha256(pkl.read_bytes()).hexdigest()
+    assert record["command"] == sys.argv and record["versions"]["torch"] == torch.__version__
+    assert log.startswith("provenance: ") and record["weights"]["sha256"] in log.split("\n", 3)[2]
+    assert "Schedule as written (SOLVER.REFERENCE_WORLD_SIZE 0)" in log
+    assert json.loads((out / "trials.json").read_text())["provenance"] == record
+    assert json.loads((out / "trial0" / "provenance.json").read_text()) == record
     # --resume skips finished trials (no training) and rebuilds the same summary
     (out / "trials.json").unlink()
     assert (

@@ -17,8 +17,9 @@ Results are evaluated exactly as pycocotools' ``COCO.loadRes`` reads them. In pa
 ``segm`` results that also carry a ``bbox``, the box area decides small / medium / large;
 Detectron2's own evaluator (and :class:`FastCOCOEvaluator`) drops the boxes to use mask areas.
 
-``FastCOCOEvaluator`` (imported lazily, it needs Detectron2) is Detectron2's ``COCOEvaluator`` with
-this fast path for bbox / segm.
+``FastCOCOEvaluator`` (imported lazily, it needs Detectron2) is a Detectron2 ``DatasetEvaluator``
+that evaluates bbox / segm through :func:`run_cocoeval` (faster-coco-eval's own API), with the
+results dict of Detectron2's ``COCOEvaluator``; nothing of Detectron2 is patched.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import functools
 import io
+import itertools
 import json
 import logging
 import math
@@ -281,11 +283,18 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def run_cocoeval(gt: dict, dts: list[dict], iou_type: str = "bbox", backend: str | None = None):
+def run_cocoeval(
+    gt: dict,
+    dts: list[dict],
+    iou_type: str = "bbox",
+    backend: str | None = None,
+    img_ids: list | None = None,
+):
     """COCO.loadRes + COCOeval evaluate/accumulate/summarize, with no input checks.
 
-    ``gt`` and ``dts`` are not modified. Returns the COCOeval object (``.stats``, ``.eval``,
-    ``.params``) of the chosen backend. This is the part a benchmark times against pycocotools.
+    ``gt`` and ``dts`` are not modified; ``img_ids`` restricts the evaluation to those images
+    (``params.imgIds``). Returns the COCOeval object (``.stats``, ``.eval``, ``.params``) of the
+    chosen backend. This is the part a benchmark times against pycocotools.
     """
     backend = backend or available_backend()
     if backend not in BACKENDS:
@@ -299,6 +308,8 @@ def run_cocoeval(gt: dict, dts: list[dict], iou_type: str = "bbox", backend: str
         coco_gt = COCO(gt, print_function=_silent)
         coco_dt = coco_gt.loadRes(dts)
         ev = _faster_cocoeval(coco_gt, coco_dt, iou_type)
+        if img_ids is not None:
+            ev.params.imgIds = list(img_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -321,6 +332,8 @@ def run_cocoeval(gt: dict, dts: list[dict], iou_type: str = "bbox", backend: str
             }
             coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, iou_type)
+        if img_ids is not None:
+            ev.params.imgIds = list(img_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -409,59 +422,126 @@ def format_report(result: dict, columns: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _d2_cocoeval(coco_gt, coco_dt, iou_type: str):
-    """Stand-in for Detectron2's ``COCOeval_opt``: faster-coco-eval for bbox / segm."""
-    if iou_type not in IOU_TYPES:  # keypoints: the official implementation
-        from pycocotools.cocoeval import COCOeval
-
-        return COCOeval(coco_gt, coco_dt, iou_type)
-    from faster_coco_eval import COCO
-
-    return _faster_cocoeval(
-        COCO(coco_gt.dataset, print_function=_silent),
-        COCO(coco_dt.dataset, print_function=_silent),
-        iou_type,
-    )
+D2_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOEvaluator's, in percent
 
 
-@contextlib.contextmanager
-def _d2_fast_impl(cocoeval_fn):
-    """Make Detectron2's COCOEvaluator use ``cocoeval_fn`` as its fast implementation."""
-    from detectron2.evaluation import coco_evaluation
-
-    saved = coco_evaluation.COCOeval_opt
-    coco_evaluation.COCOeval_opt = cocoeval_fn
-    try:
-        yield
-    finally:
-        coco_evaluation.COCOeval_opt = saved
+def detectron2_results(summary: dict, class_names: dict[int, str] | None = None) -> dict:
+    """:func:`evaluate`'s summary as Detectron2's ``COCOEvaluator`` reports it: the six AP
+    statistics in percent (NaN where pycocotools gives -1), and ``AP-<class>`` per category when
+    there is more than one. ``class_names``: category id -> name (default: the ground truth's).
+    """
+    pct = lambda v: 100.0 * v if v >= 0 else float("nan")  # noqa: E731
+    out = {k: pct(summary["stats"][k]) for k in D2_METRICS}
+    cats = summary["per_category"]
+    if len(cats) > 1:
+        names = class_names or {}
+        out |= {f"AP-{names.get(c['id'], c['name'])}": pct(c["AP"]) for c in cats}
+    return out
 
 
 @functools.cache
 def _fast_coco_evaluator_class():
-    from detectron2.evaluation import COCOEvaluator
+    from detectron2.data import MetadataCatalog
+    from detectron2.data.datasets.coco import convert_to_coco_json
+    from detectron2.evaluation import DatasetEvaluator
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+    from detectron2.utils import comm
+    from detectron2.utils.file_io import PathManager
 
-    class FastCOCOEvaluator(COCOEvaluator):
-        """Detectron2's ``COCOEvaluator`` with bbox / segm AP from faster-coco-eval.
+    from pretrain.utils.io import atomic_write_text
 
-        Detectron2's own fast path needs its compiled ``_C``; without it, ``COCOEvaluator``
-        uses pure-Python pycocotools. This evaluator produces the same results dict (the same
-        numbers, per-category APs included) at C++ speed. ``use_fast_impl=False`` or a missing
-        faster-coco-eval gives the plain pycocotools path, and so does a custom
-        ``max_dets_per_image`` (Detectron2 then uses its own pycocotools subclass). Detectron2
-        logs this path as its "unofficial" API; the numbers are pycocotools' own.
+    class FastCOCOEvaluator(DatasetEvaluator):
+        """COCO bbox / segm AP of a Detectron2 model, computed by :func:`run_cocoeval`.
+
+        Collects predictions as Detectron2's ``COCOEvaluator`` does (``instances_to_coco_json``,
+        category ids mapped back to the dataset's), writes ``coco_instances_results.json`` in
+        ``output_dir``, and evaluates each task with faster-coco-eval's ``COCO`` /
+        ``COCOeval_faster`` (its pycocotools-compatible settings), or pycocotools when
+        ``use_fast_impl=False`` or faster-coco-eval is missing. ``segm`` drops the boxes, so mask
+        areas decide small / medium / large, as Detectron2 does. Returns
+        ``{task: {AP, AP50, AP75, APs, APm, APl, AP-<class>...}}`` in percent
+        (:func:`detectron2_results`); no detections at all give AP 0, as ``feataug coco-eval``.
         """
 
-        def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, **kwargs):
-            fast = kwargs.pop("use_fast_impl", True) and available_backend() == "faster-coco-eval"
-            super().__init__(
-                dataset_name, tasks, distributed, output_dir, use_fast_impl=False, **kwargs
+        def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
+                     use_fast_impl=True, allow_cached_coco=True):  # fmt: skip
+            for task in tasks or ():
+                _check_iou_type(task)
+            self._tasks = tuple(tasks) if tasks else None
+            self._distributed = distributed
+            self._output_dir = output_dir
+            self._backend = available_backend() if use_fast_impl else "pycocotools"
+            meta = MetadataCatalog.get(dataset_name)
+            if not hasattr(meta, "json_file"):  # Detectron2-format records: convert them once
+                if output_dir is None:
+                    raise ValueError(f"{dataset_name}: output_dir is needed to convert it to COCO")
+                cache = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
+                convert_to_coco_json(dataset_name, cache, allow_cached=allow_cached_coco)
+                meta.json_file = cache
+            self._json = PathManager.get_local_path(meta.json_file)
+            gt = _read_json(self._json)
+            # a test-server split (no 'annotations'): predictions are written, not evaluated
+            self._gt = None if isinstance(gt, dict) and "annotations" not in gt else gt
+            if self._gt is not None:
+                check_gt(self._gt, name=self._json)
+            ids = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
+            self._to_dataset_id = {v: k for k, v in ids.items()} if ids else None
+            classes = getattr(meta, "thing_classes", None)
+            self._names = (
+                {k: classes[v] for k, v in ids.items()} if ids and classes else None
             )
-            self._use_fast_impl = fast
+            self._dataset_name = dataset_name
+            self.reset()
 
-        def _eval_predictions(self, predictions, img_ids=None):
-            with _d2_fast_impl(_d2_cocoeval):
-                super()._eval_predictions(predictions, img_ids=img_ids)
+        def reset(self):
+            self._images = []  # per image: its detections, COCO results format
+
+        def process(self, inputs, outputs):
+            for inp, out in zip(inputs, outputs, strict=True):
+                if "instances" in out:
+                    instances = out["instances"].to("cpu")
+                    self._images.append(instances_to_coco_json(instances, inp["image_id"]))
+
+        def evaluate(self, img_ids=None):
+            images = self._images
+            if self._distributed:
+                comm.synchronize()
+                images = list(itertools.chain(*comm.gather(images, dst=0)))
+                if not comm.is_main_process():
+                    return {}
+            if not images:
+                logger.warning(f"{self._dataset_name}: no predictions to evaluate")
+                return {}
+            dts = [dict(d) for d in itertools.chain(*images)]
+            if self._to_dataset_id is not None:
+                for d in dts:
+                    if d["category_id"] not in self._to_dataset_id:
+                        raise COCOEvalError(
+                            f"{self._dataset_name}: a prediction has class {d['category_id']}, "
+                            f"but the dataset has {len(self._to_dataset_id)} classes"
+                        )
+                    d["category_id"] = self._to_dataset_id[d["category_id"]]
+            if self._output_dir:
+                atomic_write_text(
+                    os.path.join(self._output_dir, "coco_instances_results.json"), json.dumps(dts)
+                )
+            if self._gt is None:
+                logger.info(f"{self._json}: no annotations; predictions written, not evaluated")
+                return {}
+            tasks = self._tasks or (
+                ("bbox", "segm") if any("segmentation" in d for d in dts) else ("bbox",)
+            )
+            results = {}
+            for task in sorted(tasks):
+                check_gt(self._gt, task, name=self._json)
+                task_dts = [
+                    {k: v for k, v in d.items() if k != "bbox"} for d in dts
+                ] if task == "segm" else dts  # fmt: skip
+                ev = run_cocoeval(self._gt, task_dts, task, self._backend, img_ids=img_ids)
+                summary = _summary(ev, self._gt, task, self._backend)
+                logger.info(f"{self._dataset_name}: " + format_report(summary))
+                results[task] = detectron2_results(summary, self._names)
+            return results
 
     FastCOCOEvaluator.__module__ = __name__
     FastCOCOEvaluator.__qualname__ = "FastCOCOEvaluator"

@@ -6,10 +6,11 @@ format's rule can be read in one place.
 A self-supervised checkpoint keeps the trunk somewhere inside it, under a key prefix that
 depends on the code that wrote it (``module.encoder_q.`` for MoCo, ``module.encoder.`` for
 SimSiam, ...). :data:`FORMATS` lists where each known format keeps it; the trunk is found by
-auto-detection (or ``--format``), checked against the torchvision ResNet of the depth its keys
-imply (every key present, every shape right, no unknown tensors, an ImageNet 7x7 stem), renamed
-to Detectron2's ResNet names and written as the pickle Detectron2's ``DetectionCheckpointer``
-reads::
+auto-detection (or ``--format``), checked against the torchvision ResNet its keys and shapes
+imply (:class:`Arch`: the depth, and the groups and widths of ResNeXt, Wide ResNet and VISSL's
+width-multiplied trunks; every key present, every shape right, no unknown tensors, an ImageNet
+7x7 stem), renamed to Detectron2's ResNet names and written as the pickle Detectron2's
+``DetectionCheckpointer`` reads::
 
     {"model": {name: numpy array}, "__author__": "feataug", "matching_heuristics": True}
 
@@ -18,6 +19,9 @@ Name mapping (torchvision -> Detectron2)::
     conv1                     -> stem.conv1            bn1          -> stem.conv1.norm
     layer{i}.{b}.conv{k}      -> res{i+1}.{b}.conv{k}  bn{k}        -> res{i+1}.{b}.conv{k}.norm
     layer{i}.{b}.downsample.0 -> res{i+1}.{b}.shortcut downsample.1 -> res{i+1}.{b}.shortcut.norm
+
+A trunk saved as torchvision's ResNet children in an ``nn.Sequential`` (lightly's examples:
+``0.`` conv1, ``1.`` bn1, ``4.`` .. ``7.`` layer1..layer4) is first renamed to torchvision's names.
 
 Heads (``fc``), momentum encoders, queues, predictors and ``num_batches_tracked`` are dropped and
 reported. Anything that would make the conversion inexact is refused with one line and no output.
@@ -52,6 +56,7 @@ from pretrain.utils.io import atomic_write
 
 __all__ = [
     "FORMATS",
+    "Arch",
     "ConvertError",
     "Conversion",
     "Format",
@@ -59,8 +64,10 @@ __all__ = [
     "convert_checkpoint",
     "detectron2_opts",
     "detect_format",
+    "infer_arch",
     "infer_depth",
     "read_checkpoint",
+    "reference_shapes",
     "torchvision_to_detectron2",
 ]
 
@@ -89,6 +96,8 @@ class Format:
     The trunk is the mapping found by following one of ``containers`` (a key path from the top of
     the checkpoint; ``()`` is the checkpoint itself), restricted to the keys starting with one of
     ``prefixes``. ``marker``, if set, is a top-level key auto-detection also requires.
+    ``sequential``: the trunk is torchvision's ResNet children as an ``nn.Sequential`` (keys
+    ``0.`` conv1, ``1.`` bn1, ``4.`` .. ``7.`` layer1..layer4; see :data:`SEQUENTIAL_CHILDREN`).
     """
 
     name: str
@@ -96,6 +105,18 @@ class Format:
     containers: tuple[tuple[str, ...], ...]
     prefixes: tuple[str, ...]
     marker: str | None = None
+    sequential: bool = False
+
+    @property
+    def probe(self) -> str:
+        """What a key of the first residual stage starts with, after the prefix."""
+        return "4.0.conv1." if self.sequential else "layer1."
+
+
+# torchvision ResNet.children() in order: index in nn.Sequential(*children) -> child name.
+# relu (2), maxpool (3) and avgpool (8) hold no tensors; fc (9) appears only when kept.
+SEQUENTIAL_CHILDREN = {0: "conv1", 1: "bn1", 4: "layer1", 5: "layer2", 6: "layer3", 7: "layer4",
+                       9: "fc"}  # fmt: skip
 
 
 # Order matters for auto-detection: the first format whose trunk is found wins.
@@ -120,6 +141,13 @@ FORMATS: tuple[Format, ...] = (
         ("_feature_blocks.",),
     ),
     Format(
+        "lightly",
+        "lightly (torchvision ResNet children as nn.Sequential)",
+        ((), ("state_dict",), ("model",)),
+        ("backbone.", "module.backbone.", "", "module."),
+        sequential=True,
+    ),
+    Format(
         "torchvision",
         "torchvision ResNet state_dict",
         ((), ("state_dict",), ("model",)),
@@ -137,16 +165,20 @@ class Conversion:
     format: Format
     container: tuple[str, ...]
     prefix: str
-    depth: int
+    arch: Arch
     model: dict[str, np.ndarray]  # Detectron2 names
     dropped: Counter = field(default_factory=Counter)  # key group -> number of tensors dropped
     ignored: list[str] = field(default_factory=list)  # other top-level keys of the checkpoint
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def depth(self) -> int:
+        return self.arch.depth
+
     def summary(self) -> list[str]:
         where = "".join(f"[{k!r}]" for k in self.container) or "top level"
         lines = [
-            f"{self.source}: {self.format.title} ({self.format.name}), ResNet-{self.depth}, "
+            f"{self.source}: {self.format.title} ({self.format.name}), {self.arch.title}, "
             f"trunk at {where} with prefix {self.prefix!r}",
             f"kept {len(self.model)} tensors ({sum(a.size for a in self.model.values()):,} values)",
         ]
@@ -195,7 +227,7 @@ def _follow(ckpt: Mapping, keys: tuple[str, ...]) -> Mapping | None:
 def _locate(ckpt: Mapping, fmt: Format, use_marker: bool = True):
     """``(container path, container, prefix)`` of ``fmt``'s trunk in ``ckpt``, or ``None``.
 
-    A trunk is found where some key starts with ``prefix + "layer1."`` (the first residual stage).
+    A trunk is found where some key starts with ``prefix + fmt.probe`` (the first residual stage).
     """
     if use_marker and fmt.marker is not None and fmt.marker not in ckpt:
         return None
@@ -204,7 +236,7 @@ def _locate(ckpt: Mapping, fmt: Format, use_marker: bool = True):
         if node is None:
             continue
         for prefix in fmt.prefixes:
-            probe = prefix + "layer1."
+            probe = prefix + fmt.probe
             if any(isinstance(k, str) and k.startswith(probe) for k in node):
                 return path, node, prefix
     return None
@@ -250,6 +282,63 @@ def detect_format(ckpt: Mapping, name: str = "auto", source: str = "checkpoint")
 # ----------------------------------------------------------------------------- checking
 
 
+@dataclass(frozen=True)
+class Arch:
+    """A torchvision-layout ResNet trunk: its depth and, for bottleneck trunks, its widths.
+
+    Stage ``i`` (0 for res2) of a bottleneck trunk has ``groups * width_per_group * 2**i``
+    channels inside its blocks (3x3 conv in ``groups`` groups) and ``256 * multiplier * 2**i``
+    out; the stem has ``64 * multiplier``. That covers torchvision's ResNet (1, 64, 1),
+    ``wide_resnet50_2`` / ``101_2`` (1, 128, 1), ``resnext50_32x4d`` (32, 4, 1),
+    ``resnext101_32x8d`` / ``64x4d``, and VISSL's ``WIDTH_MULTIPLIER`` m trunks (torchvision
+    blocks with m times the planes: (1, 64m, m)). ``width_per_group`` is Detectron2's
+    ``MODEL.RESNETS.WIDTH_PER_GROUP`` (not torchvision's base width, which is it divided by m).
+    """
+
+    depth: int
+    groups: int = 1
+    width_per_group: int = 64
+    multiplier: int = 1
+
+    @property
+    def bottleneck(self) -> bool:
+        return self.depth >= 50
+
+    @property
+    def stem(self) -> int:
+        return 64 * self.multiplier
+
+    @property
+    def res2_out(self) -> int:
+        return (256 if self.bottleneck else 64) * self.multiplier
+
+    @property
+    def title(self) -> str:
+        g, w, m, d = self.groups, self.width_per_group, self.multiplier, self.depth
+        if (g, w, m) == (1, 64, 1):
+            return f"ResNet-{d}"
+        if m == 1 and g == 1 and w % 64 == 0:
+            return f"Wide ResNet-{d}-{w // 64}"
+        if m == 1:
+            return f"ResNeXt-{d} {g}x{w}d"
+        if g == 1 and w == 64 * m:
+            return f"ResNet-{d} w{m}"
+        return f"ResNet-{d} (groups {g}, width per group {w}, width x{m})"
+
+    @property
+    def torchvision_name(self) -> str | None:
+        """torchvision's builder name (``resnet50``, ``wide_resnet50_2``, ``resnext50_32x4d``;
+        a name in that pattern where torchvision has no builder), or None for VISSL widths."""
+        g, w, m, d = self.groups, self.width_per_group, self.multiplier, self.depth
+        if m != 1:
+            return None
+        if (g, w) == (1, 64):
+            return f"resnet{d}"
+        if g == 1 and w % 64 == 0:
+            return f"wide_resnet{d}_{w // 64}"
+        return f"resnext{d}_{g}x{w}d"
+
+
 def infer_depth(trunk: Mapping[str, Any], source: str = "checkpoint") -> int:
     """ResNet depth implied by torchvision-named trunk keys (blocks per stage, block type)."""
     blocks = []
@@ -267,18 +356,58 @@ def infer_depth(trunk: Mapping[str, Any], source: str = "checkpoint") -> int:
     return depth
 
 
-@functools.cache
-def _reference_shapes(depth: int) -> dict[str, tuple[int, ...]]:
-    """Trunk key -> shape of torchvision's ResNet-``depth`` (built on the meta device: no memory)."""
-    import torchvision
+def infer_arch(trunk: Mapping[str, Any], source: str = "checkpoint") -> Arch:
+    """:class:`Arch` of torchvision-named trunk keys: the depth from the keys, the stem width
+    from ``conv1``, the groups and res2 width from ``layer1.0.conv2`` (the full shape check
+    comes after, against :func:`reference_shapes` of the result)."""
+    depth = infer_depth(trunk, source)
+    if depth < 50:
+        return Arch(depth)
 
-    with torch.device("meta"):
-        model = getattr(torchvision.models, f"resnet{depth}")()
-    return {
-        k: tuple(v.shape)
-        for k, v in model.state_dict().items()
-        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-    }
+    def dims(key: str) -> tuple[int, ...]:
+        v = trunk.get(key)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) and v.dim() == 4 else ()
+
+    stem = (dims("conv1.weight") or (64,))[0]
+    multiplier = stem // 64 if stem >= 64 and stem % 64 == 0 else 1
+    conv2 = dims("layer1.0.conv2.weight")
+    if conv2 and conv2[1] > 0 and conv2[0] % conv2[1] == 0:
+        groups = conv2[0] // conv2[1]
+        return Arch(depth, groups, conv2[1], multiplier)
+    return Arch(depth, 1, 64 * multiplier, multiplier)
+
+
+def _bn(name: str, n: int) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.{p}": (n,) for p in ("weight", "bias", "running_mean", "running_var")}
+
+
+@functools.cache
+def reference_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Trunk key -> shape of the torchvision-layout ResNet ``arch`` (no ``fc``, no
+    ``num_batches_tracked``), in torchvision's ``state_dict`` order. A block's ``downsample``
+    (1x1 conv + BN) exists where its input and output differ, as in torchvision."""
+    blocks = next(b for (b, bottleneck), d in DEPTHS.items() if d == arch.depth)
+    shapes = {"conv1.weight": (arch.stem, 3, 7, 7), **_bn("bn1", arch.stem)}
+    c_in = arch.stem
+    for i, n in enumerate(blocks):
+        out = arch.res2_out * 2**i
+        inner = arch.groups * arch.width_per_group * 2**i if arch.bottleneck else out
+        for b in range(n):
+            pre = f"layer{i + 1}.{b}."
+            if arch.bottleneck:
+                shapes |= {pre + "conv1.weight": (inner, c_in, 1, 1), **_bn(pre + "bn1", inner),
+                           pre + "conv2.weight": (inner, inner // arch.groups, 3, 3),
+                           **_bn(pre + "bn2", inner), pre + "conv3.weight": (out, inner, 1, 1),
+                           **_bn(pre + "bn3", out)}  # fmt: skip
+            else:
+                shapes |= {pre + "conv1.weight": (out, c_in, 3, 3), **_bn(pre + "bn1", out),
+                           pre + "conv2.weight": (out, out, 3, 3),
+                           **_bn(pre + "bn2", out)}  # fmt: skip
+            if b == 0 and (i > 0 or c_in != out):
+                shapes |= {pre + "downsample.0.weight": (out, c_in, 1, 1),
+                           **_bn(pre + "downsample.1", out)}  # fmt: skip
+            c_in = out
+    return shapes
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:
@@ -286,15 +415,15 @@ def _listing(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _check_trunk(trunk: Mapping[str, torch.Tensor], depth: int, source: str) -> None:
-    ref = _reference_shapes(depth)
+def _check_trunk(trunk: Mapping[str, torch.Tensor], arch: Arch, source: str) -> None:
+    ref = reference_shapes(arch)
     missing = [k for k in ref if k not in trunk]
     if missing:
-        raise ConvertError(f"{source}: ResNet-{depth} keys missing: {_listing(missing)}")
+        raise ConvertError(f"{source}: {arch.title} keys missing: {_listing(missing)}")
     unknown = [k for k in trunk if k not in ref]
     if unknown:
         raise ConvertError(
-            f"{source}: trunk has tensors a torchvision ResNet-{depth} does not: {_listing(unknown)}"
+            f"{source}: trunk has tensors a torchvision {arch.title} does not: {_listing(unknown)}"
         )
     wrong = [
         f"{k} {tuple(trunk[k].shape)} (expected {ref[k]})"
@@ -302,7 +431,7 @@ def _check_trunk(trunk: Mapping[str, torch.Tensor], depth: int, source: str) -> 
         if tuple(trunk[k].shape) != ref[k]
     ]
     if wrong:
-        raise ConvertError(f"{source}: shape mismatch for ResNet-{depth}: {_listing(wrong, 4)}")
+        raise ConvertError(f"{source}: shape mismatch for {arch.title}: {_listing(wrong, 4)}")
 
 
 def _check_stem(ckpt: Mapping, fmt: Format, trunk: Mapping[str, torch.Tensor], source: str):
@@ -346,6 +475,24 @@ def torchvision_to_detectron2(name: str) -> str:
     return f"{res}.{layer}.{param}"
 
 
+def _from_sequential(trunk: dict[str, torch.Tensor]):
+    """Keys of torchvision's ResNet children as ``nn.Sequential`` -> torchvision names.
+
+    Returns ``(renamed, fc, stray)``: the trunk, the ``fc`` keys (index 9, a classifier kept in
+    the Sequential), and keys at indices where torchvision's children hold no tensors."""
+    renamed, fc, stray = {}, [], []
+    for key, v in trunk.items():
+        index, _, rest = key.partition(".")
+        child = SEQUENTIAL_CHILDREN.get(int(index)) if index.isdigit() else None
+        if child == "fc":
+            fc.append(key)
+        elif child is None or not rest:
+            stray.append(key)
+        else:
+            renamed[f"{child}.{rest}"] = v
+    return renamed, fc, stray
+
+
 def _group(key: str, depth: int) -> str:
     """Report group of a dropped key: its first ``depth`` dotted components."""
     parts = key.split(".")
@@ -375,22 +522,31 @@ def convert_checkpoint(path: str | Path, fmt: str = "auto") -> Conversion:
             dropped[prefix + "fc."] += 1
         elif isinstance(v, torch.Tensor):
             trunk[k[len(prefix) :]] = v
+    stray: list[str] = []
+    if form.sequential:
+        trunk, fc, stray = _from_sequential(trunk)
+        dropped[prefix + "9. (fc)"] += len(fc)
     dropped = Counter({k: n for k, n in dropped.items() if n})
 
     _check_stem(ckpt, form, trunk, source)
-    depth = infer_depth(trunk, source)
-    arch = ckpt.get("arch") if form.name == "feataug" else None
-    if isinstance(arch, Mapping) and arch.get("name") not in (None, f"resnet{depth}"):
+    if stray:
         raise ConvertError(
-            f"{source}: arch.name is {arch.get('name')!r} but the trunk is ResNet-{depth}"
+            f"{source}: {prefix}{stray[0]}: torchvision's ResNet children as nn.Sequential hold "
+            f"tensors at 0 (conv1), 1 (bn1) and 4-7 (layer1-4) only ({len(stray)} such keys)"
         )
-    _check_trunk(trunk, depth, source)
+    arch = infer_arch(trunk, source)
+    recorded = ckpt.get("arch") if form.name == "feataug" else None
+    if isinstance(recorded, Mapping) and recorded.get("name") not in (None, arch.torchvision_name):
+        raise ConvertError(
+            f"{source}: arch.name is {recorded.get('name')!r} but the trunk is {arch.title}"
+        )
+    _check_trunk(trunk, arch, source)
 
     as_numpy = lambda t: t.detach().to("cpu", torch.float32).contiguous().numpy()  # noqa: E731
-    model = {torchvision_to_detectron2(k): as_numpy(trunk[k]) for k in _reference_shapes(depth)}
+    model = {torchvision_to_detectron2(k): as_numpy(trunk[k]) for k in reference_shapes(arch)}
     top = container_path[0] if container_path else None
     ignored = [str(k) for k in ckpt if k != top] if top is not None else []
-    return Conversion(source, form, container_path, prefix, depth, model, dropped, ignored, notes)
+    return Conversion(source, form, container_path, prefix, arch, model, dropped, ignored, notes)
 
 
 def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
@@ -425,7 +581,7 @@ def convert(
     _check_output(src, dst, overwrite)
     conv = convert_checkpoint(src, fmt)
     payload = {"model": conv.model, "__author__": "feataug", "matching_heuristics": True,
-               "feataug": {"config": detectron2_settings(conv.depth), "format": conv.format.name}}
+               "feataug": {"config": detectron2_settings(conv.arch), "format": conv.format.name}}
     try:
         atomic_write(dst, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError as e:
@@ -433,27 +589,36 @@ def convert(
     return conv
 
 
-def detectron2_settings(depth: int) -> dict[str, Any]:
+def detectron2_settings(arch: Arch | int) -> dict[str, Any]:
     """Detectron2 config values these weights need: torchvision's RGB input and ImageNet
-    normalisation, stride in the 3x3 conv, and the basic-block widths of ResNet-18/34. The
-    converted file carries them (``"feataug": {"config": ...}``) and ``feataug detect`` checks
-    the config against them."""
+    normalisation, stride in the 3x3 conv, the basic-block widths of ResNet-18/34, and the
+    widths of bottleneck trunks (``NUM_GROUPS``, ``WIDTH_PER_GROUP``, ``STEM_OUT_CHANNELS``,
+    ``RES2_OUT_CHANNELS``: Detectron2's ResNet has res2 blocks of ``NUM_GROUPS x
+    WIDTH_PER_GROUP`` channels, doubled per stage, as :class:`Arch`). ``arch``: an
+    :class:`Arch`, or a depth for torchvision's plain ResNet. The converted file carries them
+    (``"feataug": {"config": ...}``) and ``feataug detect`` checks the config against them."""
+    arch = Arch(arch) if isinstance(arch, int) else arch
     settings: dict[str, Any] = {
         "INPUT.FORMAT": "RGB", "MODEL.PIXEL_MEAN": list(PIXEL_MEAN),
-        "MODEL.PIXEL_STD": list(PIXEL_STD), "MODEL.RESNETS.DEPTH": depth,
+        "MODEL.PIXEL_STD": list(PIXEL_STD), "MODEL.RESNETS.DEPTH": arch.depth,
         "MODEL.RESNETS.STRIDE_IN_1X1": False,
     }  # fmt: skip
-    if depth in (18, 34):
+    if not arch.bottleneck:
         settings |= {"MODEL.RESNETS.RES2_OUT_CHANNELS": 64, "MODEL.RESNETS.RES5_DILATION": 1}
+    else:
+        settings |= {"MODEL.RESNETS.NUM_GROUPS": arch.groups,
+                     "MODEL.RESNETS.WIDTH_PER_GROUP": arch.width_per_group,
+                     "MODEL.RESNETS.STEM_OUT_CHANNELS": arch.stem,
+                     "MODEL.RESNETS.RES2_OUT_CHANNELS": arch.res2_out}  # fmt: skip
     return settings
 
 
-def detectron2_opts(depth: int) -> list[str]:
+def detectron2_opts(arch: Arch | int) -> list[str]:
     """:func:`detectron2_settings` as config overrides (``cfg.merge_from_list`` form)."""
     def text(v):
         return "[" + ", ".join(f"{x:.3f}" for x in v) + "]" if isinstance(v, list) else str(v)
 
-    return [x for k, v in detectron2_settings(depth).items() for x in (k, text(v))]
+    return [x for k, v in detectron2_settings(arch).items() for x in (k, text(v))]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -483,7 +648,7 @@ def main(args) -> int:
         return 1
     print("\n".join(conv.summary()))
     print(f"wrote {args.output}")
-    opts = ["MODEL.WEIGHTS", str(args.output), *detectron2_opts(conv.depth)]
+    opts = ["MODEL.WEIGHTS", str(args.output), *detectron2_opts(conv.arch)]
     print("Detectron2 settings these weights need (config keys; the first only to load them):")
     for key, value in zip(opts[::2], opts[1::2], strict=True):
         print(f"  {key} {value}")

@@ -8,11 +8,21 @@ trials::
         --trials 5 DATASETS.TRAIN "('trees_train',)" DATASETS.TEST "('trees_test',)" \\
         MODEL.WEIGHTS r18.pkl OUTPUT_DIR out/trees
 
-Every run writes ``OUTPUT_DIR/eval_results.json`` (the evaluators' nested dict). With
+Every run writes ``OUTPUT_DIR/eval_results.json`` (the evaluators' nested dict), the config it
+ran (``config.yaml``, after rescaling) and what produced it (``provenance.json``, also the head of
+``log.txt``: command, weights sha256, versions, git commit; ``transfer/provenance.py``). With
 ``--trials K`` trial ``k`` runs with ``SEED`` = base + k (base = ``SEED``, or 0 when negative) in
-``OUTPUT_DIR/trial<k>/``, and ``OUTPUT_DIR/trials.json`` / ``trials.md`` hold every metric's mean
-and sample standard deviation (n − 1 denominator; undefined, shown n/a, for a single trial). ``--resume`` skips
-trials that already have results and resumes the others from their last checkpoint.
+``OUTPUT_DIR/trial<k>/``, and ``OUTPUT_DIR/trials.json`` / ``trials.md`` / ``trials.png`` hold
+every metric's mean and sample standard deviation (n − 1 denominator; undefined, shown n/a, for a
+single trial). ``--resume`` skips trials that already have results and resumes the others from
+their last checkpoint.
+
+Fewer GPUs than the protocol: a config with ``SOLVER.REFERENCE_WORLD_SIZE`` R (the paper configs:
+8) is rescaled for the N processes that run it by Detectron2's
+``DefaultTrainer.auto_scale_workers`` (images per process stay ``IMS_PER_BATCH / R``; batch and
+``BASE_LR`` times N/R, ``MAX_ITER``, ``STEPS``, ``WARMUP_ITERS``, ``CHECKPOINT_PERIOD`` and
+``TEST.EVAL_PERIOD`` times R/N). One line at the start says what was rescaled, and a warning
+follows when a protocol config runs with other than 2 images per process.
 
 Weights are checked before anything runs or is written (``transfer/weights.py``): read without
 executing anything from them, they must fit the model; an empty ``MODEL.WEIGHTS`` (random
@@ -32,6 +42,7 @@ from pathlib import Path
 from pretrain.errors import FeatAugError
 from pretrain.utils.io import atomic_write_text
 from pretrain.utils.logger import setup_logging
+from transfer import provenance
 from transfer.trials import (
     _plain,
     flatten_metrics,
@@ -49,12 +60,17 @@ __all__ = [
     "setup",
     "run",
     "run_detection",
+    "rescale_for_world_size",
     "flatten_metrics",
     "summarize_trials",
     "format_trials_markdown",
 ]
 
 logger = logging.getLogger("transfer.detect")
+
+PROTOCOL_IMAGES_PER_GPU = 2  # the paper configs: 16 images on 8 GPUs
+SCALED_KEYS = ("SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.STEPS",
+               "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- command line
@@ -230,6 +246,7 @@ def setup(args: argparse.Namespace):
     for name, json_file, image_root in args.register_coco:
         datasets.register_coco(name, json_file, image_root, replace=True)
 
+    _check_schedule(cfg, args.num_gpus * args.num_machines)
     _check_datasets(cfg, eval_only=args.eval_only)
     check_weights(cfg, args)
     _check_output_dir(cfg.OUTPUT_DIR)
@@ -298,6 +315,77 @@ def _check_datasets(cfg, eval_only: bool) -> None:
             )
 
 
+def _check_schedule(cfg, world_size: int) -> None:
+    """``IMS_PER_BATCH`` splits evenly over ``REFERENCE_WORLD_SIZE`` (when set) and over the
+    processes that run it, and no lr step falls on the last iteration once rescaled (Detectron2's
+    scheduler needs every step below ``MAX_ITER``)."""
+    batch, reference = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if reference < 0 or (reference and batch % reference):
+        raise DetectError(
+            f"SOLVER.IMS_PER_BATCH {batch} does not split over SOLVER.REFERENCE_WORLD_SIZE "
+            f"{reference} processes (set REFERENCE_WORLD_SIZE 0 to use the batch as written)"
+        )
+    if not reference and batch % world_size:
+        raise DetectError(
+            f"SOLVER.IMS_PER_BATCH {batch} does not split over {world_size} processes"
+        )
+    scaled = rescale_for_world_size(cfg, world_size)[0].SOLVER
+    if scaled.MAX_ITER in scaled.STEPS:
+        rescaled = scaled.MAX_ITER != cfg.SOLVER.MAX_ITER
+        where = f" ({scaled.MAX_ITER} once rescaled for {world_size} process(es))" * rescaled
+        raise DetectError(
+            f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} has a step at SOLVER.MAX_ITER "
+            f"{cfg.SOLVER.MAX_ITER}{where}; every step must be below it"
+        )
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return tuple(node) if isinstance(node, (list, tuple)) else node
+
+
+def rescale_for_world_size(cfg, world_size: int):
+    """``(config, lines)``: ``cfg`` as Detectron2's ``DefaultTrainer`` rescales it for
+    ``world_size`` processes (``DefaultTrainer.auto_scale_workers``, the function its
+    ``__init__`` applies), one line saying what changed (from -> to), and a warning line when
+    a protocol config (``REFERENCE_WORLD_SIZE`` set) runs with other than 2 images per process.
+    """
+    from detectron2.engine import DefaultTrainer
+
+    from transfer.weights import _quiet
+
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    with _quiet("detectron2"):  # its own "Auto-scaling the config" line; ours says more
+        scaled = DefaultTrainer.auto_scale_workers(cfg, world_size)
+    per_gpu = scaled.SOLVER.IMS_PER_BATCH / world_size
+    per_text = f"{per_gpu:g} image(s) per process"
+    changes = [
+        f"{key.split('.')[-1]} {_get(cfg, key)} -> {_get(scaled, key)}"
+        for key in SCALED_KEYS
+        if _get(cfg, key) != _get(scaled, key)
+    ]
+    if not reference:
+        line = (f"Schedule as written (SOLVER.REFERENCE_WORLD_SIZE 0): IMS_PER_BATCH "
+                f"{cfg.SOLVER.IMS_PER_BATCH} over {world_size} process(es), {per_text}")
+    elif not changes:
+        line = (f"Schedule as written for {reference} processes (SOLVER.REFERENCE_WORLD_SIZE), "
+                f"{per_text}")
+    else:
+        line = (f"Schedule rescaled from {reference} to {world_size} process(es) "
+                f"(SOLVER.REFERENCE_WORLD_SIZE {reference}, {per_text}): " + ", ".join(changes))
+    lines = [line]
+    if reference and per_gpu != PROTOCOL_IMAGES_PER_GPU:
+        lines.append(
+            f"{per_text}, but the protocol trains {PROTOCOL_IMAGES_PER_GPU} per GPU "
+            f"(16 on 8): BN statistics per process and the learning-rate scaling differ from "
+            f"the published runs (SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} for "
+            f"REFERENCE_WORLD_SIZE {reference})"
+        )
+    return scaled, lines
+
+
 def _check_output_dir(output_dir: str) -> None:
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -323,8 +411,19 @@ def run(cfg, args: argparse.Namespace) -> dict:
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     # One set of handlers per run (in-process callers run several times): the log file always,
     # the console unless ``args.quiet`` (the demo and the study keep Detectron2 in files).
+    record = None
+    if comm.is_main_process():  # before logging opens log.txt: the header starts this run's part
+        record = provenance.collect(cfg, getattr(args, "argv", None), comm.get_world_size())
+        provenance.write(cfg.OUTPUT_DIR, record)
     setup_logging(("detectron2", "fvcore", "transfer", "d2"), Path(cfg.OUTPUT_DIR) / "log.txt",
                   console=not getattr(args, "quiet", False), main=comm.is_main_process())
+    if record is not None:
+        logger.info(f"provenance: {Path(cfg.OUTPUT_DIR, 'provenance.json')}")
+    if not args.eval_only:
+        _, lines = rescale_for_world_size(cfg, comm.get_world_size())
+        logger.info(lines[0])
+        for line in lines[1:]:
+            logger.warning(line)
     if args.trials is None:
         return _run_once(cfg, args)
 
@@ -336,6 +435,8 @@ def run(cfg, args: argparse.Namespace) -> dict:
         tcfg.SEED = base + k
         tcfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, f"trial{k}")
         tcfg.freeze()
+        if record is not None:
+            provenance.write(tcfg.OUTPUT_DIR, record, log=False)
         done = Path(tcfg.OUTPUT_DIR, "eval_results.json")
         if args.resume and done.is_file():
             logger.info(f"trial {k}: results exist in {done}, skipped")
@@ -346,7 +447,7 @@ def run(cfg, args: argparse.Namespace) -> dict:
         trials.append(
             {"trial": k, "seed": tcfg.SEED, "output_dir": tcfg.OUTPUT_DIR, "results": results}
         )
-    summary = write_trials(cfg.OUTPUT_DIR, trials) if comm.is_main_process() else None
+    summary = write_trials(cfg.OUTPUT_DIR, trials, record) if comm.is_main_process() else None
     return {"trials": trials, "summary": summary}
 
 
@@ -359,8 +460,9 @@ def _run_once(cfg, args: argparse.Namespace) -> dict:
     rank = comm.get_rank()
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    if comm.is_main_process():
-        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+    if comm.is_main_process():  # the config as the trainer runs it (rescaled for the processes)
+        ran = cfg if args.eval_only else rescale_for_world_size(cfg, comm.get_world_size())[0]
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), ran.dump())
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer_class()(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

@@ -5,9 +5,12 @@ Importing this module registers them; ``transfer.config`` / ``transfer.trainer``
 
 from __future__ import annotations
 
+from detectron2.config import configurable
 from detectron2.layers import get_norm
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import Res5ROIHeads
+
+from pretrain.errors import ConfigError
 
 __all__ = ["Res5ROIHeadsExtraNorm"]
 
@@ -21,10 +24,22 @@ class Res5ROIHeadsExtraNorm(Res5ROIHeads):
     so the protocol appends ``cfg.MODEL.RESNETS.NORM`` (e.g. SyncBN) over res5's output
     channels. The layer is ``res5.norm`` and starts from identity statistics; converted
     checkpoints do not contain it.
+
+    Built on Detectron2's public construction only: ``Res5ROIHeads.from_config`` makes the
+    arguments, ``__init__`` receives ``res5`` (an ``nn.Sequential`` of ResNet blocks) and this
+    class appends the norm sized by the last block's ``out_channels``.
     """
 
+    @configurable
+    def __init__(self, *, res5_norm: str, **kwargs):
+        super().__init__(**kwargs)
+        norm = get_norm(res5_norm, self.res5[-1].out_channels)
+        if norm is None:
+            raise ConfigError(
+                "MODEL.ROI_HEADS.NAME Res5ROIHeadsExtraNorm needs a MODEL.RESNETS.NORM (got '')"
+            )
+        self.res5.add_module("norm", norm)
+
     @classmethod
-    def _build_res5_block(cls, cfg):
-        res5, out_channels = super()._build_res5_block(cfg)
-        res5.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, out_channels))
-        return res5, out_channels
+    def from_config(cls, cfg, input_shape):
+        return {**super().from_config(cfg, input_shape), "res5_norm": cfg.MODEL.RESNETS.NORM}

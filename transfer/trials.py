@@ -1,5 +1,5 @@
-"""K-seed detection trials: per-metric mean and sample standard deviation, ``trials.json`` and
-``trials.md``."""
+"""K-seed detection trials: per-metric mean and sample standard deviation, ``trials.json``,
+``trials.md`` and ``trials.png``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.utils.io import atomic_write_text
+from pretrain.utils.io import atomic_open, atomic_write_text
 from pretrain.utils.stats import mean_std
 
 
@@ -59,26 +59,75 @@ def summarize_trials(per_trial: Sequence[Mapping[str, float]]) -> dict[str, dict
 
 
 def format_trials_markdown(summary: Mapping[str, Mapping], seeds: Sequence[int]) -> str:
-    head = "| metric | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
-    rule = "|---|---|" + "---|" * len(seeds)
-    rows = []
-    for m, s in summary.items():
-        spread = "n/a" if s["std"] is None else f"{s['std']:.2f}"
-        mean_sd = "n/a" if s["mean"] is None else f"{s['mean']:.2f} ± {spread}"
-        vals = " | ".join("n/a" if v is None else f"{v:.2f}" for v in s["values"])
-        rows.append(f"| {m} | {mean_sd} | {vals} |")
+    """A pipe table (``tabulate``): per metric the mean ± sample sd and each seed's value, n/a
+    where undefined (a metric a trial did not report, the sd of a single trial)."""
+    from tabulate import tabulate
+
+    def num(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    rows = [[m, "n/a" if s["mean"] is None else f"{s['mean']:.2f} ± {num(s['std'])}",
+             *map(num, s["values"])] for m, s in summary.items()]  # fmt: skip
+    headers = ["metric", "mean ± std", *(f"seed {s}" for s in seeds)]
+    table = tabulate(rows, headers, "pipe", disable_numparse=True,
+                     colalign=("left", *("right",) * (len(headers) - 1)))  # fmt: skip
     return (
         f"{len(seeds)} trials (seeds {', '.join(map(str, seeds))}); "
-        "std = sample standard deviation (n - 1)\n\n" + "\n".join([head, rule, *rows]) + "\n"
+        "std = sample standard deviation (n - 1)\n\n" + table + "\n"
     )
 
 
-def write_trials(output_dir: str | os.PathLike, trials: Sequence[Mapping]) -> dict:
-    """Write ``trials.json`` and ``trials.md`` in ``output_dir``; returns the summary."""
+PLOTTED = ("AP", "AP50", "AP75")  # the headline metrics of each task (bbox, segm)
+
+
+def plot_trials(path: str | os.PathLike, summary: Mapping[str, Mapping], seeds: Sequence[int]):
+    """``trials.png``: each trial's AP, AP50, AP75 (one marker per seed) and their mean ± sample
+    sd (black bar; the mean alone for a single trial). Written atomically; returns the metrics
+    drawn (none: no file)."""
+    names = [m for m in summary if m.rsplit("/", 1)[-1] in PLOTTED and summary[m]["n"]]
+    if not names:
+        return []
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 1.6 * len(names) + 1.6), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+    axes = fig.subplots(1, len(names), squeeze=False)[0]  # one panel (own scale) per metric
+    spread = np.linspace(-0.2, 0.2, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+    for ax, m in zip(axes, names, strict=True):
+        s = summary[m]
+        for k, seed in enumerate(seeds):
+            if s["values"][k] is not None:
+                ax.scatter(spread[k], s["values"][k], s=22, color=f"C{k % 10}", zorder=2,
+                           label=f"seed {seed}")  # fmt: skip
+        ax.errorbar(0.0, s["mean"], yerr=0.0 if s["std"] is None else s["std"], fmt="_",
+                    color="black", markersize=20, capsize=6, elinewidth=1.5, zorder=3,
+                    label="mean ± sd")  # fmt: skip
+        sd = "n/a" if s["std"] is None else f"{s['std']:.2f}"
+        ax.set_title(f"{m}\n{s['mean']:.2f} ± {sd}", fontsize=8)
+        ax.set_xlim(-0.5, 0.5)
+        ax.set_xticks([])
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("value (%)")
+    fig.suptitle(f"{len(seeds)} trials; sd = sample standard deviation (n - 1)", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside right upper")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    return names
+
+
+def write_trials(output_dir: str | os.PathLike, trials: Sequence[Mapping],
+                 provenance: Mapping | None = None) -> dict:
+    """Write ``trials.json`` (with ``provenance``, the record of what produced the run),
+    ``trials.md`` and ``trials.png`` in ``output_dir``; returns the summary."""
     summary = summarize_trials([flatten_metrics(t["results"]) for t in trials])
     seeds = [t["seed"] for t in trials]
-    doc = {"summary": summary, "trials": list(trials), "std": "sample (ddof=1)"}
+    doc = {"summary": summary, "trials": list(trials), "std": "sample (ddof=1)",
+           "provenance": provenance}  # fmt: skip
     atomic_write_text(Path(output_dir, "trials.json"), json.dumps(_plain(doc), indent=2))
     atomic_write_text(Path(output_dir, "trials.md"), format_trials_markdown(summary, seeds))
+    plot_trials(Path(output_dir, "trials.png"), summary, seeds)
     logging.getLogger("transfer.detect").info("trials:\n" + format_trials_markdown(summary, seeds))
     return summary
