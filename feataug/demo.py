@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +246,9 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
     from feataug.data import PREPARERS, default_root
 
     prof = PROFILES[profile]
+    if not verbose:  # library warnings (torch, Detectron2 internals) are not for this console
+        warnings.filterwarnings("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
     out = Path(out) / profile
     out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root or default_root())
