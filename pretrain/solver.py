@@ -88,8 +88,9 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD or LARS over ``model.param_groups()``, every group at :func:`base_lr`.
 
     Both update all tensors of a group in a few multi-tensor kernels: SGD ``fused`` when the
-    parameters live on CUDA, ``foreach`` elsewhere (see :func:`use_step_kernels`); LARS always
-    with ``torch._foreach_*`` ops.
+    parameters live on CUDA or the CPU (on a 2-core CPU 2x faster than the per-tensor loop, which
+    is faster there than ``foreach``; the same numbers as the loop), ``foreach`` elsewhere (see
+    :func:`use_step_kernels`); LARS always with ``torch._foreach_*`` ops.
     """
     groups = unwrap(model).param_groups()
     kw = dict(lr=base_lr(cfg), momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
@@ -101,8 +102,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _sgd_kernels(params) -> dict:
-    cuda = bool(params) and all(p.is_cuda for p in params)
-    return {"fused": True, "foreach": False} if cuda else {"fused": False, "foreach": True}
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
+    return {"fused": True, "foreach": False} if fused else {"fused": False, "foreach": True}
 
 
 def use_step_kernels(optimizer: torch.optim.Optimizer) -> None:
