@@ -93,6 +93,12 @@ _C.DATA.KNN_VAL_ROOT = ""
 # Format of the kNN / linear-probe splits (folder | idx | list); empty: DATA.FORMAT
 _C.DATA.KNN_FORMAT = ""
 _C.DATA.MAX_IMAGES = 0  # >0: use only the first N images (smoke runs)
+# Where the photometric half of the views (jitter, grayscale, blur, solarize, flip) runs.
+# cpu: in the loader workers (the OpenCV pipeline); cuda: the workers only crop, the training GPU
+# does the rest in batches (pretrain/device_aug.py: the same random draws, <= 3 LSB from cpu);
+# auto: cuda when training on CUDA, else cpu. cpu_split: the cuda path's split run on the CPU,
+# in the training process (checks that path where there is no GPU; slower than cpu).
+_C.DATA.AUG_DEVICE = "auto"
 
 # ordinary data augmentation
 _C.DA = CN()
@@ -122,6 +128,9 @@ _C.SOLVER.FIX_PRED_LR = False  # SimSiam: predictor keeps the base lr
 # missing); on a CPU bfloat16 only with native support (else off). See pretrain/utils/amp.py.
 _C.SOLVER.AMP = "auto"
 _C.SOLVER.CHANNELS_LAST = False
+# torch.compile the encoders (trunks, projectors, predictors; FA and the loss stay eager). The
+# first steps take longer while it compiles; parameter names and checkpoints are unchanged.
+_C.SOLVER.COMPILE = False
 _C.SOLVER.CHECKPOINT_PERIOD = 10  # epochs between numbered checkpoints (last.pth: every epoch)
 _C.SOLVER.CHECKPOINT_ITERS = 0  # >0: also refresh last.pth every N iterations
 

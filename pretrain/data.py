@@ -340,12 +340,14 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def build_dataset(cfg) -> ImageDataset:
-    """The pretraining dataset of ``cfg``: two augmented views of every image."""
+def build_dataset(cfg, split: bool = False) -> ImageDataset:
+    """The pretraining dataset of ``cfg``: two augmented views of every image, or with ``split``
+    their worker half, ``(crop1, crop2, params1, params2)``, for ``device_aug.augment`` to finish
+    (the same random draws either way)."""
     from pretrain.transforms import build_pretrain_transform
 
     source = load_source(cfg.DATA.ROOT, cfg.DATA.FORMAT, cfg.DATA.MAX_IMAGES)
-    return ImageDataset(source, build_pretrain_transform(cfg))
+    return ImageDataset(source, build_pretrain_transform(cfg, split=split))
 
 
 def build_eval_dataset(cfg, root: str, transform: Callable) -> ImageDataset:

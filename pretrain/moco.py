@@ -166,7 +166,15 @@ class MoCo(SSLMethod):
 
     @torch.no_grad()
     def _batch_shuffle_ddp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Give this process a random slice of the global batch; returns it and the inverse."""
+        """Give this process a random slice of the global batch; returns it and the inverse.
+
+        Under a bfloat16/float16 autocast the images travel in that dtype: the key encoder's
+        first convolution casts them to it anyway, so the keys are the same, for half the bytes
+        of float32.
+        """
+        dtype = _gather_dtype(x)
+        if dtype is not None:
+            x = x.to(dtype)
         x_all = concat_all_gather(x)  # [W*N, ...]
         perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device))
         idx_this = perm.view(get_world_size(), -1)[get_rank()]
@@ -179,3 +187,12 @@ class MoCo(SSLMethod):
     def _batch_unshuffle_ddp(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
         x_all = concat_all_gather(x)  # [W*N, ...]
         return x_all[idx_unshuffle.view(get_world_size(), -1)[get_rank()]]
+
+
+def _gather_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit autocast dtype ``x``'s convolutions will see, or None (float32 travels)."""
+    kind = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None

@@ -16,13 +16,19 @@ import torch
 from .errors import ConfigError
 from .utils.dist import unwrap
 
-__all__ = ["LARS", "base_lr", "build_optimizer", "check_solver", "lr_factor", "set_lr"]
+__all__ = ["LARS", "base_lr", "build_optimizer", "check_solver", "lr_factor", "set_lr",
+           "use_step_kernels"]
 
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose update of each tensor is scaled by the trust ratio
     η · ‖w‖ / ‖g + wd · w‖ (You et al. 2017, "Large Batch Training of Convolutional Networks");
-    groups marked ``lars_exclude`` take plain SGD steps."""
+    groups marked ``lars_exclude`` take plain SGD steps.
+
+    Per tensor: d = g + wd · w, d ← d · trust (1 where either norm is 0), buf ← m · buf + d
+    (buf = d at the first step), w ← w − lr · buf. Computed for all tensors of a group at once
+    with ``torch._foreach_*`` ops: the same elementwise arithmetic as a loop over the tensors.
+    """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 0.001):
@@ -32,20 +38,27 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad
-                if not g["lars_exclude"]:
-                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
-                    d = d * trust
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            d = torch._foreach_add(grads, params, alpha=g["weight_decay"]) if g["weight_decay"] \
+                else grads
+            if not g["lars_exclude"]:
+                w_norm = torch.stack(torch._foreach_norm(params))  # [P]
+                d_norm = torch.stack(torch._foreach_norm(d))  # [P]
+                trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
+                d = torch._foreach_mul(d, list(trust.unbind()))
+            state = [self.state[p] for p in params]
+            old = [i for i, st in enumerate(state) if "momentum_buffer" in st]
+            if old:
+                bufs = [state[i]["momentum_buffer"] for i in old]
+                torch._foreach_mul_(bufs, g["momentum"])
+                torch._foreach_add_(bufs, [d[i] for i in old])
+            for st, di in zip(state, d, strict=True):
+                if "momentum_buffer" not in st:  # first step: buf = d
+                    st["momentum_buffer"] = di.clone()
+            torch._foreach_add_(params, [st["momentum_buffer"] for st in state], alpha=-g["lr"])
 
 
 def check_solver(cfg, world_size: int) -> int:
@@ -72,13 +85,35 @@ def base_lr(cfg) -> float:
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD or LARS over ``model.param_groups()``, every group at :func:`base_lr`."""
+    """SGD or LARS over ``model.param_groups()``, every group at :func:`base_lr`.
+
+    Both update all tensors of a group in a few multi-tensor kernels: SGD ``fused`` when the
+    parameters live on CUDA or the CPU (on a 2-core CPU 2x faster than the per-tensor loop, which
+    is faster there than ``foreach``; the same numbers as the loop), ``foreach`` elsewhere (see
+    :func:`use_step_kernels`); LARS always with ``torch._foreach_*`` ops.
+    """
     groups = unwrap(model).param_groups()
     kw = dict(lr=base_lr(cfg), momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     if cfg.SOLVER.OPTIMIZER == "lars":
         return LARS(groups, **kw)
     groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-    return torch.optim.SGD(groups, **kw)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.SGD(groups, **kw, **_sgd_kernels(params))
+
+
+def _sgd_kernels(params) -> dict:
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
+    return {"fused": True, "foreach": False} if fused else {"fused": False, "foreach": True}
+
+
+def use_step_kernels(optimizer: torch.optim.Optimizer) -> None:
+    """Give every SGD group the kernels :func:`build_optimizer` built it with again:
+    ``load_state_dict`` replaces them with those of the run that wrote the checkpoint (and a
+    GradScaler treats an optimizer built fused differently)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        for g in optimizer.param_groups:
+            g.update(fused=fused, foreach=not fused)
 
 
 def lr_factor(it: int, total: int, warmup: int, schedule: str = "cosine",

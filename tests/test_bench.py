@@ -20,6 +20,7 @@ DESIGN_KEYS = {
     "pretrain_step_ratio_vs_lightly",
     "fa_overhead",
     "aug_pipeline_ratio_vs_torchvision",
+    "aug_device_vs_cpu_max_lsb",
     "coco_eval_ratio_vs_pycocotools",
     "coco_eval_stats_max_abs_diff",
     "detect_iter_ratio_vs_detectron2",
@@ -82,6 +83,8 @@ def test_seconds_per_unit_calls_n_times():
         ("detect_iter_ratio_vs_detectron2", 1.0, True),
         ("detect_iter_ratio_vs_detectron2", None, None),
         ("detect_iter_ratio_vs_detectron2", float("nan"), None),
+        ("aug_device_vs_cpu_max_lsb", 3, True),
+        ("aug_device_vs_cpu_max_lsb", 4, False),
     ],
 )
 def test_goal_met(key, value, met):
@@ -240,3 +243,137 @@ def test_bracketed_cancels_a_linear_drift():
     assert slow_base == [7.0, 12.0]  # mean of calls 6 and 8, 11 and 13
     assert bench.paired_ratio(*out["slow"])["ratio"] == 2.0
     assert bench.paired_ratio(*out["same"])["ratio"] == 1.0
+
+
+# ----------------------------------------------------------------------------- FA contenders
+def test_fa_contenders_are_every_operator_and_the_ft_recipe():
+    """Every FA.OP of pretrain/fa.py, at the projector (hardmix with the negative role it needs),
+    plus the published Feature Transformation recipe; every contender's config is valid."""
+    from feataug.bench.harness import FA_CONTENDERS
+    from feataug.bench.pretrain_step import _pretrain_cfg
+    from pretrain.build import check_cfg
+    from pretrain.fa import FA_REGISTRY
+
+    ops = {"identity", "noise", "dropout", "extrapolate", "interpolate", "generator", "hardmix"}
+    assert {name for name, _ in FA_REGISTRY} == ops
+    assert set(FA_CONTENDERS) == ops | {"ft_recipe"}
+    for name, fa in FA_CONTENDERS.items():
+        cfg = _pretrain_cfg(fa)
+        check_cfg(cfg)
+        assert cfg.FA.ENABLED and cfg.FA.POSITION == "projector"
+        assert cfg.FA.OP == (name if name != "ft_recipe" else "extrapolate")
+        assert cfg.FA.ROLE == ("negative" if name == "hardmix" else "positive")
+    ft = _pretrain_cfg(FA_CONTENDERS["ft_recipe"])
+    assert (ft.FA.QUEUE_MIX, ft.FA.LOSS_MODE, ft.FA.BOTH_SIDES, ft.FA.LAMBDA_PER) == (
+        True, "replace", True, "batch")
+
+
+def test_aug_device_row_in_the_table():
+    result = bench.empty_result("quick")
+    result["details"]["aug_device"] = {
+        "aug_device_vs_cpu_max_lsb": {"pipeline": 2, "hue": 1, "blur": 0}, "worst_op": "hue",
+        "aug_cpu_ms_per_image_full": 3.0, "aug_cpu_ms_per_image_split": 0.9,
+        "aug_cpu_ms_per_image_photometric": 2.2, "aug_device_ms_per_image": 1.5,
+        "aug_device": "cpu", "aug_images": 8, "aug_size": 224}
+    bench.set_value(result, "aug_device_vs_cpu_max_lsb", 2)
+    row = next(r for r in bench.format_markdown(result).splitlines()
+               if r.startswith("| aug_device_vs_cpu_max_lsb"))
+    cells = row.split(" | ")
+    assert cells[1:4] == ["2", "≤ 3", "yes"]
+    assert "pipeline 2, worst op hue" in cells[4] and "full 3.00, split 0.90" in cells[4]
+
+
+def test_aug_device_section_on_small_photos(tmp_path):
+    import dataclasses
+
+    import cv2
+
+    from pretrain.device_aug import textures
+
+    for i, img in enumerate(textures(2, 60, 70)):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
+    result = bench.empty_result("quick")
+    profile = dataclasses.replace(bench.PROFILES["quick"], repeats=1)
+    bench.bench_aug_device(profile, result, lambda s: None, images=str(tmp_path), size=32)
+    d = result["details"]["aug_device"]
+    assert d["aug_images"] == 2 and d["aug_size"] == 32
+    assert result["aug_device_vs_cpu_max_lsb"] == max(d["aug_device_vs_cpu_max_lsb"].values()) <= 3
+    assert all(d[f"aug_cpu_ms_per_image_{k}"] > 0 for k in ("full", "split", "photometric"))
+    assert result["goals"]["aug_device_vs_cpu_max_lsb"]["met"] is True
+
+
+# ----------------------------------------------------------------------------- GPU run
+def test_peak_table_and_mfu():
+    from feataug.bench import gpu
+
+    assert gpu.peak_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu.peak_flops("Tesla T4") is None
+    # 3,075 img/s at 32.7 GFLOP per image on 989 TFLOP/s: about 10 % (by hand)
+    assert gpu.mfu(3075, "resnet50", 224, "NVIDIA H200") == pytest.approx(0.1017, abs=5e-4)
+    assert gpu.mfu(3075, "resnet50", 224, "Tesla T4") is None
+    assert gpu.mfu(3075, "resnet18", 224, "NVIDIA H200") is None  # FLOP unknown: no guess
+
+
+def test_synthesized_jpegs_are_sized_and_reproducible(tmp_path):
+    import cv2
+
+    from feataug.bench.gpu import synthesize_jpegs
+    from pretrain.device_aug import textures
+
+    photos = textures(2, 300, 500, seed=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    info = synthesize_jpegs(a, 5, photos, (80, 70), processes=1)
+    synthesize_jpegs(b, 5, photos, (80, 70), processes=1)
+    files = sorted(a.rglob("*.jpg"))
+    assert [f.relative_to(a).as_posix() for f in files] == [f"n0000/{k:06d}.jpg" for k in range(5)]
+    assert all(f.read_bytes() == (b / f.relative_to(a)).read_bytes() for f in files)
+    assert len({f.read_bytes() for f in files}) == 5
+    img = cv2.imread(str(files[0]))
+    assert img.shape == (70, 80, 3) and info["n"] == 5 and info["mean_kib"] > 0
+
+
+def test_gpu_run_without_cuda_fails_fast_in_one_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench.main(_args(gpu=True, out=str(tmp_path / "g.json"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpu needs a CUDA GPU" in err[0] and "--dry-run" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_dry_run_exercises_every_phase(tmp_path, capsys):
+    """``feataug bench --gpu --dry-run``: every phase on tiny sizes (on the CPU here), the JSON
+    and the markdown table written; the numbers are timings of toy sizes and are not checked."""
+    import cv2
+
+    from pretrain.device_aug import textures
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(textures(2, 120, 160)):
+        cv2.imwrite(str(photos / f"{i}.png"), img)
+    out = tmp_path / "g.json"
+    assert bench.main(_args(gpu=True, dry_run=True, out=str(out), images=str(photos))) == 0
+    result = json.loads(out.read_text())
+    ph = result["phases"]
+    runs = [f"end_to_end/{p}/{w}" for p in ("cpu", "device") for w in (0, 1)]
+    assert list(ph) == ["images", "model", *runs, "device_aug", "detect"]
+    assert result["complete"] and ph["images"]["n"] == 48
+    for key in ["model", *runs]:
+        assert ph[key]["images_per_s"] > 0 and ph[key]["mfu"] is None  # the CPU has no peak
+    for key in runs:
+        assert 0 <= ph[key]["data_time_fraction"] <= 1
+        assert ph[key]["measured_iters"] == [4, 6]  # the second half of 6 iterations
+    assert ph["end_to_end/device/1"]["aug_device"] == "cpu_split"
+    assert max(ph["device_aug"]["max_lsb"].values()) <= 3
+    assert ph["detect"]["iter_per_s"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| end to end,") == 4 and "Detection (tiny_faster_R18_FPN.yaml" in md
+    assert not list(tmp_path.glob("feataug-bench-gpu-*"))

@@ -122,10 +122,11 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("aug", ["cpu", "cpu_split"])  # cpu_split: the device path, on the CPU
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, aug):
     data = _images(tmp_path / "d", 12)  # batch 4: 3 iterations per epoch
     opts = ["SOLVER.MAX_ITER", "7", "SOLVER.CHECKPOINT_ITERS", "2", "DETERMINISTIC", "True",
-            "SEED", "3"]
+            "SEED", "3", "DATA.AUG_DEVICE", aug]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert _pretrain(data, full, *opts) == 0
 
@@ -219,7 +220,69 @@ def test_non_finite_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path,
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("case", ["empty", "key", "file", "batch", "method"])
+@pytest.mark.parametrize("log, every, saved", [(2, 2, 2), (5, 3, None)])
+def test_non_finite_loss_between_checks_is_found_before_the_next_checkpoint(
+        tmp_path, capsys, monkeypatch, log, every, saved):
+    """The loss is read every LOG_PERIOD iterations and before every checkpoint: a NaN at
+    iteration 3 (between two reads) is reported as iteration 3 at the next read, and the
+    checkpoint due there is not written. (2, 2): read at 2, 4; (5, 3): first read at 3, itself
+    a checkpoint, so no checkpoint exists."""
+    import pretrain.engine.train_loop as loop
+
+    real = loop.build_model
+    nan_at = 2 if saved is None else 3
+
+    def poisoned(cfg):
+        model, calls = real(cfg), []
+        forward = model.forward
+
+        def nan_loss(x1, x2):
+            out = forward(x1, x2)
+            calls.append(1)
+            if len(calls) == nan_at:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        model.forward = nan_loss
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned)
+    data, out = _images(tmp_path / "d", 40), tmp_path / "o"
+    assert _pretrain(data, out, "SOLVER.MAX_ITER", "8", "LOG_PERIOD", str(log),
+                     "SOLVER.CHECKPOINT_ITERS", str(every)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"feataug pretrain: error: loss is nan at iteration {nan_at} ")
+    if saved is None:
+        assert err[-1].endswith("no checkpoint was written") and not (out / "last.pth").exists()
+    else:
+        assert f"(iteration {saved})" in err[-1]
+        ckpt = load_checkpoint(out / "last.pth")
+        assert ckpt["iter"] == saved
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert [r["iter"] for r in _metrics(out)] == ([2] if saved else [])  # no NaN line logged
+
+
+def test_the_host_reads_the_device_only_at_log_lines_and_checkpoints(tmp_path, monkeypatch):
+    """16 images, batch 4 (epoch end every 4 iterations), LOG_PERIOD 3, 7 iterations: the
+    window is read at 3 (log), 4 (checkpoint), 6 (log), 7 (end): 4 reads for 7 steps."""
+    from pretrain.engine import hooks
+
+    reads, real_read = [], hooks.StepWindow.read
+
+    def counting(self):
+        reads.append(self.iters[-1])
+        return real_read(self)
+
+    monkeypatch.setattr(hooks.StepWindow, "read", counting)
+    data, out = _images(tmp_path / "d", 16), tmp_path / "o"
+    assert _pretrain(data, out, "SOLVER.MAX_ITER", "7", "LOG_PERIOD", "3") == 0
+    assert reads == [3, 4, 6, 7]
+    rows = _metrics(out)
+    assert [r["iter"] for r in rows] == [3, 6, 7]
+    assert all(math.isfinite(r["loss"]) and r["time"] >= r["data_time"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("case", ["empty", "key", "file", "batch", "method", "aug", "aug_cuda"])
 def test_user_errors_are_one_line(tmp_path, capsys, case):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -227,7 +290,9 @@ def test_user_errors_are_one_line(tmp_path, capsys, case):
             "key": ["DATA.ROOT", str(empty), "SOLVER.NO_SUCH_KEY", "1"],
             "file": ["--config-file", str(tmp_path / "nope.yaml")],
             "batch": ["DATA.ROOT", str(_images(tmp_path / "d", 3))],
-            "method": ["DATA.ROOT", str(empty), "MODEL.METHOD", "simclr"]}[case]
+            "method": ["DATA.ROOT", str(empty), "MODEL.METHOD", "simclr"],
+            "aug": ["DATA.ROOT", str(empty), "DATA.AUG_DEVICE", "gpu"],
+            "aug_cuda": ["DATA.ROOT", str(empty), "DATA.AUG_DEVICE", "cuda"]}[case]
     if case != "file":
         args = ["--config-file", TINY, "OUTPUT_DIR", str(tmp_path / "o"), *SMALL, *args]
     assert cli.main(["pretrain", *args]) == 2
@@ -235,7 +300,9 @@ def test_user_errors_are_one_line(tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("feataug pretrain: error: ")
     assert {"empty": f"{empty}: no image files", "key": "SOLVER.NO_SUCH_KEY",
             "file": "nope.yaml: no such config file", "batch": "fewer than one batch",
-            "method": "MODEL.METHOD 'simclr'"}[case] in err[0]
+            "method": "MODEL.METHOD 'simclr'",
+            "aug": "DATA.AUG_DEVICE 'gpu' is not one of: auto, cpu, cuda, cpu_split",
+            "aug_cuda": "DATA.AUG_DEVICE cuda needs a CUDA training device"}[case] in err[0]
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
@@ -376,3 +443,102 @@ def test_short_fashion_mnist_run_beats_its_untrained_trunk(tmp_path):
     knn = {r["iter"]: r["knn_top1"] for r in _metrics(tmp_path / "o") if "knn_top1" in r}
     assert set(knn) == {0, 400}
     assert knn[400] > knn[0] + 5, knn
+
+
+# ----------------------------------------------------------------------------- optimizers
+def _reference_lars_step(params, groups_state, lr, momentum, wd, eta, exclude):
+    """The per-tensor LARS update (one tensor at a time), the truth for the foreach LARS."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            d = p.grad.add(p, alpha=wd) if wd else p.grad
+            if not exclude:
+                w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                trust = torch.where((w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, 1.0)
+                d = d * trust
+            buf = groups_state.get(id(p))
+            if buf is None:
+                buf = groups_state[id(p)] = d.clone()
+            else:
+                buf.mul_(momentum).add_(d)
+            p.add_(buf, alpha=-lr)
+
+
+def _random_params(g: torch.Generator) -> list[torch.Tensor]:
+    shapes = [(8, 3, 3, 3), (8,), (16, 8), (1,), (5, 7)]
+    params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    with torch.no_grad():
+        params[3].zero_()  # ||w|| = 0: trust ratio 1
+    return params
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-4])
+def test_foreach_lars_equals_the_per_tensor_update(wd):
+    from pretrain.solver import LARS
+
+    g = torch.Generator().manual_seed(0)
+    ours, ours_ex = _random_params(g), [torch.randn(6, generator=g).requires_grad_()]
+    ref, ref_ex = ([p.detach().clone().requires_grad_() for p in ps] for ps in (ours, ours_ex))
+    opt = LARS([{"params": ours}, {"params": ours_ex, "lars_exclude": True}], lr=0.5,
+               momentum=0.9, weight_decay=wd, eta=0.02)
+    state = {}
+    for step in range(5):
+        for a, b in zip(ours + ours_ex, ref + ref_ex, strict=True):
+            grad = torch.randn(a.shape, generator=g)
+            if step == 0 and a.shape == (5, 7):
+                a.grad = b.grad = None  # no gradient yet: no step, no buffer
+            else:
+                a.grad, b.grad = grad.clone(), grad.clone()
+        if step == 3:
+            ours[2].grad = ref[2].grad = torch.zeros(16, 8)  # ||d|| = 0 without weight decay
+        opt.step()
+        _reference_lars_step(ref, state, 0.5, 0.9, wd, 0.02, exclude=False)
+        _reference_lars_step(ref_ex, state, 0.5, 0.9, wd, 0.02, exclude=True)
+        for a, b in zip(ours + ours_ex, ref + ref_ex, strict=True):
+            assert torch.equal(a, b), (step, a.shape)
+    assert not torch.equal(ours[0], _random_params(torch.Generator().manual_seed(0))[0])
+    assert set(opt.state[ours[0]]) == {"momentum_buffer"}  # the checkpoint's state keys
+
+
+def test_sgd_steps_with_fused_kernels_and_keeps_them_after_a_resume():
+    """The fused SGD kernel gives the per-tensor loop's numbers (to float32 rounding), and
+    after ``load_state_dict`` of a checkpoint written without it, the optimizer uses it again."""
+    from pretrain.config import get_cfg
+    from pretrain.solver import build_optimizer, use_step_kernels
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 4)
+
+        def param_groups(self):
+            return [{"params": list(self.parameters())}]
+
+    cfg = get_cfg()
+    torch.manual_seed(0)
+    model = Tiny()
+    ref = torch.nn.Linear(6, 4)
+    ref.load_state_dict(model.lin.state_dict())
+    init = model.lin.weight.detach().clone()
+    opt = build_optimizer(cfg, model)
+    plain = torch.optim.SGD(ref.parameters(), lr=opt.param_groups[0]["lr"],
+                            momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                            foreach=False)
+    assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is False
+    for _ in range(4):
+        x = torch.randn(3, 6)
+        for m, o in ((model.lin, opt), (ref, plain)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in ((model.lin.weight, ref.weight), (model.lin.bias, ref.bias)):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-7)  # measured: <= 6e-8 (an FMA)
+    assert (model.lin.weight - init).abs().min() > 1e-4  # every weight moved
+    old = opt.state_dict()
+    for g in old["param_groups"]:  # as a checkpoint written before these kernels has them
+        g["foreach"], g["fused"] = None, None
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["fused"] is None
+    use_step_kernels(opt)
+    assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is False

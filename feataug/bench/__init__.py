@@ -3,8 +3,9 @@
 Every figure is a ratio of two contenders measured side by side in one run: their measurements
 are interleaved (A B A B ...) so that load changes on a shared machine hit both, and the figure is
 the median, over the repeats, of the ratio of each adjacent pair. The pretraining section has
-seven contenders (lightly and six FA operators), so each of them runs between two measurements of
-our plain step and is compared with their mean (``bracketed``). Per-contender medians, every
+nine contenders (lightly, the seven FA operators and the Feature Transformation recipe), so each
+of them runs between two measurements of our plain step and is compared with their mean
+(``bracketed``). Per-contender medians, every
 measurement and the machine (CPU, threads, versions, load average) are kept in the JSON. The peers (``lightly``, plain Detectron2) are installed by ``make bench`` only;
 a section whose peer is missing is reported as skipped (value ``null``), never faked.
 
@@ -13,12 +14,17 @@ a section whose peer is missing is reported as skipped (value ``null``), never f
 | ``pretrain_step_ratio_vs_lightly``    | our MoCo v2 step time / the same step from lightly    | ≤ 0.83 |
 | ``fa_overhead``                       | step time with FA / without, worst operator           | ≤ 1.03 |
 | ``aug_pipeline_ratio_vs_torchvision`` | our two-view images/s / torchvision-PIL images/s      | ≥ 2    |
+| ``aug_device_vs_cpu_max_lsb``         | max abs difference, device-path views vs OpenCV views | ≤ 3    |
 | ``coco_eval_ratio_vs_pycocotools``    | pycocotools seconds / ours (load+evaluate+accumulate) | ≥ 5    |
 | ``coco_eval_stats_max_abs_diff``      | max abs difference of the 12 COCO stats               | ≤ 1e-6 |
 | ``detect_iter_ratio_vs_detectron2``   | our trainer iterations/s / ``DefaultTrainer``'s       | ≥ 1.0  |
 
-With CUDA available, a ``gpu`` section adds our step time and images/s at paper scale
-(ResNet-50, 224 px, batch 256, bf16); on a CPU machine it is skipped.
+``aug_device_vs_cpu_max_lsb`` is not a speed: it is the largest difference (in 8-bit levels)
+between the device path's views and the OpenCV pipeline's; its section also reports what each path
+costs the CPU per image.
+
+``feataug bench --gpu`` (``make bench-gpu``) is a separate run at paper scale on one GPU: see
+``gpu.py``. ``--gpu --dry-run`` runs it on tiny sizes (on the CPU without a GPU).
 
 Output: ``--out F.json`` (rewritten atomically after every section) and ``F.md`` beside it with
 the markdown table that is also printed.
@@ -33,9 +39,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .aug import bench_aug, find_images, torchvision_moco_v2
+from pretrain.errors import FeatAugError
+
+from .aug import bench_aug, bench_aug_device, find_images, torchvision_moco_v2
 from .coco import bench_coco_eval, synthetic_coco
 from .detect import bench_detect
+from .gpu import PROFILES as GPU_PROFILES
+from .gpu import run_gpu
 from .harness import (
     GOALS,
     KEYS,
@@ -54,7 +64,7 @@ from .harness import (
     set_value,
     write_outputs,
 )
-from .pretrain_step import bench_gpu, bench_pretrain
+from .pretrain_step import bench_pretrain
 
 __all__ = ["GOALS", "KEYS", "PROFILES", "BenchError", "Profile", "add_arguments", "bracketed",
            "empty_result", "find_images", "format_markdown", "goal_met", "interleave", "main",
@@ -65,9 +75,9 @@ __all__ = ["GOALS", "KEYS", "PROFILES", "BenchError", "Profile", "add_arguments"
 SECTIONS: dict[str, Callable] = {
     "pretrain": bench_pretrain,  # also fa
     "aug": bench_aug,
+    "aug_device": bench_aug_device,
     "coco_eval": bench_coco_eval,
     "detect": bench_detect,
-    "gpu": bench_gpu,  # skipped without CUDA
 }
 
 
@@ -81,7 +91,7 @@ def run(profile: Profile, out: str | os.PathLike | None = None, only: Sequence[s
         if only and name not in only:
             continue
         t = time.perf_counter()
-        kwargs = {"images": images} if name == "aug" else {}
+        kwargs = {"images": images} if name in ("aug", "aug_device") else {}
         try:
             section(profile, result, say, **kwargs)
         except ImportError as e:  # a peer or optional part missing: say so, go on
@@ -108,13 +118,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="real photos for the augmentation benchmark (default: prepared "
-                        "DeepForest tiles, else labelme photos, else matplotlib's sample photo)")
+                        "DeepForest tiles, else labelme photos, else matplotlib's sample photo); "
+                        "with --gpu, the photos the JPEGs are cut from (default: scikit-image's)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU run instead: MoCo v2 R50 end to end at 6/10/15 workers, CPU "
+                        "vs device augmentation, MFU, detection (needs CUDA; <= 8 min)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --gpu: every phase on tiny sizes, on the CPU without a GPU")
 
 
 def main(args: argparse.Namespace) -> int:
     only = [s for s in args.only.split(",") if s]
     unknown = [s for s in only if s not in SECTIONS]
     try:
+        if args.dry_run and not args.gpu:
+            raise BenchError("--dry-run goes with --gpu")
+        if args.gpu:
+            return _main_gpu(args)
         if unknown:
             raise BenchError(f"--only: unknown section(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(SECTIONS)}")
@@ -123,10 +143,26 @@ def main(args: argparse.Namespace) -> int:
         profile = PROFILES["quick" if args.quick else "full"]
         result = run(profile, args.out, only, args.images,
                      say=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
-    except (BenchError, OSError) as e:
+    except (FeatAugError, OSError) as e:
         print(f"feataug bench: error: {e}", file=sys.stderr)
         return 2
     print(format_markdown(result))
     print(f"feataug bench: wrote {args.out} and {Path(args.out).with_suffix('.md')} "
+          f"({result['wall_s']:.0f} s)")
+    return 0
+
+
+def _main_gpu(args: argparse.Namespace) -> int:
+    if args.only or args.quick:
+        raise BenchError("--gpu runs one fixed profile: --only and --quick do not apply")
+    if not str(args.out).endswith(".json"):
+        raise BenchError(f"--out {args.out}: give a .json file name (the table goes beside it)")
+    profile = GPU_PROFILES["dry" if args.dry_run else "gpu"]
+    result = run_gpu(profile, args.out, args.images,
+                     say=lambda s: print(f"[bench --gpu] {s}", file=sys.stderr, flush=True))
+    from .gpu import format_gpu_markdown
+
+    print(format_gpu_markdown(result))
+    print(f"feataug bench --gpu: wrote {args.out} and {Path(args.out).with_suffix('.md')} "
           f"({result['wall_s']:.0f} s)")
     return 0

@@ -1,4 +1,5 @@
-"""Two-view augmentation: our OpenCV pipeline against torchvision's PIL MoCo v2 pipeline."""
+"""Two-view augmentation: our OpenCV pipeline against torchvision's PIL MoCo v2 pipeline, and the
+device path (``pretrain.device_aug``) against the OpenCV pipeline."""
 
 from __future__ import annotations
 
@@ -129,3 +130,26 @@ def bench_aug(profile: Profile, result: dict, say: Callable[[str], None],
         "includes": "decode, two augmented views, stacking, float normalisation",
     }
     set_value(result, "aug_pipeline_ratio_vs_torchvision", r["ratio"])
+
+
+def bench_aug_device(profile: Profile, result: dict, say: Callable[[str], None],
+                     images: str | None = None, size: int = 224) -> None:
+    """``pretrain.device_aug.bench_device_aug`` on (up to 8) real photos: the device ops' largest
+    difference from OpenCV (whole views and each op; run on the CPU here), and the CPU cost per
+    image of each path — the full pipeline in a worker, the split path's worker half, its
+    photometric half on the CPU, the batched device ops."""
+    from pretrain.data import decode_image
+    from pretrain.device_aug import bench_device_aug
+
+    paths, source = find_images(images)
+    photos = [img for img in (decode_image(p) for p in paths[:8]) if img is not None]
+    if not photos:
+        raise BenchError(f"{source}: none of the photos could be decoded")
+    say(f"device augmentation: {len(photos)} photo(s) x 4 seeds x (MoCo v2, BYOL) at {size} px, "
+        f"{source}")
+    r = bench_device_aug(photos, size=size, repeats=profile.repeats)
+    lsb = r["aug_device_vs_cpu_max_lsb"]
+    ops = {k: v for k, v in lsb.items() if k != "pipeline"}
+    result["details"]["aug_device"] = {**r, "source": source, "repeats": profile.repeats,
+                                       "worst_op": max(ops, key=ops.get)}
+    set_value(result, "aug_device_vs_cpu_max_lsb", max(lsb.values()))

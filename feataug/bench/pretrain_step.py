@@ -1,31 +1,29 @@
-"""Pretraining step: our MoCo v2 step against one built from lightly's parts, every FA operator's
-overhead, and (with CUDA) the paper-scale step."""
+"""Pretraining step: our MoCo v2 step against one built from lightly's parts, and the overhead of
+every FA operator and of the published Feature Transformation recipe. (The GPU-scale step is in
+``gpu.py``: ``feataug bench --gpu``.)"""
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 from pretrain.utils.amp import cpu_has_native_bf16
 
 from .harness import (
-    FA_OPS,
+    FA_CONTENDERS,
     PRETRAIN,
     Profile,
     _bar,
     _module_version,
     bracketed,
-    interleave,
-    median,
     paired_ratio,
     seconds_per_unit,
     set_value,
 )
 
 
-def _pretrain_cfg(fa_op: str | None = None):
+def _pretrain_cfg(fa: tuple | None = None):
     from pretrain.config import get_cfg
 
     p = PRETRAIN
@@ -37,32 +35,40 @@ def _pretrain_cfg(fa_op: str | None = None):
         "DATA.IMAGE_SIZE", p["image_size"], "SOLVER.BATCH_SIZE", p["batch"],
         "SOLVER.BASE_LR", p["lr"] * 256 / p["batch"], "SOLVER.WEIGHT_DECAY", p["weight_decay"],
         "SOLVER.AMP", "bfloat16" if cpu_has_native_bf16() else "off",
+        "SOLVER.COMPILE", p["compile"], "SOLVER.CHANNELS_LAST", p["channels_last"],
     ])
-    if fa_op is not None:
-        cfg.merge_from_list(["FA.ENABLED", True, "FA.OP", fa_op, "FA.POSITION", "projector",
-                             "FA.ROLE", "negative" if fa_op == "hardmix" else "positive"])
+    if fa is not None:
+        cfg.merge_from_list(["FA.ENABLED", True, "FA.POSITION", "projector", *fa])
     return cfg
 
 
 def _our_step(cfg, device: str = "cpu") -> Callable:
-    """One iteration of ``pretrain.engine.train`` on given (normalised) views: forward under the
-    configured autocast, loss read back, zero_grad, backward, SGD step, ``after_step``."""
+    """One iteration of ``pretrain.engine.train`` on given (normalised) views: channels-last
+    and ``torch.compile`` as configured, forward under the configured autocast, the loss kept on
+    the device, zero_grad, backward, the SGD step (foreach / fused), ``after_step``."""
     import torch
 
     from pretrain.build import build_model
+    from pretrain.engine.launch import compile_encoders
     from pretrain.solver import build_optimizer
     from pretrain.utils.amp import amp_dtype
 
     model = build_model(cfg).to(device)
-    if cfg.SOLVER.CHANNELS_LAST:
+    channels_last = cfg.SOLVER.CHANNELS_LAST
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.SOLVER.COMPILE:
+        compile_encoders(model)
     optimizer = build_optimizer(cfg, model)
     dtype = amp_dtype(cfg.SOLVER.AMP, torch.device(device).type)
+    total = [0.0]  # the losses summed on the device, never read back per step
 
     def step(x1, x2):
+        if channels_last:  # the engine converts its batches so
+            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
         with torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext():
             loss = model(x1, x2)["loss"]
-        loss.item()
+        total[0] = total[0] + loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,6 +100,7 @@ def _lightly_step(cfg) -> Callable:
                                 momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     dtype = torch.bfloat16 if cfg.SOLVER.AMP == "bfloat16" else None
     m = mc.MOCO.M
+    total = [0.0]  # the losses summed on the device, never read back per step
 
     def step(x1, x2):
         update_momentum(backbone, backbone_k, m)
@@ -102,7 +109,7 @@ def _lightly_step(cfg) -> Callable:
             query = head(backbone(x1))
             key = head_k(backbone_k(x2)).detach()
             loss = criterion(query.float(), key.float())
-        loss.item()
+        total[0] = total[0] + loss.detach()  # as lightly's example does
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -111,8 +118,9 @@ def _lightly_step(cfg) -> Callable:
 
 
 def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -> None:
-    """Our MoCo v2 step vs lightly's (``pretrain``) and with each FA operator vs without (``fa``),
-    every other contender measured between two measurements of ours (``bracketed``)."""
+    """Our MoCo v2 step vs lightly's (``pretrain``) and with each FA contender vs without
+    (``fa``: every operator and the Feature Transformation recipe; ``fa_overhead`` is the worst
+    of them), every other contender measured between two measurements of ours (``bracketed``)."""
     import torch
 
     p = PRETRAIN
@@ -124,11 +132,13 @@ def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -
     lightly_missing = _module_version("lightly") is None
     if not lightly_missing:
         steps["lightly"] = _lightly_step(cfg)
-    for op in FA_OPS:
-        steps[f"fa:{op}"] = _our_step(_pretrain_cfg(op))
+    for name, fa in FA_CONTENDERS.items():
+        steps[f"fa:{name}"] = _our_step(_pretrain_cfg(fa))
+    speed = [k for k, on in (("compile", cfg.SOLVER.COMPILE),
+                             ("channels-last", cfg.SOLVER.CHANNELS_LAST)) if on]
     setting = (f"MoCo v2 {p['backbone']}, {p['image_size']} px, batch {p['batch']}, queue "
                f"{p['queue']}, CPU {'bf16' if cfg.SOLVER.AMP == 'bfloat16' else 'fp32'}, "
-               f"{torch.get_num_threads()} threads")
+               f"ours with {' + '.join(speed) or 'eager, NCHW'}, {torch.get_num_threads()} threads")
     say(f"pretrain: {setting}; ours between every two of: {', '.join(list(steps)[1:])}")
     n = profile.pretrain_steps
     measure = {name: (lambda s=s: seconds_per_unit(lambda: s(x1, x2), n)) for name, s in steps.items()}
@@ -149,53 +159,13 @@ def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -
                                          "ours_times_s": ours, "peer_times_s": peer,
                                          "lightly": _module_version("lightly")}
         set_value(result, "pretrain_step_ratio_vs_lightly", r["ratio"])
-    ratios = {op: paired_ratio(*times[f"fa:{op}"])["ratio"] for op in FA_OPS}
+    ratios = {op: paired_ratio(*times[f"fa:{op}"])["ratio"] for op in FA_CONTENDERS}
     worst = max(ratios, key=ratios.get)
     result["details"]["fa"] = {
         **common, "ratios": ratios, "worst": worst,
-        "op_times_s": {op: times[f"fa:{op}"][0] for op in FA_OPS},
-        "baseline_times_s": {op: times[f"fa:{op}"][1] for op in FA_OPS},
-        "fa_setting": "FA.POSITION projector, FA.ROLE positive (hardmix: negative), FA.NUM 1, "
-                      "defaults otherwise",
+        "op_times_s": {op: times[f"fa:{op}"][0] for op in FA_CONTENDERS},
+        "baseline_times_s": {op: times[f"fa:{op}"][1] for op in FA_CONTENDERS},
+        "fa_setting": "FA.POSITION projector, FA.NUM 1, defaults otherwise; "
+                      + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in FA_CONTENDERS.items()),
     }
     set_value(result, "fa_overhead", ratios[worst])
-
-
-def bench_gpu(profile: Profile, result: dict, say: Callable[[str], None]) -> None:
-    """Where CUDA is available: our MoCo v2 step at paper scale (ResNet-50, 224 px, batch 256,
-    65536-key queue, bf16 autocast, channels-last). Absolute numbers, no peer."""
-    import torch
-
-    if not torch.cuda.is_available():
-        result["details"]["gpu"] = {"skipped": "no CUDA device"}
-        return
-    torch.backends.cudnn.benchmark = True
-    batch, size = 256, 224
-    cfg = _pretrain_cfg()
-    cfg.merge_from_list(["MODEL.BACKBONE", "resnet50", "MODEL.PROJ_HIDDEN_DIM", 0,
-                         "MODEL.MOCO.K", 65536, "MODEL.MOCO.M", 0.999, "DATA.IMAGE_SIZE", size,
-                         "SOLVER.BATCH_SIZE", batch, "SOLVER.AMP", "bfloat16",
-                         "SOLVER.CHANNELS_LAST", True])
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x1, x2 = (torch.randn(batch, 3, size, size, device="cuda", generator=g)
-              .contiguous(memory_format=torch.channels_last) for _ in range(2))
-    step = _our_step(cfg, "cuda")
-    n = 10
-
-    def measure() -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            step(x1, x2)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / n
-
-    say(f"GPU: {torch.cuda.get_device_name()}, MoCo v2 resnet50 {size} px batch {batch}")
-    times = interleave({"ours": measure}, max(profile.repeats, 3), 1)["ours"]
-    step_s = median(times)
-    result["details"]["gpu"] = {
-        "device": torch.cuda.get_device_name(), "setting": f"MoCo v2 resnet50, {size} px, batch "
-        f"{batch}, queue 65536, bf16 autocast, channels-last, synthetic input",
-        "step_s": step_s, "images_per_s": batch / step_s, "times_s": times,
-        "steps_per_repeat": n, "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }

@@ -1,11 +1,13 @@
 """What watches a run: ``metrics.jsonl`` and TensorBoard, the step window that averages logged
-values, the kNN monitor and the loss plot. Rank 0 writes; the other ranks only take part in the
-collective calls."""
+values (kept on the device between log lines), the kNN monitor and the loss plot. Rank 0 writes;
+the other ranks only take part in the collective calls."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -84,27 +86,62 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-def accumulate(window: dict, outputs: dict, loss_value: float, data_time: float,
-                step_time: float) -> None:
-    window["n"] = window.get("n", 0) + 1
-    window["loss"] = window.get("loss", 0.0) + loss_value
-    window["data_time"] = window.get("data_time", 0.0) + data_time
-    window["time"] = window.get("time", 0.0) + step_time
-    for k, v in outputs.items():
-        if k != "loss" and (not torch.is_tensor(v) or v.numel() == 1):
-            v = v.detach().float() if torch.is_tensor(v) else float(v)
-            window[k] = window.get(k, 0.0) + v
+class StepWindow:
+    """What the steps between two log lines leave, kept where it was computed: the losses and the
+    other 0-dim outputs stay on the device (no step waits for the device), host seconds are
+    summed. ``read`` brings the values over in one copy, at a log line or a checkpoint."""
 
+    def __init__(self):
+        self.clear()
 
-def summarize(window: dict, it: int, epoch: int, optimizer, skipped: int) -> dict:
-    n = window.pop("n")
-    record = {"iter": it, "epoch": epoch,
-              "lr": next(g["lr"] for g in optimizer.param_groups if not g.get("fix_lr"))}
-    for k, v in window.items():
-        record[k] = round(float(v) / n, 6 if k in ("time", "data_time") else 8)
-    record["skipped_images"] = skipped
-    window.clear()
-    return record
+    def clear(self) -> None:
+        self.iters: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.data_time = self.time = 0.0
+
+    def add(self, it: int, outputs: dict, data_time: float, step_time: float) -> None:
+        """Iteration ``it`` (1-based) and its outputs: ``loss`` kept per step, the others summed."""
+        self.iters.append(it)
+        self.losses.append(outputs["loss"].detach())
+        self.data_time += data_time
+        self.time += step_time
+        for k, v in outputs.items():
+            if k != "loss" and (not torch.is_tensor(v) or v.numel() == 1):
+                v = v.detach().float() if torch.is_tensor(v) else float(v)
+                self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def read(self) -> tuple[list[float], dict[str, float]]:
+        """(losses, sums) as Python floats. The wait for the device is added to ``time``: with
+        asynchronous kernels it is the work of the steps in this window."""
+        start = time.perf_counter()
+        keys = list(self.sums)
+        values = self.losses + [torch.as_tensor(self.sums[k]) for k in keys]
+        if values:
+            host = torch.stack([v.float().reshape(()).to(values[0].device) for v in values]).tolist()
+        else:
+            host = []
+        self.time += time.perf_counter() - start
+        n = len(self.losses)
+        return host[:n], dict(zip(keys, host[n:], strict=True))
+
+    def first_non_finite(self, losses: list[float]) -> tuple[int, float] | None:
+        """(iteration, value) of the first loss that is NaN or infinite, else None."""
+        return next(((i, v) for i, v in zip(self.iters, losses, strict=True)
+                     if not math.isfinite(v)), None)
+
+    def summarize(self, losses: list[float], sums: dict[str, float], it: int, epoch: int,
+                  optimizer, skipped: int) -> dict:
+        """The metrics.jsonl record of the window (means over its steps); clears it."""
+        n = len(losses)
+        record = {"iter": it, "epoch": epoch,
+                  "lr": next(g["lr"] for g in optimizer.param_groups if not g.get("fix_lr")),
+                  "loss": round(sum(losses) / n, 8), "data_time": round(self.data_time / n, 6),
+                  "time": round(self.time / n, 6)}
+        record.update({k: round(v / n, 8) for k, v in sums.items()})
+        record["skipped_images"] = skipped
+        self.clear()
+        return record
 
 
 def knn_hook(cfg, model, knn_sets, device, it: int, epoch: int, metrics: Metrics) -> float | None:

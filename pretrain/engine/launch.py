@@ -54,3 +54,36 @@ def set_determinism(deterministic: bool) -> bool:
     else:
         torch.backends.cudnn.benchmark = True
     return before
+
+
+AUG_DEVICES = ("auto", "cpu", "cuda", "cpu_split")
+
+
+def aug_device(cfg, device: torch.device) -> torch.device | None:
+    """Where ``device_aug.augment`` finishes the views (``DATA.AUG_DEVICE``), or None when the
+    loader workers run the whole OpenCV pipeline.
+
+    ``cuda`` (or ``auto`` on a CUDA run): the training device. ``cpu`` (or ``auto`` on a CPU
+    run): None. ``cpu_split``: the CPU, in the training process — the device path without a GPU.
+    """
+    want = cfg.DATA.AUG_DEVICE
+    if want not in AUG_DEVICES:
+        raise ConfigError(f"DATA.AUG_DEVICE '{want}' is not one of: {', '.join(AUG_DEVICES)}")
+    if want == "cuda" and device.type != "cuda":
+        raise ConfigError(f"DATA.AUG_DEVICE cuda needs a CUDA training device; this run trains "
+                          f"on {device.type} (DEVICE {cfg.DEVICE})")
+    if want == "cpu_split":
+        return torch.device("cpu")
+    if want == "cuda" or (want == "auto" and device.type == "cuda"):
+        return device
+    return None
+
+
+def compile_encoders(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` every part of the method but FA, in place (``nn.Module.compile``: the
+    parameter names, hence the checkpoints, are unchanged); the loss and the momentum update
+    in the method's own ``forward`` stay eager."""
+    for name, child in model.named_children():
+        if name != "fa":
+            child.compile()
+    return model

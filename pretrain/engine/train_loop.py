@@ -1,8 +1,15 @@
 """The pretraining loop, single process or under ``torchrun``.
 
 One iteration: two augmented views -> ``model.before_step(progress)`` -> ``model(x1, x2)["loss"]``
--> SGD/LARS step at the scheduled lr -> ``model.after_step(progress)``. Around it (``hooks``, ``pretrain.checkpoint``): metrics, a
-progress bar, checkpoints, the kNN monitor.
+-> SGD/LARS step at the scheduled lr -> ``model.after_step(progress)``. Around it (``hooks``,
+``pretrain.checkpoint``): metrics, a progress bar, checkpoints, the kNN monitor.
+
+The views come whole from the loader workers (``DATA.AUG_DEVICE cpu``), or as uint8 crops and
+parameter vectors that ``device_aug.augment`` finishes on the device (``cuda``; ``cpu_split``
+runs that path on the CPU). No step waits for the device: the logged values stay there
+(``hooks.StepWindow``) and are read every ``LOG_PERIOD`` iterations and before every checkpoint,
+where a non-finite loss (or, before a checkpoint, non-finite weights) stops the run; a
+checkpoint is written only after that check, so none holds NaNs.
 
 Exact resume rests on three facts: every random choice of the data pipeline is a function of
 ``(SEED, epoch, image index)`` (``ResumableSampler``), the sampler can start mid-epoch, and the
@@ -12,7 +19,6 @@ checkpoint holds every process's RNG states next to the model, optimizer and sca
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,9 +36,10 @@ from ..checkpoint import (
     save_run,
 )
 from ..data import ResumableSampler, build_dataset, collate, worker_init
+from ..device_aug import augment
 from ..errors import DataError, TrainingError
 from ..evaluation import build_knn_sets
-from ..solver import base_lr, build_optimizer, check_solver, lr_factor, set_lr
+from ..solver import base_lr, build_optimizer, check_solver, lr_factor, set_lr, use_step_kernels
 from ..transforms import normalize
 from ..utils.amp import amp_dtype
 from ..utils.dist import (
@@ -46,8 +53,8 @@ from ..utils.dist import (
 from ..utils.env import seed_all
 from ..utils.io import atomic_write_text
 from ..utils.logger import setup_logging
-from .hooks import Metrics, accumulate, knn_hook, plot_curves, summarize
-from .launch import init_distributed, set_determinism, wrap_ddp
+from .hooks import Metrics, StepWindow, knn_hook, plot_curves
+from .launch import aug_device, compile_encoders, init_distributed, set_determinism, wrap_ddp
 
 logger = logging.getLogger("pretrain")
 
@@ -69,9 +76,10 @@ def train(cfg, resume: bool = False) -> dict:
         rank, world, main = get_rank(), get_world_size(), is_main_process()
         batch = check_solver(cfg, world)
         dtype = amp_dtype(cfg.SOLVER.AMP, device.type)
+        aug_on = aug_device(cfg, device)  # None: the workers make whole views
 
         # data
-        dataset = build_dataset(cfg)
+        dataset = build_dataset(cfg, split=aug_on is not None)
         sampler = ResumableSampler(len(dataset), seed=cfg.SEED, rank=rank, world_size=world)
         ipe = sampler.shard_size() // batch
         if ipe == 0:
@@ -114,6 +122,8 @@ def train(cfg, resume: bool = False) -> dict:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 logger.warning("SyncBatchNorm needs CUDA: BN statistics stay per process on CPU")
+        if cfg.SOLVER.COMPILE:
+            compile_encoders(model)
         optimizer = build_optimizer(cfg, model)
         lr = base_lr(cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -123,6 +133,7 @@ def train(cfg, resume: bool = False) -> dict:
         if ckpt is not None:
             start_iter, skipped = resume_run(ckpt, last_path, model, optimizer, scaler, rank,
                                              world, dict(size=len(dataset), ipe=ipe, batch=batch))
+            use_step_kernels(optimizer)
         elif resume:
             logger.info(f"--resume: no {last_path} yet, starting from scratch")
         if main:  # the config of the run that now owns the folder
@@ -133,7 +144,8 @@ def train(cfg, resume: bool = False) -> dict:
         logger.info(f"{cfg.MODEL.METHOD} {cfg.MODEL.BACKBONE}: {len(dataset)} images, "
                     f"{world} process(es) x batch {batch}, {ipe} iterations/epoch, "
                     f"iterations {start_iter} -> {total}, lr {lr:g}, AMP {dtype or 'off'}, "
-                    f"device {device}")
+                    f"device {device}, photometric augmentation "
+                    f"{f'batched on {aug_on}' if aug_on else 'in the loader workers'}")
 
         state = dict(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, out=out,
                      sampler=dict(seed=cfg.SEED, iters_per_epoch=ipe, batch_per_rank=batch,
@@ -147,50 +159,51 @@ def train(cfg, resume: bool = False) -> dict:
 
             bar = tqdm(total=total, initial=start_iter, desc="pretrain", dynamic_ncols=True,
                        mininterval=1.0)
-        window: dict[str, float] = {}
+        window = StepWindow()
         t_last = time.perf_counter()
         while it < total:
             epoch = it // ipe
             sampler.set_epoch(epoch, start=(it - epoch * ipe) * batch)
-            for (x1, x2), _, bad in loader:
+            for views, _, bad in loader:
                 t_data = time.perf_counter()
                 skipped.update(bad)
-                x1, x2 = (_prepare(x, device, cfg.SOLVER.CHANNELS_LAST) for x in (x1, x2))
+                x1, x2 = _views(views, aug_on, device, cfg.SOLVER.CHANNELS_LAST)
                 set_lr(optimizer, lr, lr_factor(it, total, warmup, cfg.SOLVER.SCHEDULE, steps,
                                                 cfg.SOLVER.GAMMA))
                 unwrap(ddp_model).before_step(it / total)  # the FA schedule reads it
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                     outputs = ddp_model(x1, x2)
-                loss = outputs["loss"]
-                loss_value = loss.item()
-                if any_across_ranks(not math.isfinite(loss_value), device):
-                    raise TrainingError(f"loss is {loss_value} at iteration {it + 1} (epoch "
-                                        f"{epoch}); stopped, {_last_good(last_path, last_saved)}")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(outputs["loss"]).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 it += 1
                 unwrap(ddp_model).after_step(it / total)
 
                 t_step = time.perf_counter()
-                accumulate(window, outputs, loss_value, t_data - t_last, t_step - t_last)
-                t_last = t_step
+                window.add(it, outputs, t_data - t_last, t_step - t_last)
                 if main:
                     bar.update(1)
-                if it % cfg.LOG_PERIOD == 0 or it == total:
+                log_now = it % cfg.LOG_PERIOD == 0 or it == total
+                epoch_end = it % ipe == 0
+                save_now = epoch_end or it == total or (cfg.SOLVER.CHECKPOINT_ITERS > 0
+                                                        and it % cfg.SOLVER.CHECKPOINT_ITERS == 0)
+                if log_now or save_now:  # the one place the host waits for the device
+                    losses, sums = window.read()
+                    _stop_if_non_finite(window.first_non_finite(losses), device, ipe,
+                                        _last_good(last_path, last_saved))
+                if log_now:
                     skipped = set().union(*all_gather_object(skipped))
-                    record = summarize(window, it, epoch, optimizer, len(skipped))
+                    record = window.summarize(losses, sums, it, epoch, optimizer, len(skipped))
                     last_loss = record["loss"]
                     metrics.write(record)
                     if main:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}")
-                epoch_end = it % ipe == 0
-                if epoch_end or it == total or (cfg.SOLVER.CHECKPOINT_ITERS > 0
-                                                and it % cfg.SOLVER.CHECKPOINT_ITERS == 0):
+                if save_now:
                     done_epochs = it // ipe
                     numbered = epoch_end and done_epochs % max(cfg.SOLVER.CHECKPOINT_PERIOD, 1) == 0
-                    if not _finite_weights(model):  # never replace a good checkpoint with NaNs
+                    # never replace a good checkpoint with NaNs
+                    if any_across_ranks(not _finite_weights(model), device):
                         raise TrainingError(f"weights became non-finite at iteration {it} (epoch "
                                             f"{epoch}); stopped, {_last_good(last_path, last_saved)}")
                     skipped = save_run(state, it, done_epochs, skipped, numbered)
@@ -241,12 +254,38 @@ def _last_good(last_path: Path, iteration: int) -> str:
     return "no checkpoint was written"
 
 
+def _stop_if_non_finite(bad: tuple[int, float] | None, device: torch.device, ipe: int,
+                        last_good: str) -> None:
+    """Raise on every rank when any rank read a non-finite loss; ``bad``: (iteration, value)."""
+    if any_across_ranks(bad is not None, device):
+        it, value = min(b for b in all_gather_object(bad) if b is not None)
+        raise TrainingError(f"loss is {value} at iteration {it} (epoch {(it - 1) // ipe}); "
+                            f"stopped, {last_good}")
+
+
 @torch.no_grad()
 def _finite_weights(model: torch.nn.Module) -> bool:
-    norms = [torch.linalg.vector_norm(p.float()) for p in model.parameters()]
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    """All parameters finite: max |w| per tensor (NaN propagates), one read-back."""
+    peaks = torch._foreach_norm(list(model.parameters()), float("inf"))
+    return bool(torch.isfinite(torch.stack(peaks)).all())
+
+
+def _views(batch, aug_on: torch.device | None, device: torch.device,
+           channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two normalised float views of a loader batch: ``(view1, view2)`` uint8, or
+    ``(crop1, crop2, params1, params2)`` that ``augment`` finishes on ``aug_on``."""
+    if aug_on is None:
+        x1, x2 = batch
+    else:
+        c1, c2, p1, p2 = batch  # params stay on the host: augment reads them there
+        x1, x2 = (augment(c.to(aug_on, non_blocking=True), q) for c, q in ((c1, p1), (c2, p2)))
+    return _prepare(x1, device, channels_last), _prepare(x2, device, channels_last)
 
 
 def _prepare(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = normalize(x.to(device, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    """uint8 [N, 3, S, S] -> normalised float32 on ``device`` (channels-last: converted while
+    still uint8, a quarter of the bytes; ``normalize`` keeps the memory format)."""
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return normalize(x)

@@ -1,0 +1,489 @@
+"""``feataug bench --gpu``: pretraining at the speed of the GPU, one prepared run.
+
+On one GPU with 16 cores the ``gpu`` profile takes about 5 minutes (at most 8: a phase that would
+start past ``GpuProfile.budget_s`` is skipped and says so). Phases, each written to the JSON as
+soon as it is done:
+
+1. ``images``: ``GpuProfile.images`` ImageNet-like JPEGs (400 x 350, quality 90), random crops of
+   real photos (scikit-image's sample photos and, when cached, the DeepForest tiles, both fetched
+   by ``feataug.data.fetch``; or ``--images DIR``), written by every core into a temporary
+   folder in memory (``/dev/shm`` when present), so reading them is page-cache speed.
+2. ``model``: MoCo v2 ResNet-50, 224 px, batch 256, bf16 autocast, channels-last, the step alone
+   on device tensors: img/s, MFU, peak memory.
+3. ``end_to_end``: ``pretrain.engine.train`` on those JPEGs with the CPU path
+   (``DATA.AUG_DEVICE cpu``: loader workers run the whole OpenCV pipeline) and the device path
+   (``cuda``: workers decode and crop, ``device_aug.augment`` does the rest on the GPU) at each
+   worker count: img/s and data-time fraction from the run's own ``metrics.jsonl`` (its first
+   half dropped: worker start-up, cuDNN autotuning and the prefetch backlog), MFU, peak memory.
+4. ``device_aug``: ``augment`` of one batch's two views, ms per step; and the device ops'
+   agreement with OpenCV on this GPU (``bench_device_aug``).
+5. ``detect``: Faster R-CNN R50-FPN iterations/s with Detectron2's ``AMPTrainer`` (our
+   ``transfer.trainer.Trainer`` with ``SOLVER.AMP.ENABLED``), 16 generated 640 px images/iter.
+
+MFU = img/s x FLOP per image / the GPU's dense bf16 peak: 32.7 GFLOP per image for MoCo v2
+ResNet-50 at 224 px (query forward + backward = 3 x 8.2, key forward 8.2); the peaks are
+``PEAK_BF16`` (NVIDIA data sheets), and an unknown GPU gets no MFU rather than a guess.
+
+``--dry-run`` runs every phase on tiny sizes (ResNet-18, 32 px, 48 images, the tiny detection
+config) on the CPU when there is no GPU, with ``DATA.AUG_DEVICE cpu_split`` as the device path:
+it checks the code paths in seconds and its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from feataug import CONFIGS
+from pretrain.utils.io import atomic_write_text
+
+from .harness import BenchError, machine_info, median
+
+SCHEMA_VERSION = 1
+# Dense bf16 tensor-core peak in FLOP/s (no sparsity), NVIDIA data sheets; matched against
+# torch.cuda.get_device_name(), first match wins.
+PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+)
+# FLOP per image of one MoCo v2 step: query forward + backward (3 x forward) + key forward.
+STEP_FLOP_PER_IMAGE = {("resnet50", 224): 4 * 8.18e9}
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str
+    images: int  # synthesised JPEGs
+    image_wh: tuple[int, int]  # their size, width x height
+    backbone: str
+    size: int  # view size
+    batch: int
+    queue: int
+    workers: tuple[int, ...]  # loader workers of the end-to-end runs
+    iters: int  # iterations per end-to-end run (one epoch at most)
+    log_period: int
+    model_steps: int  # per measurement of the model-only step
+    model_repeats: int
+    detect_config: str
+    detect_opts: tuple = ()
+    detect_images: int = 64
+    detect_image_size: int = 640
+    detect_iters: int = 20
+    detect_warmup: int = 5
+    budget_s: float = 420.0  # no phase starts after this many seconds
+
+
+PROFILES = {
+    "gpu": GpuProfile(
+        "gpu", images=30720, image_wh=(400, 350), backbone="resnet50", size=224, batch=256,
+        queue=65536, workers=(6, 10, 15), iters=120, log_period=10, model_steps=20,
+        model_repeats=3, detect_config="coco_R_50_FPN_1x.yaml",
+        detect_opts=("MODEL.MASK_ON", False, "SOLVER.IMS_PER_BATCH", 16,
+                     "DATALOADER.NUM_WORKERS", 8, "INPUT.MIN_SIZE_TRAIN", (640,),
+                     "INPUT.MAX_SIZE_TRAIN", 1000)),
+    "dry": GpuProfile(
+        "dry", images=48, image_wh=(64, 56), backbone="resnet18", size=32, batch=8, queue=64,
+        workers=(0, 1), iters=6, log_period=2, model_steps=1, model_repeats=1,
+        detect_config="tiny_faster_R18_FPN.yaml",
+        detect_opts=("SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", (128,),
+                     "INPUT.MAX_SIZE_TRAIN", 160, "TEST.PRECISE_BN.ENABLED", False),
+        detect_images=4, detect_image_size=128, detect_iters=1, detect_warmup=0, budget_s=600),
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of the named GPU, or None when it is not in ``PEAK_BF16``."""
+    return next((v for key, v in PEAK_BF16 if key in device_name), None)
+
+
+def mfu(images_per_s: float, backbone: str, size: int, device_name: str) -> float | None:
+    """Model FLOP utilisation, or None when the step's FLOP or the GPU's peak is unknown."""
+    flop, peak = STEP_FLOP_PER_IMAGE.get((backbone, size)), peak_flops(device_name)
+    return None if flop is None or peak is None else images_per_s * flop / peak
+
+
+# ----------------------------------------------------------------------------- photos and JPEGs
+def load_photos(images: str | os.PathLike | None = None) -> tuple[list[np.ndarray], str]:
+    """RGB uint8 photos to cut the JPEGs from, and where they came from."""
+    import cv2
+
+    from pretrain.data import decode_image
+
+    if images is not None:
+        from .aug import find_images
+
+        paths, source = find_images(images)
+        photos = [p for p in (decode_image(x) for x in paths) if p is not None]
+        if not photos:
+            raise BenchError(f"{images}: none of its image files could be decoded")
+        return photos, source
+    from feataug.data.deepforest import (
+        DEEPFOREST_FILES,
+        DEEPFOREST_PREFIX,
+        DEEPFOREST_WHEEL,
+        SKIMAGE_PHOTOS,
+        SKIMAGE_PREFIX,
+        SKIMAGE_WHEEL,
+    )
+    from feataug.data.fetch import cache_dir, fetch_pip, read_members
+    from pretrain.errors import DataError
+
+    try:
+        files = read_members(fetch_pip(SKIMAGE_WHEEL), SKIMAGE_PREFIX, SKIMAGE_PHOTOS)
+        source = "scikit-image sample photos"
+        if (cache_dir() / DEEPFOREST_WHEEL.filename).is_file():
+            pins = {k: v for k, v in DEEPFOREST_FILES.items() if not k.endswith(".xml")}
+            files.update(read_members(fetch_pip(DEEPFOREST_WHEEL), DEEPFOREST_PREFIX, pins))
+            source += " and DeepForest tiles"
+    except DataError as e:
+        raise BenchError(f"no photos to make the JPEGs from ({e}); pass --images DIR") from None
+    photos = [cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR),
+                           cv2.COLOR_BGR2RGB) for b in files.values()]
+    return photos, f"{source} ({len(photos)} photos)"
+
+
+_PHOTOS: list[np.ndarray] = []
+
+
+def _init_writer(photos: list[np.ndarray]) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    _PHOTOS[:] = photos
+
+
+def _write_jpegs(args: tuple[str, range, tuple[int, int], int]) -> int:
+    """Write JPEG k of ``ks``: a random crop (aspect of ``wh``, 35-100 % of the photo's largest
+    such box) of photo k mod P, resized to ``wh``, flipped half the time; returns the bytes."""
+    import cv2
+
+    root, ks, (w, h), seed = args
+    total = 0
+    for k in ks:
+        rng = np.random.default_rng((seed, k))
+        photo = _PHOTOS[k % len(_PHOTOS)]
+        ph, pw = photo.shape[:2]
+        box_w = min(pw, ph * w / h)
+        s = rng.uniform(0.35, 1.0)
+        cw, ch = max(int(box_w * s), 8), max(int(box_w * s * h / w), 8)
+        cw, ch = min(cw, pw), min(ch, ph)
+        top, left = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
+        img = cv2.resize(photo[top : top + ch, left : left + cw], (w, h),
+                         interpolation=cv2.INTER_AREA if cw > w else cv2.INTER_LINEAR)
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, 90])
+        folder = Path(root) / f"n{k // 1000:04d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{k:06d}.jpg").write_bytes(buf.tobytes())
+        total += buf.size
+    return total
+
+
+def synthesize_jpegs(root: Path, n: int, photos: list[np.ndarray], wh: tuple[int, int] = (400, 350),
+                     seed: int = 0, processes: int | None = None) -> dict:
+    """``n`` JPEGs in ImageNet layout ``root/nXXXX/KKKKKK.jpg`` (1000 per folder), made by
+    ``processes`` processes (default: every core); the same files for the same arguments."""
+    import multiprocessing
+
+    import pretrain.data  # noqa: F401  (one OpenCV thread: no thread pool to break by forking)
+
+    chunks = [range(i, min(i + 256, n)) for i in range(0, n, 256)]
+    processes = min(processes or len(os.sched_getaffinity(0)), len(chunks))
+    start = time.perf_counter()
+    fork = multiprocessing.get_context("fork")  # as the DataLoader's workers; they never use CUDA
+    with ProcessPoolExecutor(processes, fork, initializer=_init_writer,
+                             initargs=(photos,)) as pool:
+        sizes = list(pool.map(_write_jpegs, [(str(root), c, wh, seed) for c in chunks]))
+    return {"n": n, "width": wh[0], "height": wh[1], "quality": 90,
+            "mean_kib": round(sum(sizes) / max(n, 1) / 1024, 1),
+            "seconds": round(time.perf_counter() - start, 1), "processes": processes}
+
+
+def memory_tmpdir() -> str | None:
+    """A folder in memory for the JPEGs (``/dev/shm`` when it is a writable folder)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+# ----------------------------------------------------------------------------- phases
+def _pretrain_opts(p: GpuProfile, device: str) -> list:
+    from pretrain.utils.amp import cpu_has_native_bf16
+
+    amp = "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "off"
+    return ["MODEL.METHOD", "moco", "MODEL.BACKBONE", p.backbone, "MODEL.MOCO.K", p.queue,
+            "MODEL.MOCO.M", 0.999, "DATA.IMAGE_SIZE", p.size, "SOLVER.BATCH_SIZE", p.batch,
+            "SOLVER.AMP", amp, "SOLVER.CHANNELS_LAST", True, "DEVICE", device]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+
+
+def phase_model(p: GpuProfile, device: str, device_name: str) -> dict:
+    """The MoCo v2 step alone, on synthetic normalised channels-last device tensors."""
+    import torch
+
+    from pretrain.config import load_cfg
+
+    from .pretrain_step import _our_step
+
+    cfg = load_cfg(None, _pretrain_opts(p, device))
+    _reset_peak(device)
+    step = _our_step(cfg, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x1, x2 = (torch.randn(p.batch, 3, p.size, p.size, device=device, generator=g)
+              .contiguous(memory_format=torch.channels_last) for _ in range(2))
+
+    def measure() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(p.model_steps):
+            step(x1, x2)
+        _sync(device)
+        return (time.perf_counter() - start) / p.model_steps
+
+    measure()  # warm-up: cuDNN autotuning, allocator
+    times = [measure() for _ in range(p.model_repeats)]
+    step_s = median(times)
+    ips = p.batch / step_s
+    return {"step_s": step_s, "images_per_s": ips, "times_s": times,
+            "mfu": mfu(ips, p.backbone, p.size, device_name), "peak_memory_gib": _peak_gib(device),
+            "amp": cfg.SOLVER.AMP}
+
+
+def phase_end_to_end(p: GpuProfile, device: str, device_name: str, data: Path, work: Path,
+                     path: str, workers: int) -> dict:
+    """``pretrain.engine.train`` for ``p.iters`` iterations; the second half of its metrics."""
+    from pretrain.config import load_cfg
+    from pretrain.engine import train
+
+    out = work / f"run-{path}-{workers}"
+    aug = {"cpu": "cpu", "device": "cuda" if device == "cuda" else "cpu_split"}[path]
+    cfg = load_cfg(None, _pretrain_opts(p, device) + [
+        "DATA.ROOT", str(data), "OUTPUT_DIR", str(out), "DATA.AUG_DEVICE", aug,
+        "DATALOADER.NUM_WORKERS", workers, "SOLVER.EPOCHS", 1, "SOLVER.MAX_ITER", p.iters,
+        "LOG_PERIOD", p.log_period, "TENSORBOARD", False, "KNN.PERIOD", 0])
+    _reset_peak(device)
+    start = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time" in r]
+    kept = [r for r in rows if r["iter"] > rows[-1]["iter"] // 2] or rows[-1:]
+    step_s = sum(r["time"] for r in kept) / len(kept)
+    data_s = sum(r["data_time"] for r in kept) / len(kept)
+    ips = p.batch / step_s
+    shutil.rmtree(out, ignore_errors=True)
+    return {"path": path, "aug_device": aug, "workers": workers, "images_per_s": ips,
+            "step_s": step_s, "data_time_fraction": data_s / step_s,
+            "mfu": mfu(ips, p.backbone, p.size, device_name), "peak_memory_gib": _peak_gib(device),
+            "measured_iters": [r["iter"] for r in kept], "window_step_s": [r["time"] for r in rows],
+            "wall_s": round(wall, 1)}
+
+
+def phase_device_aug(p: GpuProfile, device: str, data: Path, photos: list[np.ndarray]) -> dict:
+    """``augment`` of a batch's two views (crops from the synthesised JPEGs), and the device ops
+    against OpenCV on this device."""
+
+    from pretrain.config import load_cfg
+    from pretrain.data import ImageDataset, collate, scan_folder
+    from pretrain.device_aug import augment, bench_device_aug
+    from pretrain.transforms import build_pretrain_transform
+
+    cfg = load_cfg(None, ["DATA.IMAGE_SIZE", p.size])
+    source = scan_folder(data)
+    ds = ImageDataset(source, build_pretrain_transform(cfg, split=True))
+    (c1, c2, p1, p2), _, _ = collate([ds[(i % len(source), i)] for i in range(p.batch)])
+    c1, c2 = c1.to(device), c2.to(device)
+
+    def run() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        augment(c1, p1)
+        augment(c2, p2)
+        _sync(device)
+        return time.perf_counter() - start
+
+    run()
+    times = [run() for _ in range(5)]
+    agreement = bench_device_aug(photos[:8], size=p.size, device=device, repeats=1)
+    return {"ms_per_step": 1e3 * median(times), "batch": p.batch, "times_s": times,
+            "max_lsb": agreement["aug_device_vs_cpu_max_lsb"],
+            "cpu_ms_per_image": {k[len("aug_cpu_ms_per_image_"):]: v for k, v in agreement.items()
+                                 if k.startswith("aug_cpu_ms_per_image_")}}
+
+
+def phase_detect(p: GpuProfile, device: str, work: Path) -> dict:
+    """Detectron2 iterations/s: ``transfer.trainer.Trainer`` with ``SOLVER.AMP.ENABLED`` (its
+    ``AMPTrainer`` on CUDA), generated images."""
+    import copy
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.utils.env import seed_all_rng
+
+    from pretrain.utils.logger import setup_logging
+    from transfer.config import get_detection_cfg
+    from transfer.trainer import Trainer
+
+    from .detect import _SteppedTrainer, make_detection_images
+
+    setup_logging(("detectron2", "fvcore", "transfer", "d2"), console=False)
+    name = "feataug_bench_gpu_detect"
+    folder = work / "detect"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = make_detection_images(folder, p.detect_images, p.detect_image_size)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: copy.deepcopy(records))
+    MetadataCatalog.get(name).set(thing_classes=["blue box", "red box"])
+    opts = ["DATASETS.TRAIN", (name,), "DATASETS.TEST", (), "DATASETS.AUTO_NUM_CLASSES", False,
+            "MODEL.ROI_HEADS.NUM_CLASSES", 2, "MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
+            "SOLVER.MAX_ITER", 1000000, "SOLVER.AMP.ENABLED", True, "OUTPUT_DIR", str(folder),
+            *p.detect_opts]
+    cfg = get_detection_cfg(CONFIGS / "detection" / p.detect_config, opts)
+    cfg.freeze()
+    seed_all_rng(0)
+    trainer = _SteppedTrainer(Trainer(cfg))
+    try:
+        if p.detect_warmup:
+            trainer.iterations(p.detect_warmup, 0)
+        _sync(device)
+        _reset_peak(device)
+        s_per_iter = trainer.iterations(p.detect_iters, 1)
+        _sync(device)
+    finally:
+        trainer.close()
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    return {"iter_per_s": 1 / s_per_iter, "images_per_iter": cfg.SOLVER.IMS_PER_BATCH,
+            "config": p.detect_config, "trainer": type(trainer.trainer._trainer).__name__,
+            "image_size": p.detect_image_size, "iters": p.detect_iters,
+            "peak_memory_gib": _peak_gib(device)}
+
+
+# ----------------------------------------------------------------------------- the run
+def run_gpu(profile: GpuProfile, out: str | os.PathLike, images: str | None = None,
+            say: Callable[[str], None] = print) -> dict:
+    """Every phase of ``profile``; writes ``out`` (JSON) and the markdown beside it after each."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if profile.name != "dry" and not cuda:
+        raise BenchError("--gpu needs a CUDA GPU and torch sees none (torch.cuda.is_available() "
+                         "is False); `feataug bench --gpu --dry-run` runs the tiny version on the CPU")
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    p = profile
+    result = {"schema": SCHEMA_VERSION, "profile": p.name, "complete": False, "device": name,
+              "peak_bf16_flops": peak_flops(name) if cuda else None,
+              "setting": f"MoCo v2 {p.backbone}, {p.size} px, batch {p.batch}, queue {p.queue}, "
+                         "bf16 autocast (CPU: only with native bf16), channels-last",
+              "machine": machine_info(), "phases": {}}
+    start = time.perf_counter()
+
+    def phase(key: str, fn: Callable[[], dict]) -> None:
+        if time.perf_counter() - start > p.budget_s:
+            result["phases"][key] = {"skipped": f"past the {p.budget_s:.0f} s budget"}
+        else:
+            t = time.perf_counter()
+            say(f"{key} ...")
+            result["phases"][key] = {**fn(), "phase_s": round(time.perf_counter() - t, 1)}
+        write_gpu_outputs(result, out)
+
+    photos, source = load_photos(images)
+    work = Path(tempfile.mkdtemp(prefix="feataug-bench-gpu-", dir=memory_tmpdir()))
+    try:
+        data = work / "jpegs"
+        data.mkdir()
+        phase("images", lambda: {**synthesize_jpegs(data, p.images, photos, p.image_wh),
+                                 "source": source, "folder": str(work)})
+        phase("model", lambda: phase_model(p, device, name))
+        for path in ("cpu", "device"):
+            for w in p.workers:
+                phase(f"end_to_end/{path}/{w}",
+                      lambda path=path, w=w: phase_end_to_end(p, device, name, data, work, path, w))
+        phase("device_aug", lambda: phase_device_aug(p, device, data, photos))
+        phase("detect", lambda: phase_detect(p, device, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["complete"] = all("skipped" not in v for v in result["phases"].values())
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    write_gpu_outputs(result, out)
+    return result
+
+
+def _f(v, fmt: str = ".0f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def format_gpu_markdown(result: dict) -> str:
+    """The GPU report: one row per pretraining measurement, then augmentation and detection."""
+    ph = result["phases"]
+    lines = [f"# feataug bench --gpu ({result['profile']})", "",
+             f"{result['device']}: {result['setting']}.", ""]
+    if "images" in ph and "n" in ph["images"]:
+        im = ph["images"]
+        lines += [f"Data: {im['n']} JPEGs {im['width']}x{im['height']} q{im['quality']} "
+                  f"(mean {im['mean_kib']} KiB) from {im['source']}, in memory.", ""]
+    lines += ["| run | workers | img/s | data time | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+    for key, v in ph.items():
+        if key != "model" and not key.startswith("end_to_end/"):
+            continue
+        if "skipped" in v:
+            lines.append(f"| {key} | | skipped: {v['skipped']} | | | |")
+            continue
+        run = "model step only" if key == "model" else f"end to end, {v['path']} path"
+        workers = "—" if key == "model" else str(v["workers"])
+        frac = "—" if key == "model" else f"{100 * v['data_time_fraction']:.0f} %"
+        mfu_cell = "—" if v.get("mfu") is None else f"{100 * v['mfu']:.1f} %"
+        lines.append(f"| {run} | {workers} | {_f(v['images_per_s'])} | {frac} | {mfu_cell} | "
+                     f"{_f(v.get('peak_memory_gib'), '.1f')} |")
+    aug, det = ph.get("device_aug", {}), ph.get("detect", {})
+    if "ms_per_step" in aug:
+        lsb = max(aug["max_lsb"].values())
+        lines += ["", f"Device augmentation: {aug['ms_per_step']:.1f} ms per step (two views of "
+                      f"{aug['batch']}); max {lsb} LSB from OpenCV on this device."]
+    if "iter_per_s" in det:
+        lines += ["", f"Detection ({det['config']}, {det['images_per_iter']} images/iter, "
+                      f"{det['trainer']}): {det['iter_per_s']:.2f} it/s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_gpu_outputs(result: dict, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    md = out.with_suffix(".md")
+    atomic_write_text(md, format_gpu_markdown(result))
+    return md
