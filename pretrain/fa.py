@@ -393,8 +393,8 @@ class FeatureAugmentation(nn.Module):
 
     def combine(self, loss_ssl: torch.Tensor, loss_fa: torch.Tensor) -> torch.Tensor:
         s = self.factor()
-        if self.mode == "replace":
-            return (1 - s) * loss_ssl + s * loss_fa
+        if self.mode == "replace":  # at s = 1 the plain term is only logged: no backward through it
+            return loss_fa if s == 1 else (1 - s) * loss_ssl + s * loss_fa
         sw = s * self.weight
         loss = loss_ssl + sw * loss_fa
         return loss / (1 + sw) if self.mode == "mean" else loss

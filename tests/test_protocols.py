@@ -26,7 +26,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from detect_data import make_voc  # noqa: E402
 
-from transfer import datasets, detect, provenance, trials  # noqa: E402
+from transfer import datasets, detect, provenance, schedule, trials  # noqa: E402
 from transfer.config import get_detection_cfg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +72,9 @@ def test_paper_schedules_rescale_for_fewer_gpus(name):
     written, scaled = PAPER[name]
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 8
     assert _schedule(cfg) == written
-    assert _schedule(detect.rescale_for_world_size(cfg, 8)[0]) == written
+    assert _schedule(schedule.rescale_for_world_size(cfg, 8)[0]) == written
     for n, want in scaled.items():
-        ours, lines = detect.rescale_for_world_size(cfg, n)
+        ours, lines = schedule.rescale_for_world_size(cfg, n)
         assert _schedule(ours) == want
         assert _schedule(DefaultTrainer.auto_scale_workers(cfg, n)) == want
         assert ours.SOLVER.REFERENCE_WORLD_SIZE == n and cfg.SOLVER.REFERENCE_WORLD_SIZE == 8
@@ -90,11 +90,11 @@ def test_paper_schedules_rescale_for_fewer_gpus(name):
 
 def test_other_images_per_gpu_warns():
     cfg = get_detection_cfg(CONFIGS / "pascal_voc_R_50_C4_24k.yaml", ["SOLVER.IMS_PER_BATCH", "8"])
-    scaled, lines = detect.rescale_for_world_size(cfg, 2)
+    scaled, lines = schedule.rescale_for_world_size(cfg, 2)
     assert (scaled.SOLVER.IMS_PER_BATCH, scaled.SOLVER.MAX_ITER) == (2, 96000)  # 1 per GPU
     assert len(lines) == 2 and lines[1].startswith("1 image(s) per process, but the protocol")
     tiny = get_detection_cfg(CONFIGS / "tiny_faster_R18_FPN.yaml")
-    same, lines = detect.rescale_for_world_size(tiny, 1)
+    same, lines = schedule.rescale_for_world_size(tiny, 1)
     assert _schedule(same) == _schedule(tiny) and len(lines) == 1
     assert lines[0].startswith("Schedule as written (SOLVER.REFERENCE_WORLD_SIZE 0)")
 

@@ -317,8 +317,8 @@ blocks:
     control: scale
     variants:
       base: {{FA.ENABLED: false}}
-      scale: {{FA.ENABLED: true, FA.OP: identity}}
-      ext: {{FA.ENABLED: true, FA.OP: extrapolate}}
+      scale: {{FA.ENABLED: true, FA.OP: identity, FA.LOSS_MODE: add}}
+      ext: {{FA.ENABLED: true, FA.OP: extrapolate, FA.LOSS_MODE: add}}
       ext_mean: {{FA.ENABLED: true, FA.OP: extrapolate, FA.LOSS_MODE: mean}}
 """)
     grid = study.load_grid(grid_file)

@@ -1,5 +1,7 @@
 """``feataug bench --gpu``: pretraining at the speed of the GPU, one prepared run.
 
+One concern: the GPU benchmark, every phase of one prepared script in one place.
+
 On one GPU with 16 cores the ``gpu`` profile takes about 5 minutes (at most 8: a phase that would
 start past ``GpuProfile.budget_s`` is skipped and says so). Phases, each written to the JSON as
 soon as it is done:
