@@ -208,12 +208,13 @@ def plot_bars(rows: dict[str, dict], out_png: Path, title: str) -> Path:
 
 def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[dict],
                      config: str, opts: list[str]) -> Path | None:
-    """The busiest test image once per start point: ground truth green, predictions (score ≥
-    0.5) red, from each start point's first trial."""
+    """The busiest test image once per start point (shown at twice its size): ground truth
+    green, predictions (score ≥ 0.5) red, from each start point's first trial."""
     import cv2
     import numpy as np
     import torch
     from detectron2.engine import DefaultPredictor
+    from detectron2.structures import BoxMode
 
     from pretrain.utils.io import atomic_write
     from transfer.config import get_detection_cfg
@@ -231,7 +232,8 @@ def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[
         instances = DefaultPredictor(cfg)(image[:, :, ::-1].copy())["instances"].to("cpu")
         canvas = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
         for a in record["annotations"]:
-            x0, y0, x1, y1 = (int(round(2 * v)) for v in a["bbox"])
+            box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
+            x0, y0, x1, y1 = (int(round(2 * v)) for v in box)
             cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 200, 0), 1)
         keep = instances.scores >= 0.5
         for x0, y0, x1, y1 in (2 * instances.pred_boxes.tensor[keep]).round().int().tolist():
@@ -313,6 +315,9 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
         if trees_rows:
             plots.append(plot_bars(trees_rows, out / "trees_ap.png",
                                    "DeepForest held-out sites: fine-tuned from each start point"))
+            trees = plot_predictions(out / "trees_predictions.png", _trees_dirs(out),
+                                     _test_records("demo_trees_test"), TREES_CONFIG, _trees_opts(prof))
+            plots += [trees] if trees else []
         report = {"profile": profile, "scenes": rows, "trees": trees_rows,
                   "seconds": round(time.perf_counter() - t_start, 1),
                   "plots": [str(p) for p in plots]}
@@ -339,8 +344,22 @@ def _test_records(name: str) -> list[dict]:
     return DatasetCatalog.get(name)
 
 
+def _trees_opts(prof: Profile) -> list[str]:
+    it = prof.trees_detect_iters
+    return ["DATASETS.TRAIN", "('demo_trees_train',)", "DATASETS.TEST", "('demo_trees_test',)",
+            "SOLVER.MAX_ITER", str(it), "SOLVER.STEPS", f"({int(it * 0.75)},)",
+            "SOLVER.WARMUP_ITERS", str(max(1, it // 5)), "SOLVER.IMS_PER_BATCH", "2",
+            "INPUT.MIN_SIZE_TRAIN", "(192, 224, 256)", "INPUT.MIN_SIZE_TEST", "224",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
+            "MODEL.RPN.POST_NMS_TOPK_TEST", "200", "TEST.PRECISE_BN.NUM_ITER", "5"]
+
+
+def _trees_dirs(out: Path) -> dict[str, Path]:
+    return {"random init": out / "trees_detect_random", "MoCo v2": out / "trees_detect_moco"}
+
+
 def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> dict:
-    """DeepForest: random init vs MoCo v2 pretrained on the unlabeled crops."""
+    """DeepForest: random init vs MoCo v2 pretrained on the unlabeled crops (one seed)."""
     voc = root / "deepforest"
     with Stage(5, total, f"DeepForest: pretrain MoCo v2 on the unlabeled crops "
                          f"({prof.trees_pretrain_iters} iterations), fine-tune on the training "
@@ -350,17 +369,10 @@ def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> d
             "SOLVER.MAX_ITER", str(prof.trees_pretrain_iters), "SOLVER.EPOCHS", "1000",
             "SOLVER.BATCH_SIZE", "32", "DATALOADER.NUM_WORKERS", "1"], verbose)
         weights = {"random init": None, "MoCo v2": convert(ckpt)}
-        it = prof.trees_detect_iters
-        opts = ["DATASETS.TRAIN", "('demo_trees_train',)", "DATASETS.TEST", "('demo_trees_test',)",
-                "SOLVER.MAX_ITER", str(it), "SOLVER.STEPS", f"({int(it * 0.75)},)",
-                "SOLVER.WARMUP_ITERS", str(max(1, it // 5)), "SOLVER.IMS_PER_BATCH", "2",
-                "INPUT.MIN_SIZE_TRAIN", "(192, 224, 256)", "INPUT.MIN_SIZE_TEST", "224",
-                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
-                "MODEL.RPN.POST_NMS_TOPK_TEST", "200", "TEST.PRECISE_BN.NUM_ITER", "5"]
         register = {"register_voc": [("demo_trees_train", voc, "train"),
                                      ("demo_trees_test", voc, "test")]}
-        per_start = {name: fine_tune(TREES_CONFIG, out / f"trees_detect_{name.split()[0].lower()}",
-                                     w, opts, 1, register, verbose)
+        per_start = {name: fine_tune(TREES_CONFIG, _trees_dirs(out)[name], w, _trees_opts(prof), 1,
+                                     register, verbose)
                      for name, w in weights.items()}
     return summarize(per_start)
 
