@@ -209,7 +209,7 @@ def plot_bars(rows: dict[str, dict], out_png: Path, title: str) -> Path:
 def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[dict],
                      config: str, opts: list[str]) -> Path | None:
     """The busiest test image once per start point (shown at twice its size): ground truth
-    green, predictions (score ≥ 0.5) red, from each start point's first trial."""
+    green, the as many highest-scoring predictions red, from each start point's first trial."""
     import cv2
     import numpy as np
     import torch
@@ -235,7 +235,7 @@ def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[
             box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
             x0, y0, x1, y1 = (int(round(2 * v)) for v in box)
             cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 200, 0), 1)
-        keep = instances.scores >= 0.5
+        keep = instances.scores.argsort(descending=True)[:len(record["annotations"])]
         for x0, y0, x1, y1 in (2 * instances.pred_boxes.tensor[keep]).round().int().tolist():
             cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 0, 255), 2)
         cv2.putText(canvas, name, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
