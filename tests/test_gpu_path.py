@@ -148,6 +148,8 @@ SHUFFLE_RUNNER = textwrap.dedent("""
     for a, b in zip(keys["bf16"], keys["fp32"]):
         assert torch.equal(a, b)
     print("rank", rank, "ok")
+    torch.distributed.barrier()  # no rank leaves while the other's gloo pair is still open
+    torch.distributed.destroy_process_group()
 """)
 
 

@@ -187,6 +187,8 @@ SHUFFLE_BN_RANK = textwrap.dedent("""
     model(x1, x2)
     torch.save(dict(h=h, z=z, h_ref=h_ref, z_ref=z_ref, queue=model.queue, ptr=model.queue_ptr),
                f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
