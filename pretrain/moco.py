@@ -118,7 +118,7 @@ class MoCo(SSLMethod):
                    "acc": (logits.argmax(1) == 0).float().mean().detach() * 100}
             if self.fa_active():  # every FA decision is in pretrain/fa.py
                 out["loss_fa"] = self.fa(q, k, queue, self.T, h.float(), h_k.float(),
-                                         self.projector)
+                                         self.projector, logits)
                 out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])
         self._dequeue_and_enqueue(k)
         return out

@@ -98,7 +98,23 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         return LARS(groups, **kw)
     groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
     params = [p for g in groups for p in g["params"]]
-    return torch.optim.SGD(groups, **kw, **_sgd_kernels(params))
+    optimizer = torch.optim.SGD(groups, **kw, **_sgd_kernels(params))
+    _momentum_from_zero(optimizer)
+    return optimizer
+
+
+@torch.no_grad()
+def _momentum_from_zero(optimizer: torch.optim.SGD) -> None:
+    """A zero momentum buffer for every parameter that has none yet.
+
+    torch's fused SGD takes the buffers all or none: a parameter whose first gradient arrives
+    after the others' (an FA generator that FA.START holds back) would crash the step it arrives
+    in. With dampening 0 a zero buffer gives the first update torch gives without one, exactly:
+    buf = m·0 + g = g."""
+    for g in optimizer.param_groups:
+        if g["momentum"]:
+            for p in g["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def _sgd_kernels(params) -> dict:
@@ -114,6 +130,7 @@ def use_step_kernels(optimizer: torch.optim.Optimizer) -> None:
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         for g in optimizer.param_groups:
             g.update(fused=fused, foreach=not fused)
+        _momentum_from_zero(optimizer)  # a checkpoint written before FA.START has fewer buffers
 
 
 def lr_factor(it: int, total: int, warmup: int, schedule: str = "cosine",

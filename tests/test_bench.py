@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from feataug import bench
 
@@ -377,3 +378,62 @@ def test_gpu_dry_run_exercises_every_phase(tmp_path, capsys):
     md = out.with_suffix(".md").read_text()
     assert md.count("| end to end,") == 4 and "Detection (tiny_faster_R18_FPN.yaml" in md
     assert not list(tmp_path.glob("feataug-bench-gpu-*"))
+
+
+def test_fa_head_is_everything_fa_changes():
+    """The FA-cost measurement replaces both trunks by the features they gave: the loss with FA
+    on, its gradients and the next queue are those of the whole model with the same weights."""
+    import copy
+
+    from tiny_models import tiny_cfg
+
+    from feataug.bench.pretrain_step import _Features
+    from pretrain.build import build_model
+
+    cfg = tiny_cfg("moco", enabled=True, op="hardmix", role="negative")
+    cfg.MODEL.MOCO.M = 1.0  # the key trunk keeps the weights its features were computed with
+    torch.manual_seed(0)
+    whole = build_model(cfg)
+    head = copy.deepcopy(whole)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        h1, h2 = whole.backbone(x1), whole.backbone_k(x2)
+    head.backbone, head.backbone_k = _Features(h1), _Features(h2)
+    outs = []
+    for m in (whole, head):
+        torch.manual_seed(5)  # the same mixes
+        out = m(x1, x2)
+        out["loss"].backward()
+        outs.append((out, m))
+    (a, ma), (b, mb) = outs
+    assert "loss_fa" in a
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
+    for (n, p), (_, q) in zip(ma.projector.named_parameters(), mb.projector.named_parameters(),
+                              strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=n)
+    assert torch.equal(ma.queue, mb.queue)
+
+
+def test_pretrain_section_reports_fa_overhead_from_the_head(monkeypatch):
+    import feataug.bench.pretrain_step as ps
+
+    tiny = {**ps.PRETRAIN, "image_size": 32, "batch": 4, "queue": 64, "hidden": 32, "dim": 16}
+    monkeypatch.setattr(ps, "PRETRAIN", tiny)
+    monkeypatch.setattr(ps, "FA_CONTENDERS", {k: ps.FA_CONTENDERS[k] for k in ("noise", "hardmix")})
+    monkeypatch.setattr(ps, "_module_version", lambda name: None)  # no lightly: skipped
+    result = bench.empty_result("quick")
+    profile = bench.Profile("t", repeats=2, warmup=0, pretrain_steps=1, aug_images=1,
+                            coco_images=1, coco_repeats=1, detect_iters=1)
+    ps.bench_pretrain(profile, result, lambda _: None)
+    fa = result["details"]["fa"]
+    assert set(fa["ratios"]) == set(fa["end_to_end_ratios"]) == {"noise", "hardmix"}
+    assert fa["head_steps_per_repeat"] == 10
+    for name, r in fa["ratios"].items():  # 1 + (head on - head off) / whole FA-off step
+        h = fa["head_ms"][name]
+        assert h["on"] > 0 and h["off"] > 0 and fa["step_s"][name] > 0
+        assert r > 0.5
+    assert result["fa_overhead"] == max(fa["ratios"].values())
+    assert "skipped" in result["details"]["pretrain"]
+    row = next(r for r in bench.format_markdown(result).splitlines() if r.startswith("| fa_overhead"))
+    assert "whole-step ratios" in row and "worst" in row

@@ -542,3 +542,65 @@ def test_sgd_steps_with_fused_kernels_and_keeps_them_after_a_resume():
     assert opt.param_groups[0]["fused"] is None
     use_step_kernels(opt)
     assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is False
+
+
+def test_sgd_takes_parameters_whose_first_gradient_comes_late():
+    """torch's fused SGD wants momentum buffers for all parameters or none; an FA generator held
+    back by FA.START gets its first gradient after the trunk's. Our optimizer steps through that
+    with the per-tensor loop's numbers, also after resuming from a checkpoint written before it."""
+    from pretrain.build import build_model
+    from pretrain.config import get_cfg
+    from pretrain.solver import build_optimizer, use_step_kernels
+
+    class TwoPart(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.early, self.late = torch.nn.Linear(6, 4), torch.nn.Linear(4, 4)
+
+        def param_groups(self):
+            return [{"params": list(self.parameters())}]
+
+    cfg = get_cfg()
+    torch.manual_seed(0)
+    model, ref = TwoPart(), TwoPart()
+    ref.load_state_dict(model.state_dict())
+    opt = build_optimizer(cfg, model)
+    plain = torch.optim.SGD(ref.parameters(), lr=opt.param_groups[0]["lr"],
+                            momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                            foreach=False)
+    for step in range(6):
+        if step == 2:  # a checkpoint written before the late part had a gradient, resumed
+            saved = opt.state_dict()
+            assert len(saved["state"]) == 4
+            for i in (2, 3):  # what torch itself stores for a parameter without a gradient yet
+                del saved["state"][i]
+            opt.load_state_dict(saved)
+            use_step_kernels(opt)
+        x = torch.randn(3, 6)
+        for m, o in ((model, opt), (ref, plain)):
+            o.zero_grad()
+            y = m.early(x)
+            (m.late(y) if step >= 3 else y).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-7)
+    assert not torch.equal(model.late.weight, TwoPart().late.weight)
+
+    # the case as a user meets it: MoCo with the FA generator from FA.START on
+    cfg.merge_from_list(["MODEL.METHOD", "moco", "MODEL.BACKBONE", "resnet18", "MODEL.MOCO.K", 16,
+                         "MODEL.PROJ_HIDDEN_DIM", 32, "MODEL.PROJ_DIM", 16, "SOLVER.BATCH_SIZE", 4,
+                         "FA.ENABLED", True, "FA.OP", "generator", "FA.START", 0.5])
+    moco = build_model(cfg)
+    opt = build_optimizer(cfg, moco)
+    gen = [p for p in moco.fa.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in gen]
+    x = torch.randn(4, 3, 32, 32)
+    for progress in (0.0, 0.25, 0.5, 0.75):
+        moco.before_step(progress)
+        loss = moco(x, x.flip(3))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        moco.after_step(progress)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(gen, before, strict=True))  # it trained

@@ -453,3 +453,29 @@ def test_fa_config_refusals_name_the_key():
             check_cfg(fa_cfg("moco", **fa))
     with pytest.raises(ConfigError, match="FA.QUEUE_MIX"):
         check_cfg(fa_cfg("simsiam", arch="pre_predictor", queue_mix=True))
+
+
+def test_hardmix_reusing_the_plain_logits_is_the_same_infonce():
+    """MoCo hands hardmix the plain logits; the FA term equals InfoNCE(q, k⁺, queue ∪ {h})
+    computed from scratch with the same mixes, in value and in gradient."""
+    from pretrain.fa import ContrastiveFA
+    from pretrain.losses import info_nce
+
+    fa = ContrastiveFA(fa_cfg("moco", op="hardmix", role="negative", hardmix_topn=6,
+                              hardmix_num=5, hardmix_query_num=3), 16)
+    g = torch.Generator().manual_seed(3)
+    queue = F.normalize(torch.randn(30, 16, generator=g), dim=1)
+    q0 = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    k = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    q_ref, q_new = q0.clone().requires_grad_(), q0.clone().requires_grad_()
+    torch.manual_seed(11)
+    extra = fa.augment.op.similarities(q_ref, queue)
+    ref = info_nce(q_ref, k, queue, 0.2, extra)[0]
+    torch.manual_seed(11)
+    _, logits = info_nce(q_new, k, queue, 0.2)
+    new = fa(q_new, k, queue, 0.2, None, None, None, logits)
+    torch.testing.assert_close(new, ref, atol=1e-6, rtol=0)
+    ref.backward()
+    new.backward()
+    torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-6, rtol=0)
+    assert ref > info_nce(q0, k, queue, 0.2)[0]  # the mixes are real extra negatives

@@ -191,7 +191,11 @@ def _note(key: str, details: dict) -> str:
         return f"{d['ours_s']:.3g} s vs {d['peer_s']:.3g} s per step; {d['setting']}; {spread}"
     if key == "fa_overhead":
         ops = ", ".join(f"{op} {_fmt(r)}" for op, r in d["ratios"].items())
-        return f"worst {d['worst']}; {ops}; median of {d['repeats']}"
+        e2e = d.get("end_to_end_ratios")
+        check = (f"; whole-step ratios {_fmt(min(e2e.values()))}–{_fmt(max(e2e.values()))}"
+                 if e2e else "")
+        return (f"worst {d['worst']}; {ops}; FA's head seconds / the FA-off step, median of "
+                f"{d['repeats']}{check}")
     if key == "aug_pipeline_ratio_vs_torchvision":
         return (f"{d['ours_images_per_s']:.0f} vs {d['peer_images_per_s']:.0f} img/s (two views, "
                 f"{d['size']} px, decode included, 1 thread); {d['distinct_images']} distinct "

@@ -17,6 +17,7 @@ from .harness import (
     _bar,
     _module_version,
     bracketed,
+    median,
     paired_ratio,
     seconds_per_unit,
     set_value,
@@ -40,6 +41,48 @@ def _pretrain_cfg(fa: tuple | None = None):
     if fa is not None:
         cfg.merge_from_list(["FA.ENABLED", True, "FA.POSITION", "projector", *fa])
     return cfg
+
+
+def _fa_switched(fa: tuple, x1, x2) -> dict[str, Callable[[], None]]:
+    """Steps with FA on and off by its schedule (FA.START 0.5; progress 1 vs 0: at factor 0 FA
+    computes nothing, the plain MoCo v2 step), so both sides share weights, optimizer and buffers:
+    ``off``/``on`` of the whole model, and ``head_off``/``head_on`` of a second copy whose two
+    trunks are replaced by the features they gave for x1 and x2. The head is everything FA can
+    change (projectors, loss, FA, their backward, the SGD step): the trunks' forward and backward
+    are the same with FA on or off, and they are where the whole step's timing noise lives."""
+    import torch
+
+    from pretrain.utils.amp import amp_dtype
+
+    cfg = _pretrain_cfg(fa)
+    cfg.merge_from_list(["FA.START", 0.5])
+    whole, head = _our_step(cfg), _our_step(cfg)
+    m = head.model
+    dtype = amp_dtype(cfg.SOLVER.AMP, "cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
+        h1, h2 = (b(x.contiguous(memory_format=torch.channels_last)) for b, x in
+                  ((m.backbone, x1), (m.backbone_k, x2)))
+    m.backbone, m.backbone_k = _Features(h1), _Features(h2)
+
+    def at(step, progress: float) -> Callable[[], None]:
+        def run():
+            step.model.before_step(progress)
+            step(x1, x2)
+        return run
+
+    return {"off": at(whole, 0.0), "on": at(whole, 1.0),
+            "head_off": at(head, 0.0), "head_on": at(head, 1.0)}
+
+
+def _Features(h):
+    """A trunk stand-in without parameters that returns the features ``h`` it was given."""
+    import torch
+
+    class Features(torch.nn.Module):
+        def forward(self, x):
+            return h
+
+    return Features()
 
 
 def _our_step(cfg, device: str = "cpu") -> Callable:
@@ -74,6 +117,7 @@ def _our_step(cfg, device: str = "cpu") -> Callable:
         optimizer.step()
         model.after_step(0.5)
 
+    step.model = model
     return step
 
 
@@ -118,9 +162,11 @@ def _lightly_step(cfg) -> Callable:
 
 
 def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -> None:
-    """Our MoCo v2 step vs lightly's (``pretrain``) and with each FA contender vs without
-    (``fa``: every operator and the Feature Transformation recipe; ``fa_overhead`` is the worst
-    of them), every other contender measured between two measurements of ours (``bracketed``)."""
+    """Our MoCo v2 step vs lightly's (``pretrain``: lightly measured between two measurements of
+    ours, ``bracketed``) and the cost of each FA contender (``fa``: every operator and the Feature
+    Transformation recipe, each as the same model's step with FA on / off by its schedule,
+    ``_fa_switched``, its head's "on" steps bracketed by two "off" ones; ``fa_overhead`` is the
+    worst, 1 + FA's seconds / the whole FA-off step)."""
     import torch
 
     p = PRETRAIN
@@ -128,44 +174,60 @@ def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -
     g = torch.Generator().manual_seed(0)
     shape = (p["batch"], 3, p["image_size"], p["image_size"])
     x1, x2 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    steps = {"ours": _our_step(cfg)}
-    lightly_missing = _module_version("lightly") is None
-    if not lightly_missing:
-        steps["lightly"] = _lightly_step(cfg)
-    for name, fa in FA_CONTENDERS.items():
-        steps[f"fa:{name}"] = _our_step(_pretrain_cfg(fa))
+    n = profile.pretrain_steps
+    rounds = profile.warmup + profile.repeats
+
+    def timed(s):
+        return lambda: seconds_per_unit(lambda: s(x1, x2), n)
+
     speed = [k for k, on in (("compile", cfg.SOLVER.COMPILE),
                              ("channels-last", cfg.SOLVER.CHANNELS_LAST)) if on]
     setting = (f"MoCo v2 {p['backbone']}, {p['image_size']} px, batch {p['batch']}, queue "
                f"{p['queue']}, CPU {'bf16' if cfg.SOLVER.AMP == 'bfloat16' else 'fp32'}, "
                f"ours with {' + '.join(speed) or 'eager, NCHW'}, {torch.get_num_threads()} threads")
-    say(f"pretrain: {setting}; ours between every two of: {', '.join(list(steps)[1:])}")
-    n = profile.pretrain_steps
-    measure = {name: (lambda s=s: seconds_per_unit(lambda: s(x1, x2), n)) for name, s in steps.items()}
-    others = {k: v for k, v in measure.items() if k != "ours"}
-    rounds = profile.warmup + profile.repeats
-    with _bar((2 * len(others) + 1) * rounds, "pretrain steps") as bar:
-        times = bracketed(measure["ours"], others, profile.repeats, profile.warmup,
-                          lambda _: bar.update())
-    common = {"repeats": profile.repeats, "steps_per_repeat": n, "setting": setting,
-              "pairing": "each contender's time / mean of the two 'ours' times around it"}
-    if lightly_missing:
+    common = {"repeats": profile.repeats, "steps_per_repeat": n, "setting": setting}
+    if _module_version("lightly") is None:
         result["details"]["pretrain"] = {"skipped": "lightly is not installed (make bench installs it)"}
     else:
+        say(f"pretrain: {setting}; lightly's step between two of ours")
+        with _bar(3 * rounds, "pretrain steps vs lightly") as bar:
+            times = bracketed(timed(_our_step(cfg)), {"lightly": timed(_lightly_step(cfg))},
+                              profile.repeats, profile.warmup, lambda _: bar.update())
         peer, ours = times["lightly"]
         r = paired_ratio(ours, peer)
-        result["details"]["pretrain"] = {**common, "ours_s": r["numerator_median"],
-                                         "peer_s": r["denominator_median"], "ratios": r["ratios"],
-                                         "ours_times_s": ours, "peer_times_s": peer,
-                                         "lightly": _module_version("lightly")}
+        result["details"]["pretrain"] = {
+            **common, "pairing": "lightly's time / mean of the two 'ours' times around it",
+            "ours_s": r["numerator_median"], "peer_s": r["denominator_median"],
+            "ratios": r["ratios"], "ours_times_s": ours, "peer_times_s": peer,
+            "lightly": _module_version("lightly")}
         set_value(result, "pretrain_step_ratio_vs_lightly", r["ratio"])
-    ratios = {op: paired_ratio(*times[f"fa:{op}"])["ratio"] for op in FA_CONTENDERS}
+
+    say(f"fa: {', '.join(FA_CONTENDERS)}; each the same model's step with FA on between two "
+        "with FA off (FA.START 0.5, progress 1 vs 0), whole and head only")
+    head_n = 10 * n
+    ratios, e2e, head_ms, step_s = {}, {}, {}, {}
+    with _bar(6 * rounds * len(FA_CONTENDERS), "pretrain steps, FA on/off") as bar:
+        for name, fa in FA_CONTENDERS.items():
+            s = _fa_switched(fa, x1, x2)
+            on, off = bracketed(lambda f=s["off"]: seconds_per_unit(f, n),
+                                {"on": lambda f=s["on"]: seconds_per_unit(f, n)},
+                                profile.repeats, profile.warmup, lambda _: bar.update())["on"]
+            h_on, h_off = bracketed(lambda f=s["head_off"]: seconds_per_unit(f, head_n),
+                                    {"on": lambda f=s["head_on"]: seconds_per_unit(f, head_n)},
+                                    profile.repeats, profile.warmup, lambda _: bar.update())["on"]
+            extra = median([a - b for a, b in zip(h_on, h_off, strict=True)])  # FA's seconds
+            step_s[name] = median(off)
+            ratios[name] = 1 + extra / step_s[name]
+            e2e[name] = paired_ratio(on, off)["ratio"]
+            head_ms[name] = {"on": 1e3 * median(h_on), "off": 1e3 * median(h_off)}
     worst = max(ratios, key=ratios.get)
     result["details"]["fa"] = {
-        **common, "ratios": ratios, "worst": worst,
-        "op_times_s": {op: times[f"fa:{op}"][0] for op in FA_CONTENDERS},
-        "baseline_times_s": {op: times[f"fa:{op}"][1] for op in FA_CONTENDERS},
-        "fa_setting": "FA.POSITION projector, FA.NUM 1, defaults otherwise; "
+        **common, "ratios": ratios, "worst": worst, "end_to_end_ratios": e2e,
+        "head_ms": head_ms, "step_s": step_s, "head_steps_per_repeat": head_n,
+        "pairing": "1 + (median over rounds of head-on time - mean of the two head-off times "
+                   "around it) / median whole FA-off step; end_to_end_ratios: the whole FA-on "
+                   "step / the two whole FA-off steps around it (same model), for comparison",
+        "fa_setting": "FA.POSITION projector, FA.NUM 1, FA.START 0.5, defaults otherwise; "
                       + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in FA_CONTENDERS.items()),
     }
     set_value(result, "fa_overhead", ratios[worst])
