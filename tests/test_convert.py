@@ -49,16 +49,7 @@ SIZE = 64  # input side: enough for res5 (stride 32) to be 2x2
 def _random_resnet(depth: int) -> nn.Module:
     """torchvision ResNet with random weights and random BN affine parameters and statistics."""
     torch.manual_seed(depth)
-    model = getattr(torchvision.models, f"resnet{depth}")()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.25, 0.75)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(123)
-    return model.eval()
+    return _randomize_bn(getattr(torchvision.models, f"resnet{depth}")())
 
 
 def _junk(*shape: int) -> torch.Tensor:
@@ -631,8 +622,10 @@ def test_reference_shapes_equal_vissl_wide_trunks(multiplier):
     assert list(C.reference_shapes(arch).items()) == _shapes(model)
 
 
-def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
+def _randomize_bn(model: nn.Module, seed: int | None = None) -> nn.Module:
+    """Random BN affine parameters and statistics (from ``seed``, else the current RNG), eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -640,6 +633,7 @@ def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
                 m.bias.normal_(0.0, 0.2)
                 m.running_mean.normal_(0.0, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(123)
     return model.eval()
 
 

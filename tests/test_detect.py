@@ -51,18 +51,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def catalog():
-    """Restore Detectron2's dataset and metadata catalogs after the test."""
-    saved_d = dict(DatasetCatalog)
-    saved_m = {name: MetadataCatalog.get(name) for name in MetadataCatalog.list()}
-    yield
-    DatasetCatalog.clear()
-    DatasetCatalog.update(saved_d)
-    MetadataCatalog.clear()
-    MetadataCatalog.update(saved_m)
-
-
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="feataug detect")
     detect.add_arguments(parser)

@@ -117,19 +117,6 @@ def test_schedules_that_cannot_run_are_refused(tmp_path, capsys):
                    "(80 once rescaled for 1 process(es)); every step must be below it")  # fmt: skip
 
 
-@pytest.fixture
-def catalog():
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    saved_d = dict(DatasetCatalog)
-    saved_m = {name: MetadataCatalog.get(name) for name in MetadataCatalog.list()}
-    yield
-    DatasetCatalog.clear()
-    DatasetCatalog.update(saved_d)
-    MetadataCatalog.clear()
-    MetadataCatalog.update(saved_m)
-
-
 def test_trainer_applies_the_rescaling(tmp_path, catalog):
     """Our Trainer (Detectron2's DefaultTrainer underneath) trains the rescaled schedule: a
     config for 2 processes x 2 images runs on this one process with batches of 2, twice the

@@ -20,7 +20,6 @@ import torchvision
 pytest.importorskip("detectron2")
 pytestmark = [pytest.mark.detectron2, pytest.mark.usefixtures("one_thread")]
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from detect_data import make_voc  # noqa: E402
@@ -32,17 +31,6 @@ from transfer.weights import checkpointer_class  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 TINY = CONFIGS / "tiny_faster_R18_FPN.yaml"
 C4 = CONFIGS / "pascal_voc_R_50_C4_24k.yaml"
-
-
-@pytest.fixture
-def catalog():
-    saved_d = dict(DatasetCatalog)
-    saved_m = {name: MetadataCatalog.get(name) for name in MetadataCatalog.list()}
-    yield
-    DatasetCatalog.clear()
-    DatasetCatalog.update(saved_d)
-    MetadataCatalog.clear()
-    MetadataCatalog.update(saved_m)
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from feataug import CONFIGS
-from pretrain.utils.io import atomic_write_text
 
-from .harness import BenchError, machine_info, median
+from .harness import BenchError, machine_info, median, write_outputs
 
 SCHEMA_VERSION = 1
 # Dense bf16 tensor-core peak in FLOP/s (no sparsity), NVIDIA data sheets; matched against
@@ -422,7 +421,7 @@ def run_gpu(profile: GpuProfile, out: str | os.PathLike, images: str | None = No
             t = time.perf_counter()
             say(f"{key} ...")
             result["phases"][key] = {**fn(), "phase_s": round(time.perf_counter() - t, 1)}
-        write_gpu_outputs(result, out)
+        write_outputs(result, out, format_gpu_markdown)
 
     photos, source = load_photos(images)
     work = Path(tempfile.mkdtemp(prefix="feataug-bench-gpu-", dir=memory_tmpdir()))
@@ -442,7 +441,7 @@ def run_gpu(profile: GpuProfile, out: str | os.PathLike, images: str | None = No
         shutil.rmtree(work, ignore_errors=True)
     result["complete"] = all("skipped" not in v for v in result["phases"].values())
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    write_gpu_outputs(result, out)
+    write_outputs(result, out, format_gpu_markdown)
     return result
 
 
@@ -482,10 +481,3 @@ def format_gpu_markdown(result: dict) -> str:
                       f"{det['trainer']}): {det['iter_per_s']:.2f} it/s."]
     return "\n".join(lines) + "\n"
 
-
-def write_gpu_outputs(result: dict, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    md = out.with_suffix(".md")
-    atomic_write_text(md, format_gpu_markdown(result))
-    return md

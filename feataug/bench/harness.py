@@ -257,12 +257,14 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict, out: str | os.PathLike) -> Path:
-    """``out`` (JSON) and the markdown table beside it (same name, ``.md``), both atomically."""
+def write_outputs(result: dict, out: str | os.PathLike,
+                  markdown: Callable[[dict], str] | None = None) -> Path:
+    """``out`` (JSON) and the markdown table beside it (same name, ``.md``; ``markdown`` formats
+    it, :func:`format_markdown` by default), both atomically."""
     out = Path(out)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     md = out.with_suffix(".md")
-    atomic_write_text(md, format_markdown(result))
+    atomic_write_text(md, (markdown or format_markdown)(result))
     return md
 
 
