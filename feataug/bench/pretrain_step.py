@@ -8,7 +8,9 @@ import copy
 from collections.abc import Callable
 from contextlib import nullcontext
 
-from pretrain.utils.amp import cpu_has_native_bf16
+import torch
+
+from pretrain.utils.amp import amp_dtype, cpu_has_native_bf16
 
 from .harness import (
     FA_CONTENDERS,
@@ -50,9 +52,6 @@ def _fa_switched(fa: tuple, x1, x2) -> dict[str, Callable[[], None]]:
     trunks are replaced by the features they gave for x1 and x2. The head is everything FA can
     change (projectors, loss, FA, their backward, the SGD step): the trunks' forward and backward
     are the same with FA on or off, and they are where the whole step's timing noise lives."""
-    import torch
-
-    from pretrain.utils.amp import amp_dtype
 
     cfg = _pretrain_cfg(fa)
     cfg.merge_from_list(["FA.START", 0.5])
@@ -74,27 +73,25 @@ def _fa_switched(fa: tuple, x1, x2) -> dict[str, Callable[[], None]]:
             "head_off": at(head, 0.0), "head_on": at(head, 1.0)}
 
 
-def _Features(h):
+class _Features(torch.nn.Module):
     """A trunk stand-in without parameters that returns the features ``h`` it was given."""
-    import torch
 
-    class Features(torch.nn.Module):
-        def forward(self, x):
-            return h
+    def __init__(self, h: torch.Tensor):
+        super().__init__()
+        self.h = h
 
-    return Features()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h
 
 
 def _our_step(cfg, device: str = "cpu") -> Callable:
     """One iteration of ``pretrain.engine.train`` on given (normalised) views: channels-last
     and ``torch.compile`` as configured, forward under the configured autocast, the loss kept on
     the device, zero_grad, backward, the SGD step (foreach / fused), ``after_step``."""
-    import torch
 
     from pretrain.build import build_model
     from pretrain.engine.launch import compile_encoders
     from pretrain.solver import build_optimizer
-    from pretrain.utils.amp import amp_dtype
 
     model = build_model(cfg).to(device)
     channels_last = cfg.SOLVER.CHANNELS_LAST
@@ -125,7 +122,6 @@ def _lightly_step(cfg) -> Callable:
     """The same MoCo v2 step assembled from lightly's parts, as lightly's MoCo example does:
     the same torchvision trunk, ``MoCoProjectionHead``, ``NTXentLoss`` with a memory bank,
     ``update_momentum`` on ``deactivate_requires_grad`` copies, the same SGD."""
-    import torch
     from lightly.loss import NTXentLoss
     from lightly.models.modules import MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -167,7 +163,6 @@ def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -
     Transformation recipe, each as the same model's step with FA on / off by its schedule,
     ``_fa_switched``, its head's "on" steps bracketed by two "off" ones; ``fa_overhead`` is the
     worst, 1 + FA's seconds / the whole FA-off step)."""
-    import torch
 
     p = PRETRAIN
     cfg = _pretrain_cfg()
