@@ -433,12 +433,12 @@ class ContrastiveFA(FeatureAugmentation):
         self.queue_mix = QueueMix(cfg) if fa.QUEUE_MIX else None
 
     def forward(self, q, k, queue, T: float, h, h_k, projector: nn.Module,
-                logits: torch.Tensor | None = None) -> torch.Tensor:
+                logits: torch.Tensor) -> torch.Tensor:
         """q, k [N, C] unit queries and keys; queue [K, C]; h, h_k [N, F] pooled trunk features;
         ``logits`` [N, 1+K]: the plain InfoNCE's [q·k⁺, q·queue]/T, which hardmix extends."""
         negatives = self.queue_mix(queue) if self.queue_mix is not None else queue
         if self.augment.op_name == "hardmix":
-            if logits is None or self.queue_mix is not None:
+            if self.queue_mix is not None:  # the FA term's negatives are not the plain ones
                 extra = self.augment.op.similarities(q, queue)  # [N, s+s′] q·h, h never built
                 return info_nce(q, k, negatives, T, extra)[0]
             # the same InfoNCE with the plain problem's products reused: [q·k⁺, q·n, q·h]/T
