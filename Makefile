@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.feataug-setup
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo demo-full test test-slow bench bench-gpu lint clean
+.PHONY: setup demo demo-full demo-trees test test-slow bench bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 demo-full: setup
 	$(VENV)/bin/feataug env
 	$(VENV)/bin/feataug demo --profile full
+
+demo-trees: setup
+	$(VENV)/bin/feataug env
+	$(VENV)/bin/feataug demo --profile trees
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

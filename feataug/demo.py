@@ -7,14 +7,16 @@
 3. convert both trunks to Detectron2 weights;
 4. fine-tune Faster R-CNN R18-FPN on the training scenes from {random init, MoCo v2, MoCo v2 +
    FA}, several seeds each, and evaluate COCO AP / AP50 on the test scenes;
-5. (``full``) the real-photo case: DeepForest aerial tiles, random init vs MoCo v2 pretrained on
-   the unlabeled crops of the training image, evaluated on two sites never seen in training;
+5. (``full``, ``trees``) the real-photo case: DeepForest aerial tiles, random init vs MoCo v2
+   pretrained on unlabeled crops of the training photo, evaluated on its held-out tiles
+   (``trees``: this case alone, with a schedule long enough for random init to learn it);
 6. print the table (mean ± sd over seeds) and write plots: the table as bars with error bars,
    and test images with ground truth and predictions.
 
 The console shows a header, one line and a progress bar per stage, and the table; the
 pretraining and Detectron2 logs go to files under the output folder (``-v`` prints them too).
-Budgets on an idle 2-core machine: ``quick`` ≤ 5 min, ``full`` ≤ 20 min (measured: README).
+Budgets on an idle 2-core machine: ``quick`` ≤ 5 min, ``full`` and ``trees`` ≤ 20 min each
+(measured: README).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feataug import REPO_ROOT
+from feataug.plots import plot_bars, plot_predictions
 from pretrain.errors import FeatAugError
 from pretrain.utils.stats import claim, mean_std
 
@@ -52,6 +55,7 @@ class Profile:
     detect_batch: int
     seeds: int  # fine-tuning seeds per start point
     trees: bool  # the DeepForest case
+    scenes: bool = True  # the Fashion-MNIST scenes (stages 2-4)
     trees_pretrain_iters: int = 0
     trees_detect_iters: int = 0
 
@@ -60,6 +64,9 @@ PROFILES = {
     "quick": Profile(pretrain_iters=120, detect_iters=40, detect_batch=4, seeds=2, trees=False),
     "full": Profile(pretrain_iters=300, detect_iters=70, detect_batch=8, seeds=3, trees=True,
                     trees_pretrain_iters=150, trees_detect_iters=120),
+    # DeepForest alone, with a schedule long enough for random init to learn it (≤ 20 min).
+    "trees": Profile(pretrain_iters=0, detect_iters=0, detect_batch=0, seeds=1, trees=True,
+                     scenes=False, trees_pretrain_iters=300, trees_detect_iters=1000),
 }
 
 
@@ -176,75 +183,6 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------- plots
-def plot_bars(rows: dict[str, dict], out_png: Path, title: str) -> Path:
-    """AP and AP50 per start point, mean ± sd over seeds, the seeds as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pretrain.utils.io import atomic_open
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric in zip(axes, ("AP", "AP50"), strict=True):
-        names = list(rows)
-        means = [rows[n][metric]["mean"] for n in names]
-        sds = [0 if math.isnan(rows[n][metric]["sd"]) else rows[n][metric]["sd"] for n in names]
-        ax.bar(range(len(names)), means, yerr=sds, capsize=4, color=["0.6", "C0", "C1"][:len(names)])
-        for i, n in enumerate(names):
-            vals = rows[n][metric]["values"]
-            ax.plot([i] * len(vals), vals, "k.", ms=5)
-        ax.set_xticks(range(len(names)), names)
-        ax.set(ylabel=f"{metric} (%)", title=f"{metric}, mean ± sd over seeds")
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_open(out_png, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return out_png
-
-
-def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[dict],
-                     config: str, opts: list[str]) -> Path | None:
-    """The busiest test image once per start point (shown at twice its size): ground truth
-    green, the as many highest-scoring predictions red, from each start point's first trial."""
-    import cv2
-    import numpy as np
-    import torch
-    from detectron2.engine import DefaultPredictor
-    from detectron2.structures import BoxMode
-
-    from pretrain.utils.io import atomic_write
-    from transfer.config import get_detection_cfg
-
-    record = max(records, key=lambda r: len(r["annotations"]))
-    image = cv2.imread(record["file_name"])  # BGR
-    panels = []
-    for name, d in detect_dirs.items():
-        weights = d / "trial0" / "model_final.pth"
-        if not weights.is_file():
-            return None
-        cfg = get_detection_cfg(str(_config_path(config)), [
-            *opts, "MODEL.WEIGHTS", str(weights), "DATASETS.AUTO_NUM_CLASSES", "False",
-            "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"])
-        instances = DefaultPredictor(cfg)(image[:, :, ::-1].copy())["instances"].to("cpu")
-        canvas = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
-        for a in record["annotations"]:
-            box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
-            x0, y0, x1, y1 = (int(round(2 * v)) for v in box)
-            cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 200, 0), 1)
-        keep = instances.scores.argsort(descending=True)[:len(record["annotations"])]
-        for x0, y0, x1, y1 in (2 * instances.pred_boxes.tensor[keep]).round().int().tolist():
-            cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 0, 255), 2)
-        cv2.putText(canvas, name, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
-        panels.append(canvas)
-    ok, png = cv2.imencode(".png", np.concatenate(panels, axis=1))
-    atomic_write(out_png, lambda f: f.write(png.tobytes()))
-    return out_png
-
-
 # --------------------------------------------------------------------------------------- run
 def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str | None = None,
         verbose: bool = False) -> dict:
@@ -258,16 +196,62 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root or default_root())
     t_start = time.perf_counter()
-    total = 6 if prof.trees else 5
+    total = 2 + 3 * prof.scenes + prof.trees
     print(f"FeatAug demo, profile '{profile}': does pretraining show in detection AP? "
-          f"{prof.seeds} fine-tuning seeds per start point; logs and plots in {out}/", flush=True)
+          f"{prof.seeds} fine-tuning seed{'s' * (prof.seeds > 1)} per start point; logs and plots "
+          f"in {out}/", flush=True)
 
-    with Stage(1, total, "prepare Fashion-MNIST and its detection scenes"
-               + (" and DeepForest" if prof.trees else "")):
-        for name in ("fashion-mnist", "fmnist-scenes", *(["deepforest"] if prof.trees else [])):
+    names = [*(["fashion-mnist", "fmnist-scenes"] if prof.scenes else []),
+             *(["deepforest"] if prof.trees else [])]
+    with Stage(1, total, "prepare " + " and ".join(_DATA_TITLES[n] for n in names)):
+        for name in names:
             PREPARERS[name](root)
-    scenes = root / "fmnist-scenes"
 
+    rows, plots = (_scenes(out, root, prof, total, verbose) if prof.scenes else (None, []))
+    trees_rows = _trees(out, root, prof, total, verbose) if prof.trees else None
+
+    with Stage(total, total, "table and plots"):
+        if rows:
+            plots = [plot_bars(rows, out / "scenes_ap.png",
+                               "Fashion-MNIST scenes: Faster R-CNN R18-FPN fine-tuned from each "
+                               "start point"), *plots]
+        if trees_rows:
+            plots.append(plot_bars(trees_rows, out / "trees_ap.png",
+                                   "DeepForest held-out tiles: fine-tuned from each start point"))
+            trees = plot_predictions(out / "trees_predictions.png", _trees_dirs(out),
+                                     _test_records("demo_trees_test"), _config_path(TREES_CONFIG),
+                                     _trees_opts(prof))
+            plots += [trees] if trees else []
+        report = {"profile": profile, "scenes": rows, "trees": trees_rows,
+                  "seconds": round(time.perf_counter() - t_start, 1),
+                  "plots": [str(p) for p in plots]}
+        from pretrain.utils.io import atomic_write_text
+
+        atomic_write_text(out / "results.json", json.dumps(report, indent=2, default=str) + "\n")
+        text = "\n\n".join(format_table(r) for r in (rows, trees_rows) if r)
+        atomic_write_text(out / "results.md", text + "\n")
+
+    if rows:
+        print(f"\nFashion-MNIST test scenes, COCO AP (%), mean ± sd over {prof.seeds} seeds "
+              f"(Δ: paired by seed):")
+        print(format_table(rows))
+    if trees_rows:
+        print("\nDeepForest held-out tiles, VOC AP (%), one seed:")
+        print(format_table(trees_rows))
+    print(f"\n{report['seconds']:.0f} s; plots {', '.join(Path(p).name for p in plots)} and logs "
+          f"in {out}/")
+    return report
+
+
+_DATA_TITLES = {"fashion-mnist": "Fashion-MNIST", "fmnist-scenes": "its detection scenes",
+                "deepforest": "DeepForest"}
+
+
+def _scenes(out: Path, root: Path, prof: Profile, total: int, verbose: bool
+            ) -> tuple[dict, list[Path]]:
+    """Stages 2-4: pretrain MoCo v2 without / with FA on Fashion-MNIST, convert, fine-tune on
+    the scenes from each start point; the summary rows and the predictions picture."""
+    scenes = root / "fmnist-scenes"
     data = ["DATA.ROOT", str(root / "fashion-mnist"), "DATA.FORMAT", "idx", "KNN.PERIOD", "0",
             "SOLVER.MAX_ITER", str(prof.pretrain_iters), "MODEL.MOCO.SPLIT_BN", "4",
             "DATALOADER.NUM_WORKERS", "1", "SEED", "0"]
@@ -299,43 +283,10 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
         for name in tqdm(STARTS, desc="fine-tune", unit="start point", leave=False):
             per_start[name] = fine_tune(SCENES_CONFIG, det_dirs[name], weights[name], det_opts,
                                         prof.seeds, register, verbose)
-    rows = summarize(per_start)
-
-    trees_rows = None
-    if prof.trees:
-        trees_rows = _trees(out, root, prof, total, verbose)
-
-    with Stage(total, total, "table and plots"):
-        plots = [plot_bars(rows, out / "scenes_ap.png",
-                           "Fashion-MNIST scenes: Faster R-CNN R18-FPN fine-tuned from each start point")]
-        records = _test_records("demo_scenes_test")
-        picture = plot_predictions(out / "scenes_predictions.png", det_dirs, records,
-                                   SCENES_CONFIG, det_opts)
-        plots += [picture] if picture else []
-        if trees_rows:
-            plots.append(plot_bars(trees_rows, out / "trees_ap.png",
-                                   "DeepForest held-out sites: fine-tuned from each start point"))
-            trees = plot_predictions(out / "trees_predictions.png", _trees_dirs(out),
-                                     _test_records("demo_trees_test"), TREES_CONFIG, _trees_opts(prof))
-            plots += [trees] if trees else []
-        report = {"profile": profile, "scenes": rows, "trees": trees_rows,
-                  "seconds": round(time.perf_counter() - t_start, 1),
-                  "plots": [str(p) for p in plots]}
-        from pretrain.utils.io import atomic_write_text
-
-        atomic_write_text(out / "results.json", json.dumps(report, indent=2, default=str) + "\n")
-        text = format_table(rows) + ("\n\n" + format_table(trees_rows) if trees_rows else "")
-        atomic_write_text(out / "results.md", text + "\n")
-
-    print(f"\nFashion-MNIST test scenes, COCO AP (%), mean ± sd over {prof.seeds} seeds "
-          f"(Δ: paired by seed):")
-    print(format_table(rows))
-    if trees_rows:
-        print("\nDeepForest held-out sites, VOC AP (%), one seed:")
-        print(format_table(trees_rows))
-    print(f"\n{report['seconds']:.0f} s; plots {', '.join(Path(p).name for p in plots)} and logs "
-          f"in {out}/")
-    return report
+    picture = plot_predictions(out / "scenes_predictions.png", det_dirs,
+                               _test_records("demo_scenes_test"), _config_path(SCENES_CONFIG),
+                               det_opts)
+    return summarize(per_start), [picture] if picture else []
 
 
 def _test_records(name: str) -> list[dict]:
@@ -345,11 +296,16 @@ def _test_records(name: str) -> list[dict]:
 
 
 def _trees_opts(prof: Profile) -> list[str]:
+    """Fine-tuning on the DeepForest tiles: 256 px crops at the photos' own scale (trees ≈ 36 px;
+    resizing whole tiles to 224 px made them ≈ 20 px and learned slower), tested on whole tiles
+    at 400 px; bfloat16 autocast where the CPU has it (float32 elsewhere)."""
     it = prof.trees_detect_iters
     return ["DATASETS.TRAIN", "('demo_trees_train',)", "DATASETS.TEST", "('demo_trees_test',)",
             "SOLVER.MAX_ITER", str(it), "SOLVER.STEPS", f"({int(it * 0.75)},)",
-            "SOLVER.WARMUP_ITERS", str(max(1, it // 5)), "SOLVER.IMS_PER_BATCH", "2",
-            "INPUT.MIN_SIZE_TRAIN", "(192, 224, 256)", "INPUT.MIN_SIZE_TEST", "224",
+            "SOLVER.WARMUP_ITERS", str(max(1, min(100, it // 5))), "SOLVER.IMS_PER_BATCH", "2",
+            "INPUT.CROP.ENABLED", "True", "INPUT.CROP.TYPE", "absolute",
+            "INPUT.CROP.SIZE", "(256, 256)", "INPUT.MIN_SIZE_TRAIN", "(224, 256, 288)",
+            "INPUT.MIN_SIZE_TEST", "400", "SOLVER.AMP.ENABLED", "True",
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
             "MODEL.RPN.POST_NMS_TOPK_TEST", "200", "TEST.PRECISE_BN.NUM_ITER", "5"]
 
@@ -359,18 +315,21 @@ def _trees_dirs(out: Path) -> dict[str, Path]:
 
 
 def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> dict:
-    """DeepForest: random init vs MoCo v2 pretrained on the unlabeled crops (one seed)."""
+    """DeepForest: random init vs MoCo v2 pretrained on the unlabeled crops (one seed), trained on
+    27 tiles of the training photo and tested on its 9 held-out tiles (the ``train_tiles`` /
+    ``test_tiles`` splits; no pretraining crop touches them)."""
     voc = root / "deepforest"
-    with Stage(5, total, f"DeepForest: pretrain MoCo v2 on the unlabeled crops "
-                         f"({prof.trees_pretrain_iters} iterations), fine-tune on the training "
-                         f"tiles from random init and from it, evaluate on two unseen sites"):
+    with Stage(total - 1, total, f"DeepForest: pretrain MoCo v2 on the unlabeled crops "
+                         f"({prof.trees_pretrain_iters} iterations), fine-tune on 27 tiles from "
+                         f"random init and from it ({prof.trees_detect_iters} iterations), "
+                         f"evaluate on 9 held-out tiles"):
         ckpt = pretrain(out / "trees_pretrain_moco", TREES_PRETRAIN_CONFIG, [
             "DATA.ROOT", str(voc / "unlabeled"), "DATA.FORMAT", "folder", "FA.ENABLED", "False",
             "SOLVER.MAX_ITER", str(prof.trees_pretrain_iters), "SOLVER.EPOCHS", "1000",
             "SOLVER.BATCH_SIZE", "32", "DATALOADER.NUM_WORKERS", "1"], verbose)
         weights = {"random init": None, "MoCo v2": convert(ckpt)}
-        register = {"register_voc": [("demo_trees_train", voc, "train"),
-                                     ("demo_trees_test", voc, "test")]}
+        register = {"register_voc": [("demo_trees_train", voc, "train_tiles"),
+                                     ("demo_trees_test", voc, "test_tiles")]}
         per_start = {name: fine_tune(TREES_CONFIG, _trees_dirs(out)[name], w, _trees_opts(prof), 1,
                                      register, verbose)
                      for name, w in weights.items()}
@@ -379,8 +338,9 @@ def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> d
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick (≤ 5 min on 2 cores) or full (≤ 20 min, adds seeds and the "
-                        "DeepForest real-photo case)")
+                        help="quick (≤ 5 min on 2 cores), full (≤ 20 min, adds seeds and the "
+                        "DeepForest real-photo case) or trees (≤ 20 min, DeepForest alone with a "
+                        "longer schedule)")
     parser.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
     parser.add_argument("--data-root", default=None,
                         help="datasets folder (default: $FEATAUG_DATA or ./datasets)")

@@ -28,9 +28,12 @@ from feataug import data as fd
 TRAIN_STEM = "2019_YELL_2_528000_4978000_image_crop2"
 TEST_STEMS = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029", "SOAP_061")
 # (tiles, boxes) per split, recomputed by `_expected_tile_boxes` below from the source XML.
-EXPECTED = {"train": (36, 571), "test": (11, 375)}
-# 128 px grid crops: YELL crop2 (2299x2472) 17*19, SOAP_031 (400x400) 3*3, AWPE (1058x997) 8*7.
-EXPECTED_UNLABELED = 17 * 19 + 3 * 3 + 8 * 7
+# train_tiles/test_tiles: the train tiles, every 4th in grid order held out.
+EXPECTED = {"train": (36, 571), "test": (11, 375), "train_tiles": (27, 440), "test_tiles": (9, 131)}
+# 128 px grid crops: YELL crop2 (2299x2472) 17*19 less the 129 that touch a held-out tile (counted
+# by `test_deepforest_pretraining_crops_never_touch_a_held_out_tile`), SOAP_031 (400x400) 3*3,
+# AWPE (1058x997) 8*7.
+EXPECTED_UNLABELED = 17 * 19 - 129 + 3 * 3 + 8 * 7
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -178,6 +181,30 @@ def test_deepforest_split_by_source_image(deepforest_root):
     assert (len(train), len(test)) == (EXPECTED["train"][0], EXPECTED["test"][0])
 
 
+def test_deepforest_held_out_tiles_are_every_fourth_training_tile(deepforest_root):
+    main = deepforest_root / "ImageSets" / "Main"
+    train, train_tiles, test_tiles = (
+        main.joinpath(f"{s}.txt").read_text().split() for s in ("train", "train_tiles", "test_tiles")
+    )
+    assert test_tiles == train[3::4] and sorted(train_tiles + test_tiles) == sorted(train)
+    assert not set(train_tiles) & set(test_tiles)
+
+
+def test_deepforest_pretraining_crops_never_touch_a_held_out_tile(deepforest_root):
+    tiles = _tiles(deepforest_root)
+    held = [tiles[t][1:] for t in
+            (deepforest_root / "ImageSets" / "Main" / "test_tiles.txt").read_text().split()]
+    grid = np.zeros((19 * 128, 17 * 128), bool)  # the training image's 128 px crop grid
+    for x0, y0, w, h in held:
+        grid[y0 : y0 + h, x0 : x0 + w] = True
+    touching = {(r, c) for r in range(19) for c in range(17)
+                if grid[r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128].any()}
+    kept = {tuple(int(v) for v in p.stem.rsplit("_", 2)[1:])
+            for p in (deepforest_root / "unlabeled").glob(f"{TRAIN_STEM}_*.jpg")}
+    assert len(touching) == 129 and not kept & touching
+    assert len(kept) == 17 * 19 - len(touching)
+
+
 def test_deepforest_boxes_match_an_independent_clip_of_the_source(
     deepforest_root, deepforest_wheel
 ):
@@ -227,7 +254,7 @@ def test_deepforest_coco_matches_voc(deepforest_root):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    for split in ("train", "test"):
+    for split in EXPECTED:
         coco = COCO(str(deepforest_root / f"instances_{split}.json"))
         assert coco.loadCats(coco.getCatIds()) == [
             {"id": 1, "name": "tree", "supercategory": "tree"}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from feataug import demo
+from feataug import demo, plots
 
 
 def test_summary_and_table_by_hand():
@@ -27,9 +27,17 @@ def test_summary_and_table_by_hand():
 
 
 def test_profiles_are_short_and_full_is_longer():
-    q, f = demo.PROFILES["quick"], demo.PROFILES["full"]
+    q, f, t = demo.PROFILES["quick"], demo.PROFILES["full"], demo.PROFILES["trees"]
     assert q.seeds >= 2 and f.seeds >= 3 and f.trees and not q.trees
     assert f.pretrain_iters > q.pretrain_iters and f.detect_iters > q.detect_iters
+    assert t.trees and not t.scenes and t.trees_detect_iters > f.trees_detect_iters
+
+
+def test_trees_schedule_follows_the_profile():
+    opts = demo._trees_opts(demo.PROFILES["trees"])
+    pairs = dict(zip(opts[::2], opts[1::2], strict=True))
+    assert (pairs["SOLVER.MAX_ITER"], pairs["SOLVER.STEPS"]) == ("1000", "(750,)")
+    assert pairs["INPUT.CROP.ENABLED"] == "True" and pairs["INPUT.MIN_SIZE_TEST"] == "400"
 
 
 @pytest.mark.slow
@@ -41,3 +49,38 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for name in ("scenes_ap.png", "scenes_predictions.png"):
         assert (tmp_path / "out" / "quick" / name).stat().st_size > 1000
     assert len(capsys.readouterr().out.splitlines()) <= 40
+
+
+@pytest.mark.detectron2
+def test_the_prediction_picture_sees_the_image_as_the_evaluator_does(tmp_path):
+    """``predict`` (the pictures) against Detectron2's test-time mapper (the evaluators' path):
+    the same detections for an image whose channels differ, and not for the channels swapped."""
+    import cv2
+    import numpy as np
+    import torch
+    from detectron2.data import DatasetMapper
+    from detectron2.modeling import build_model
+
+    from transfer.config import get_detection_cfg
+
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    bgr[..., 0] = 255 - bgr[..., 2] // 4  # blue differs from red: the channel order matters
+    path = tmp_path / "image.png"
+    cv2.imwrite(str(path), bgr)
+    cfg = get_detection_cfg(demo._config_path(demo.TREES_CONFIG), [
+        "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        "INPUT.MIN_SIZE_TEST", "96"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "model.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model.pth")
+    record = {"file_name": str(path), "height": 96, "width": 128, "image_id": 0}
+    with torch.no_grad():
+        want = model([DatasetMapper(cfg, is_train=False)(record)])[0]["instances"]
+    got = plots.predict(cfg, cv2.imread(str(path)))
+    assert len(want) > 0
+    torch.testing.assert_close(got.scores, want.scores)
+    torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor)
+    swapped = plots.predict(cfg, cv2.imread(str(path))[:, :, ::-1].copy())
+    assert len(swapped) != len(want) or not torch.allclose(swapped.scores, want.scores)

@@ -10,10 +10,13 @@ and Debian's archive are reachable, and nowhere else is needed:
     and kept only in the tiles that hold at least half of its area (``MIN_VISIBLE``); it is marked
     ``truncated`` there. The split is by source image, never by tile (``DEEPFOREST_SPLITS``): the
     large Yellowstone crop trains; the other Yellowstone crop and the OSBS (Florida) and SOAP
-    (California) plots are held out, so the test set has two sites never seen in training. All
-    boxes are one class, ``tree`` (SOAP_061's ``Alive``/``Dead`` become ``tree``). ``unlabeled/``
-    holds ``crop_size`` crops of the training image and of the wheel's unannotated photos for
-    self-supervised pretraining (``extra_photos`` adds natural photos from scikit-image's wheel).
+    (California) plots are held out, so the test set has two sites never seen in training. A
+    second pair of splits holds out tiles instead of sites: ``train_tiles`` / ``test_tiles`` are
+    the training image's tiles with every 4th one (grid order) held out
+    (``DEEPFOREST_HOLDOUT_EVERY``). All boxes are one class, ``tree`` (SOAP_061's ``Alive``/
+    ``Dead`` become ``tree``). ``unlabeled/`` holds ``crop_size`` crops of the training image
+    (none that touches a held-out tile) and of the wheel's unannotated photos for self-supervised
+    pretraining (``extra_photos`` adds natural photos from scikit-image's wheel).
 
 ``labelme``
     The three VOC-2011 photos of the ``labelme==6.3.1`` sdist's ``examples/``: its VOC XML boxes

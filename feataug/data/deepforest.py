@@ -60,6 +60,10 @@ DEEPFOREST_SPLITS = {
     "train": ("2019_YELL_2_528000_4978000_image_crop2",),
     "test": ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029", "SOAP_061"),
 }
+# Held-out tiles of the training image: every 4th tile in grid order goes to ``test_tiles``, the
+# rest to ``train_tiles``. Same site and season as the training tiles (a spatial hold-out), unlike
+# ``test``'s other sites; pretraining crops never overlap a held-out tile.
+DEEPFOREST_HOLDOUT_EVERY = 4
 DEEPFOREST_UNLABELED_EXTRA = ("SOAP_031.png", "AWPE Pigeon Lake 2020 DJI_0005.JPG")
 DEEPFOREST_CLASS = "tree"
 
@@ -82,9 +86,15 @@ def _grid_crops(image, size: int):
             yield r, c, image.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
 
 
+def _overlaps(a: tuple, b: tuple) -> bool:
+    """Whether two ``(x0, y0, w, h)`` rectangles share a pixel."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
 def _write_tiles(out: Path, stem: str, image, boxes: np.ndarray, tile_size: int):
-    """Save the tiles of one source image (JPEG + VOC XML); yield ``(tile_id, w, h, boxes)``
-    with the tile's boxes as integer ``xyxy`` in tile coordinates."""
+    """Save the tiles of one source image (JPEG + VOC XML); yield ``(tile_id, (x0, y0, w, h),
+    boxes)``: the tile's place in the source and its boxes as integer ``xyxy`` in tile
+    coordinates."""
     for ty0, ty1 in tile_grid(image.height, tile_size):
         for tx0, tx1 in tile_grid(image.width, tile_size):
             tile_id = f"{stem}_{tx0:04d}_{ty0:04d}"
@@ -98,7 +108,7 @@ def _write_tiles(out: Path, stem: str, image, boxes: np.ndarray, tile_size: int)
             ]
             xml = voc_xml(f"{tile_id}.jpg", tile.width, tile.height, objects)
             (out / "Annotations" / f"{tile_id}.xml").write_bytes(xml)
-            yield tile_id, tile.width, tile.height, kept
+            yield tile_id, (tx0, ty0, tile.width, tile.height), kept
 
 
 def _build_deepforest(
@@ -121,31 +131,43 @@ def _build_deepforest(
         for im in images.values()
     )
     bar = _progress(None, n_tiles, "tiling", progress)
-    splits = {}
+    tiles = {}  # split -> [(stem, tile_id, (x0, y0, w, h), boxes)]
     for split, stems in DEEPFOREST_SPLITS.items():
-        ids, coco_images, coco_anns = [], [], []
+        tiles[split] = []
         for stem in stems:
             width, height, _, boxes = parse_voc(files[stem + ".xml"], stem + ".xml")
             if (width, height) != images[stem].size:
                 raise DataError(
                     f"{stem}.xml: size {width}x{height} but the image is {images[stem].size}"
                 )
-            for tile_id, tw, th, kept in _write_tiles(out, stem, images[stem], boxes, tile_size):
-                coco_anns += [
-                    {"image": len(ids), "category": 0, "area": (x1 - x0) * (y1 - y0),
-                     "bbox": [x0, y0, x1 - x0, y1 - y0]}
-                    for x0, y0, x1, y1 in kept.tolist()
-                ]  # fmt: skip
-                coco_images.append({"file_name": f"{tile_id}.jpg", "width": tw, "height": th})
-                ids.append(tile_id)
+            for tile in _write_tiles(out, stem, images[stem], boxes, tile_size):
+                tiles[split].append((stem, *tile))
                 bar.update()
+    tiles["train_tiles"] = [t for i, t in enumerate(tiles["train"])
+                            if i % DEEPFOREST_HOLDOUT_EVERY != DEEPFOREST_HOLDOUT_EVERY - 1]
+    tiles["test_tiles"] = [t for i, t in enumerate(tiles["train"])
+                           if i % DEEPFOREST_HOLDOUT_EVERY == DEEPFOREST_HOLDOUT_EVERY - 1]
+    splits = {}
+    for split, members in tiles.items():
+        ids, coco_images, coco_anns = [], [], []
+        for _, tile_id, (_, _, tw, th), kept in members:
+            coco_anns += [
+                {"image": len(ids), "category": 0, "area": (x1 - x0) * (y1 - y0),
+                 "bbox": [x0, y0, x1 - x0, y1 - y0]}
+                for x0, y0, x1, y1 in kept.tolist()
+            ]  # fmt: skip
+            coco_images.append({"file_name": f"{tile_id}.jpg", "width": tw, "height": th})
+            ids.append(tile_id)
         _write_lines(out / "ImageSets" / "Main" / f"{split}.txt", ids)
         description = f"DeepForest 2.1.0 NEON tiles ({split})"
         coco = coco_json(coco_images, coco_anns, [DEEPFOREST_CLASS], description)
         _write_json(out / f"instances_{split}.json", coco)
-        splits[split] = {"images": len(ids), "boxes": len(coco_anns), "sources": list(stems)}
+        splits[split] = {"images": len(ids), "boxes": len(coco_anns),
+                         "sources": sorted({m[0] for m in members})}
     bar.close()
     _write_lines(out / "labels.txt", [DEEPFOREST_CLASS])
+    held_out = {stem: [rect for s_, _, rect, _ in tiles["test_tiles"] if s_ == stem]
+                for stem in DEEPFOREST_SPLITS["train"]}
 
     unlabeled = {stem + ".png": images[stem] for stem in DEEPFOREST_SPLITS["train"]}
     unlabeled |= {
@@ -156,6 +178,9 @@ def _build_deepforest(
     for name, image in unlabeled.items():
         stem = Path(name).stem.replace(" ", "_")
         for r, c, crop in _grid_crops(image, crop_size):
+            if any(_overlaps((c * crop_size, r * crop_size, crop_size, crop_size), rect)
+                   for rect in held_out.get(Path(name).stem, ())):
+                continue  # a held-out tile's pixels stay unseen
             crop.save(out / "unlabeled" / f"{stem}_{r:02d}_{c:02d}.jpg", quality=95, subsampling=0)
             n_crops += 1
     return {
@@ -196,4 +221,5 @@ def prepare_deepforest(
         )
         return _build_deepforest(tmp, files, photos, tile_size, crop_size, progress)
 
-    return _publish(out, build, force)
+    # A folder prepared before the held-out tiles existed is rebuilt.
+    return _publish(out, build, force, is_current=lambda s: "test_tiles" in s.get("splits", {}))

@@ -149,16 +149,18 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="img", disable=not enabled, leave=False)
 
 
-def _publish(out: Path, build: Callable[[Path], dict], force: bool) -> dict:
-    """Return ``out``'s summary if it is already prepared; else ``build(tmp)`` in a temporary
-    folder beside ``out``, write the marker there last, and rename the folder to ``out``."""
+def _publish(out: Path, build: Callable[[Path], dict], force: bool,
+             is_current: Callable[[dict], bool] = lambda summary: True) -> dict:
+    """Return ``out``'s summary if it is already prepared (and ``is_current`` of it: an older
+    layout of the dataset is rebuilt); else ``build(tmp)`` in a temporary folder beside ``out``,
+    write the marker there last, and rename the folder to ``out``."""
     marker = out / MARKER
     if marker.is_file() and not force:
         try:
             summary = json.loads(marker.read_text())
         except ValueError:
             summary = {}
-        if summary.get("format") == FORMAT_VERSION:
+        if summary.get("format") == FORMAT_VERSION and is_current(summary):
             return {**summary, "reused": True}
     elif out.exists() and not force:
         raise DataError(
