@@ -8,7 +8,7 @@ and Debian's archive are reachable, and nowhere else is needed:
     straight from the zip; the package is never installed). Each image is cut into tiles of about
     ``tile_size`` pixels on a grid without overlap. A box cut by a tile edge is clipped to the tile
     and kept only in the tiles that hold at least half of its area (``MIN_VISIBLE``); it is marked
-    ``truncated`` there. The split is by source image, never by tile (``DEEPFOREST_SPLITS``): the
+    ``truncated`` there. ``train`` / ``test`` split by source image (``DEEPFOREST_SPLITS``): the
     large Yellowstone crop trains; the other Yellowstone crop and the OSBS (Florida) and SOAP
     (California) plots are held out, so the test set has two sites never seen in training. A
     second pair of splits holds out tiles instead of sites: ``train_tiles`` / ``test_tiles`` are
