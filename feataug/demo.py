@@ -326,7 +326,8 @@ def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> d
         ckpt = pretrain(out / "trees_pretrain_moco", TREES_PRETRAIN_CONFIG, [
             "DATA.ROOT", str(voc / "unlabeled"), "DATA.FORMAT", "folder", "FA.ENABLED", "False",
             "SOLVER.MAX_ITER", str(prof.trees_pretrain_iters), "SOLVER.EPOCHS", "1000",
-            "SOLVER.BATCH_SIZE", "32", "DATALOADER.NUM_WORKERS", "1"], verbose)
+            "SOLVER.BATCH_SIZE", "32", "DATALOADER.NUM_WORKERS", "1",
+            "SOLVER.CHECKPOINT_PERIOD", "1000"], verbose)  # last.pth only (every 5 epochs: ~1 GB)
         weights = {"random init": None, "MoCo v2": convert(ckpt)}
         register = {"register_voc": [("demo_trees_train", voc, "train_tiles"),
                                      ("demo_trees_test", voc, "test_tiles")]}
