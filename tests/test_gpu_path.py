@@ -147,7 +147,8 @@ SHUFFLE_RUNNER = textwrap.dedent("""
     assert sent[0] == torch.bfloat16 and sent[3] == torch.float32, sent  # images, then h, z
     for a, b in zip(keys["bf16"], keys["fp32"]):
         assert torch.equal(a, b)
-    print("rank", rank, "ok")
+    with open(os.path.join(sys.argv[2], f"rank{rank}.ok"), "w") as f:  # one file each: stdout interleaves
+        f.write("ok")
     torch.distributed.barrier()  # no rank leaves while the other's gloo pair is still open
     torch.distributed.destroy_process_group()
 """)
@@ -159,10 +160,10 @@ def test_shuffle_bn_gather_in_bf16_gives_the_float32_keys(tmp_path):
     script = tmp_path / "shuffle.py"
     script.write_text(SHUFFLE_RUNNER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), TINY]
+           str(script), TINY, str(tmp_path)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 2
+    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
 
 
 @pytest.mark.slow
