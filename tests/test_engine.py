@@ -526,6 +526,7 @@ def test_sgd_steps_with_fused_kernels_and_keeps_them_after_a_resume():
                             momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
                             foreach=False)
     assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is False
+    assert type(opt).__module__ == "pretrain.solver"  # the engine's SGD, not torch's (layouts)
     for _ in range(4):
         x = torch.randn(3, 6)
         for m, o in ((model.lin, opt), (ref, plain)):
