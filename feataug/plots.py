@@ -47,8 +47,9 @@ def predict(cfg, bgr_image):
 
 def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[dict],
                      config: Path, opts: list[str]) -> Path | None:
-    """The busiest test image once per start point (shown at twice its size): ground truth
-    green, the as many highest-scoring predictions red, from each start point's first trial."""
+    """The busiest test image once per start point (shown at twice its size): ground truth in
+    green, and in red as many of the highest-scoring predictions as there are ground-truth boxes,
+    from each start point's first trial."""
     import cv2
     import numpy as np
     import torch
