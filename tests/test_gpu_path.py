@@ -205,3 +205,60 @@ def test_compiled_encoders_take_the_eager_step():
     after_e, after_c = eager.state_dict(), compiled.state_dict()
     for k in grads[0]:  # the trained parameters (the key encoder only follows them)
         assert rel(after_e[k] - init[k], after_c[k] - init[k]) < 5e-3, k
+
+
+def _conv_outputs(model: torch.nn.Module, size: int) -> dict[str, int]:
+    """Pixels of every 3x3 convolution's output map, from a real forward of each trunk."""
+    out, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o, name=name: out.__setitem__(name, o.shape[-2] * o.shape[-1])))
+    with torch.no_grad():
+        for trunk in (model.backbone, model.backbone_k):
+            trunk.eval()(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return out
+
+
+@pytest.mark.parametrize("stem,size,nchw_expected", [("imagenet", 64, 8), ("imagenet", 96, 8),
+                                                     ("cifar", 32, 0)])
+def test_channels_last_keeps_tiny_map_3x3_convs_nchw_on_the_cpu(stem, size, nchw_expected):
+    """SOLVER.CHANNELS_LAST on the CPU: exactly the 3x3 convolutions whose output map is at
+    most 3x3 (a real forward says which) keep NCHW weights; every other weight is channels-last;
+    names and values are unchanged; forward and gradients match the NCHW model's; on CUDA every
+    convolution is channels-last."""
+    from pretrain.build import build_model
+    from pretrain.engine.launch import to_channels_last
+
+    cfg = load_cfg(TINY, ["FA.ENABLED", "False", "MODEL.STEM", stem, "DATA.IMAGE_SIZE", size])
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    expected = {n for n, px in _conv_outputs(copy.deepcopy(plain), size).items() if px <= 9}
+    assert len(expected) == nchw_expected
+    model = to_channels_last(copy.deepcopy(plain), size, torch.device("cpu"))
+    cl = torch.channels_last
+    nchw = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+            and not m.weight.is_contiguous(memory_format=cl)}
+    assert nchw == expected
+    assert all(m.weight.is_contiguous() for n, m in model.named_modules() if n in expected)
+    before, after = plain.state_dict(), model.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(4, 3, size, size, generator=g), torch.randn(4, 512, generator=g)
+    outs, grads = [], []
+    for m, view in ((plain.backbone, x), (model.backbone, x.contiguous(memory_format=cl))):
+        y = m.eval()(view)  # eval: batch statistics would amplify rounding differences
+        (y * r).sum().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    worst = max(float((grads[1][n] - g).norm() / g.norm()) for n, g in grads[0].items())
+    assert worst < 1e-4, worst  # float32 sums in another order (measured: <= 3e-6)
+
+    cuda = to_channels_last(copy.deepcopy(plain), size, torch.device("cuda"))
+    convs = [m for m in cuda.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=cl) for m in convs)
+    assert not any(m._forward_pre_hooks for m in convs)

@@ -90,13 +90,13 @@ def _our_step(cfg, device: str = "cpu") -> Callable:
     the device, zero_grad, backward, the SGD step (foreach / fused), ``after_step``."""
 
     from pretrain.build import build_model
-    from pretrain.engine.launch import compile_encoders
+    from pretrain.engine.launch import compile_encoders, to_channels_last
     from pretrain.solver import build_optimizer
 
     model = build_model(cfg).to(device)
     channels_last = cfg.SOLVER.CHANNELS_LAST
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model, cfg.DATA.IMAGE_SIZE, torch.device(device))
     if cfg.SOLVER.COMPILE:
         compile_encoders(model)
     optimizer = build_optimizer(cfg, model)
@@ -185,13 +185,15 @@ def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -
         result["details"]["pretrain"] = {"skipped": "lightly is not installed (make bench installs it)"}
     else:
         say(f"pretrain: {setting}; lightly's step between two of ours")
-        with _bar(3 * rounds, "pretrain steps vs lightly") as bar:
+        pairs = profile.pretrain_repeats or profile.repeats  # the ratio is the headline: more
+        with _bar(3 * (profile.warmup + pairs), "pretrain steps vs lightly") as bar:
             times = bracketed(timed(_our_step(cfg)), {"lightly": timed(_lightly_step(cfg))},
-                              profile.repeats, profile.warmup, lambda _: bar.update())
+                              pairs, profile.warmup, lambda _: bar.update())
         peer, ours = times["lightly"]
         r = paired_ratio(ours, peer)
         result["details"]["pretrain"] = {
-            **common, "pairing": "lightly's time / mean of the two 'ours' times around it",
+            **common, "repeats": pairs,
+            "pairing": "lightly's time / mean of the two 'ours' times around it",
             "ours_s": r["numerator_median"], "peer_s": r["denominator_median"],
             "ratios": r["ratios"], "ours_times_s": ours, "peer_times_s": peer,
             "lightly": _module_version("lightly")}

@@ -54,7 +54,14 @@ from ..utils.env import seed_all
 from ..utils.io import atomic_write_text
 from ..utils.logger import setup_logging
 from .hooks import Metrics, StepWindow, knn_hook, plot_curves
-from .launch import aug_device, compile_encoders, init_distributed, set_determinism, wrap_ddp
+from .launch import (
+    aug_device,
+    compile_encoders,
+    init_distributed,
+    set_determinism,
+    to_channels_last,
+    wrap_ddp,
+)
 
 logger = logging.getLogger("pretrain")
 
@@ -116,7 +123,7 @@ def train(cfg, resume: bool = False) -> dict:
         seed_all(cfg.SEED)
         model = build_model(cfg).to(device)
         if cfg.SOLVER.CHANNELS_LAST:
-            model = model.to(memory_format=torch.channels_last)
+            to_channels_last(model, cfg.DATA.IMAGE_SIZE, device)
         if world > 1 and (cfg.MODEL.METHOD != "moco" or not cfg.MODEL.MOCO.SHUFFLE_BN):
             if device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
