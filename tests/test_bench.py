@@ -380,6 +380,49 @@ def test_gpu_dry_run_exercises_every_phase(tmp_path, capsys):
     assert not list(tmp_path.glob("feataug-bench-gpu-*"))
 
 
+def test_gpu_run_keeps_going_past_a_failed_phase(tmp_path, capsys, monkeypatch):
+    """One GPU run is all a session gets: a phase that raises is recorded with its error, the
+    other phases still run, the table says which failed, and the exit code is 1."""
+    import feataug.bench.gpu as gpu
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu, "phase_model", broken)
+    monkeypatch.setattr(gpu, "phase_end_to_end", lambda p, dev, name, data, work, path, w: {
+        "path": path, "workers": w, "images_per_s": 1.0, "data_time_fraction": 0.5})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    import cv2
+
+    from pretrain.device_aug import textures
+
+    cv2.imwrite(str(photos / "0.png"), textures(1, 120, 160)[0])
+    out = tmp_path / "g.json"
+    assert bench.main(_args(gpu=True, dry_run=True, out=str(out), images=str(photos))) == 1
+    result = json.loads(out.read_text())
+    assert result["phases"]["model"]["error"] == "RuntimeError: boom"
+    assert result["failed"] == ["model"] and not result["complete"]
+    assert result["phases"]["detect"]["iter_per_s"] > 0  # the phases after it ran
+    assert "| model | | failed: RuntimeError: boom |" in out.with_suffix(".md").read_text()
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "failed phases: model" in err.strip().splitlines()[-1]
+
+
+def test_jpegs_go_to_memory_only_where_they_fit(monkeypatch):
+    import collections
+    import shutil
+
+    from feataug.bench.gpu import memory_tmpdir
+
+    if memory_tmpdir() is None:
+        pytest.skip("no writable /dev/shm here")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
+    assert memory_tmpdir(16 << 20) == "/dev/shm"
+    assert memory_tmpdir(40 << 20) is None  # a container's 64 MiB: the disk, not a full shm
+
+
 def test_fa_head_is_everything_fa_changes():
     """The FA-cost measurement replaces both trunks by the features they gave: the loss with FA
     on, its gradients and the next queue are those of the whole model with the same weights."""

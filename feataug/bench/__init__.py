@@ -173,4 +173,8 @@ def _main_gpu(args: argparse.Namespace) -> int:
     print(format_gpu_markdown(result))
     print(f"feataug bench --gpu: wrote {args.out} and {Path(args.out).with_suffix('.md')} "
           f"({result['wall_s']:.0f} s)")
+    if result["failed"]:
+        print(f"feataug bench --gpu: failed phases: {', '.join(result['failed'])} (their "
+              "tracebacks are above; the other phases ran)", file=sys.stderr)
+        return 1
     return 0

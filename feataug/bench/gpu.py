@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -213,10 +214,14 @@ def synthesize_jpegs(root: Path, n: int, photos: list[np.ndarray], wh: tuple[int
             "seconds": round(time.perf_counter() - start, 1), "processes": processes}
 
 
-def memory_tmpdir() -> str | None:
-    """A folder in memory for the JPEGs (``/dev/shm`` when it is a writable folder)."""
+def memory_tmpdir(need_bytes: int = 0) -> str | None:
+    """A folder in memory for the JPEGs: ``/dev/shm`` when it is a writable folder with twice
+    ``need_bytes`` free (the loader workers' batches travel through it too; a container's is often
+    64 MiB), else None (the system's temporary folder; the page cache then holds the files)."""
     shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return None
+    return str(shm) if shutil.disk_usage(shm).free >= 2 * need_bytes else None
 
 
 # ----------------------------------------------------------------------------- phases
@@ -420,11 +425,19 @@ def run_gpu(profile: GpuProfile, out: str | os.PathLike, images: str | None = No
         else:
             t = time.perf_counter()
             say(f"{key} ...")
-            result["phases"][key] = {**fn(), "phase_s": round(time.perf_counter() - t, 1)}
+            try:
+                result["phases"][key] = {**fn(), "phase_s": round(time.perf_counter() - t, 1)}
+            except Exception as e:  # one broken phase must not cost the others their GPU time
+                say(f"{key} failed:\n{traceback.format_exc()}")
+                result["phases"][key] = {"error": f"{type(e).__name__}: {e}",
+                                         "phase_s": round(time.perf_counter() - t, 1)}
+                if cuda:
+                    torch.cuda.empty_cache()
         write_outputs(result, out, format_gpu_markdown)
 
     photos, source = load_photos(images)
-    work = Path(tempfile.mkdtemp(prefix="feataug-bench-gpu-", dir=memory_tmpdir()))
+    jpeg_bytes = p.images * p.image_wh[0] * p.image_wh[1] * 3 // 4  # q90: well under raw / 4
+    work = Path(tempfile.mkdtemp(prefix="feataug-bench-gpu-", dir=memory_tmpdir(jpeg_bytes)))
     try:
         data = work / "jpegs"
         data.mkdir()
@@ -439,7 +452,9 @@ def run_gpu(profile: GpuProfile, out: str | os.PathLike, images: str | None = No
         phase("detect", lambda: phase_detect(p, device, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["complete"] = all("skipped" not in v for v in result["phases"].values())
+    result["complete"] = all("skipped" not in v and "error" not in v
+                             for v in result["phases"].values())
+    result["failed"] = [k for k, v in result["phases"].items() if "error" in v]
     result["wall_s"] = round(time.perf_counter() - start, 1)
     write_outputs(result, out, format_gpu_markdown)
     return result
@@ -462,8 +477,9 @@ def format_gpu_markdown(result: dict) -> str:
     for key, v in ph.items():
         if key != "model" and not key.startswith("end_to_end/"):
             continue
-        if "skipped" in v:
-            lines.append(f"| {key} | | skipped: {v['skipped']} | | | |")
+        if "skipped" in v or "error" in v:
+            why = f"skipped: {v['skipped']}" if "skipped" in v else f"failed: {v['error']}"
+            lines.append(f"| {key} | | {why} | | | |")
             continue
         run = "model step only" if key == "model" else f"end to end, {v['path']} path"
         workers = "—" if key == "model" else str(v["workers"])
@@ -472,6 +488,9 @@ def format_gpu_markdown(result: dict) -> str:
         lines.append(f"| {run} | {workers} | {_f(v['images_per_s'])} | {frac} | {mfu_cell} | "
                      f"{_f(v.get('peak_memory_gib'), '.1f')} |")
     aug, det = ph.get("device_aug", {}), ph.get("detect", {})
+    for key, v in (("Device augmentation", aug), ("Detection", det)):
+        if "error" in v:
+            lines += ["", f"{key}: failed: {v['error']}"]
     if "ms_per_step" in aug:
         lsb = max(aug["max_lsb"].values())
         lines += ["", f"Device augmentation: {aug['ms_per_step']:.1f} ms per step (two views of "
