@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.feataug-setup
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo demo-full demo-trees test test-slow bench bench-gpu lint clean
+.PHONY: setup demo demo-full demo-trees test test-slow bench bench-gpu wheelhouse lint clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ bench: setup
 # One GPU, <= 8 min: MoCo v2 R50 end to end, CPU vs device augmentation, MFU, detection.
 bench-gpu: setup
 	$(VENV)/bin/feataug bench --gpu --out output/bench/bench-gpu.json $(BENCH_ARGS)
+
+# Wheels for a machine without internet (README: "A machine without internet").
+wheelhouse: setup
+	$(PY) tools/wheelhouse.py --out wheelhouse $(WHEELHOUSE_ARGS)
 
 lint: setup
 	$(PIP) install -q ruff

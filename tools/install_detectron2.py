@@ -79,6 +79,11 @@ def pip(python: str, *args: str) -> None:
         raise InstallError(f"pip failed (exit {r.returncode}): {' '.join(cmd)}")
 
 
+def default_cache() -> Path:
+    """``$FEATAUG_CACHE``, else ``~/.cache/feataug`` (as ``feataug.data.fetch.cache_dir``)."""
+    return Path(os.environ.get("FEATAUG_CACHE") or Path.home() / ".cache" / "feataug")
+
+
 def download_wheel(python: str, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     found = sorted(cache.glob("sal_detectron2-0.7.2-cp310-*.whl"))
@@ -176,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="install even if detectron2 imports")
     p.add_argument("--wheel", type=Path, help=f"use this local {WHEEL_NAME} wheel (sha256-checked)")
     p.add_argument("--python", default=sys.executable, help="interpreter to install into")
-    default_cache = Path(os.environ.get("FEATAUG_CACHE", Path.home() / ".cache" / "feataug"))
-    p.add_argument("--cache", type=Path, default=default_cache / "wheels")
+    p.add_argument("--cache", type=Path, default=default_cache() / "wheels")
     args = p.parse_args(argv)
     try:
         install(args.python, force=args.force, wheel=args.wheel, cache=args.cache)
