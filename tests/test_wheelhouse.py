@@ -68,7 +68,7 @@ def stubbed(tmp_path, monkeypatch):
     local = [_item("fvcore", "0.1.5", "https://x/fvcore-0.1.5.tar.gz"),
              _item("numpy", "2.5.0", "https://x/numpy-2.5.0-cp311-cp311-manylinux_2_17_x86_64.whl"),
              _item("yacs", "0.1.8", "https://x/yacs-0.1.8-py3-none-any.whl")]
-    target = [_item("fvcore", "0.1.5", "file:///built/fvcore-0.1.5-py3-none-any.whl"),
+    target = [_item("fvcore", "0.1.5", "file:///built/FVCORE-0.1.5-py3-none-any.whl"),
               _item("numpy", "2.5.0", "https://x/numpy-2.5.0-cp312-cp312-manylinux_2_17_x86_64.whl"),
               _item("yacs", "0.1.8", "https://x/yacs-0.1.8-py3-none-any.whl"),
               _item("setuptools", "80.1", "https://x/setuptools-80.1-py3-none-any.whl"),
@@ -79,7 +79,8 @@ def stubbed(tmp_path, monkeypatch):
         calls.append(args)
         if args[0] == "wheel":
             name, version = args[-1].split("==")
-            (Path(args[args.index("--wheel-dir") + 1]) / f"{name}-{version}-{built_tag[0]}.whl").touch()
+            wheel = f"{name.upper()}-{version}-{built_tag[0]}.whl"  # a build may keep the case
+            (Path(args[args.index("--wheel-dir") + 1]) / wheel).touch()
 
     built_tag = ["py3-none-any"]
     monkeypatch.setattr(wheelhouse, "_pip", pip)

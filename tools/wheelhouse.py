@@ -163,9 +163,9 @@ def pack(out: Path, python_version: str, arch: str, glibc: str, have: dict[str, 
         if is_sdist(item) and not left_out(name, have, caps):
             log(f"building {name}=={version} (published as source only)")
             _pip("wheel", "--no-deps", "--quiet", "--wheel-dir", str(out), f"{name}=={version}")
-            built = sorted(out.glob(f"{re.sub(r'[-.]+', '_', name)}-{version}-*.whl"),
-                           key=lambda p: p.stat().st_mtime)
-            if not built or not built[-1].name.endswith("-none-any.whl"):
+            built = [p for p in out.glob("*.whl") if p.name.split("-")[1] == version
+                     and canonical(p.name.split("-")[0]) == canonical(name)]
+            if not built or not all(p.name.endswith("-none-any.whl") for p in built):
                 raise WheelhouseError(f"{name}=={version} is published as source only and does "
                                       "not build to a pure-Python wheel; install it on the target")
 
