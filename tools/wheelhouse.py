@@ -72,20 +72,20 @@ def read_requirements(setup_cfg: Path, extras: tuple[str, ...] = ()) -> list[str
     return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
 
 
-def read_have(path: Path) -> dict[str, str | None]:
-    """What the target has: ``name==version`` lines (``pip list --format=freeze``) or bare names;
-    blank lines and ``#`` comments are skipped. Name -> version (None when not given)."""
+def read_have(path: Path) -> set[str]:
+    """The names of what the target has: ``name==version`` lines (``pip list --format=freeze``;
+    the version is not compared) or bare names; blank lines and ``#`` comments are skipped."""
     if not path.is_file():
         raise WheelhouseError(f"{path}: no such file (--have)")
-    have: dict[str, str | None] = {}
+    have = set()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#")[0].strip()
         if not line:
             continue
-        name, _, version = line.partition("==")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name.strip()) or " @ " in line:
+        name = line.partition("==")[0].strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or " @ " in line:
             raise WheelhouseError(f"{path}:{n}: expected NAME or NAME==VERSION, got {line!r}")
-        have[canonical(name)] = version.strip() or None
+        have.add(canonical(name))
     return have
 
 
@@ -94,7 +94,7 @@ def capped(requirements: list[str]) -> set[str]:
     return {requirement_name(r) for r in requirements if _CAP.search(r.split(";")[0])}
 
 
-def left_out(name: str, have: dict[str, str | None], caps: set[str]) -> bool:
+def left_out(name: str, have: set[str], caps: set[str]) -> bool:
     """Whether a resolved package stays out of the wheelhouse."""
     name = canonical(name)
     return name in NEVER_PACKED or (name in have and name not in caps)
@@ -109,14 +109,13 @@ def platform_tags(arch: str, glibc: str) -> list[str]:
     return tags + [f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}"]
 
 
-def _pip(*args: str, quiet: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pip", *args]
-    r = subprocess.run(cmd, capture_output=quiet, text=True)
+def _pip(*args: str) -> None:
+    """Run pip; its last line of stderr becomes the error when it fails."""
+    r = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
     if r.returncode != 0:
-        tail = (r.stderr or "").strip().splitlines()[-1:] if quiet else []
+        tail = r.stderr.strip().splitlines()[-1:]
         raise WheelhouseError(f"pip {args[0]} failed (exit {r.returncode})"
                               + (f": {tail[0]}" if tail else ""))
-    return r
 
 
 def resolve(requirements: list[str], find_links: Path, target: list[str] | None) -> list[dict]:
@@ -142,7 +141,7 @@ def is_sdist(item: dict) -> bool:
     return not url.split("#")[0].endswith(".whl")
 
 
-def pack(out: Path, python_version: str, arch: str, glibc: str, have: dict[str, str | None],
+def pack(out: Path, python_version: str, arch: str, glibc: str, have: set[str],
          extras: tuple[str, ...] = (), log=print) -> dict:
     """Fill ``out`` (created if needed); returns a summary (packed, left out, requirements)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extras", nargs="*", default=[], help="setup.cfg extras to add (test...)")
     args = p.parse_args(argv)
     try:
-        have = read_have(args.have) if args.have else {}
+        have = read_have(args.have) if args.have else set()
         pack(args.out, args.python_version, args.arch, args.glibc, have, tuple(args.extras))
     except (WheelhouseError, d2.InstallError) as e:
         print(f"wheelhouse: error: {e}", file=sys.stderr)

@@ -185,7 +185,7 @@ def bench_pretrain(profile: Profile, result: dict, say: Callable[[str], None]) -
         result["details"]["pretrain"] = {"skipped": "lightly is not installed (make bench installs it)"}
     else:
         say(f"pretrain: {setting}; lightly's step between two of ours")
-        pairs = profile.pretrain_repeats or profile.repeats  # the ratio is the headline: more
+        pairs = profile.pretrain_repeats or profile.repeats  # the headline: more rounds
         with _bar(3 * (profile.warmup + pairs), "pretrain steps vs lightly") as bar:
             times = bracketed(timed(_our_step(cfg)), {"lightly": timed(_lightly_step(cfg))},
                               pairs, profile.warmup, lambda _: bar.update())

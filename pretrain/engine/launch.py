@@ -1,4 +1,5 @@
-"""Where a run executes: its device, its process group (``torchrun``'s env://), DDP wrapping."""
+"""Where and how a run executes: its device, its process group (``torchrun``'s env://), DDP
+wrapping, determinism, where the views are augmented, torch.compile and the memory layout."""
 
 from __future__ import annotations
 
@@ -89,7 +90,6 @@ def compile_encoders(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-
 # 3x3 convolutions whose output map has at most this many pixels stay NCHW on the CPU.
 CPU_NCHW_MAX_PIXELS = 9
 
@@ -128,11 +128,10 @@ def to_channels_last(model: torch.nn.Module, image_size: int, device: torch.devi
         probe = copy.deepcopy(trunk).to("meta").eval()
         convs = [(m, p) for m, p in zip(trunk.modules(), probe.modules(), strict=True)
                  if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
-        hooks = [p.register_forward_hook(record) for _, p in convs]
+        for _, p in convs:
+            p.register_forward_hook(record)
         with torch.no_grad():
             probe(torch.empty(1, 3, image_size, image_size, device="meta"))
-        for h in hooks:
-            h.remove()
         for m, p in convs:
             if pixels[id(p)] <= CPU_NCHW_MAX_PIXELS:
                 m.weight.data = m.weight.data.contiguous()
