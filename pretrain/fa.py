@@ -12,8 +12,9 @@ target network, SimSiam's own encoder), ``ε`` standard normal noise, ``w`` = FA
 ``FA.ENABLED False`` builds no FA module: the baseline, exactly. The keys:
 
 ``FA.OP``
-    ``identity`` (z̃ = z: the FA term equals the base term, the loss-scale control), ``noise``,
-    ``dropout``, ``extrapolate``, ``interpolate``, ``generator``, ``hardmix``.
+    ``identity`` (z̃ = z: the loss-scale control where the FA term then equals the base term,
+    see ``Identity``), ``noise``, ``dropout``, ``extrapolate``, ``interpolate``, ``generator``,
+    ``hardmix``.
 ``FA.POSITION``
     ``projector``: MoCo: the L2-normalised projector outputs q, k (as published); SimSiam/BYOL:
     the projector output. ``backbone``: the pooled trunk feature; the result goes through the
@@ -114,8 +115,13 @@ class Identity(FAOp):
 
         z̃ = z
 
-    Property: the FA term equals the base term, so ``LOSS_MODE add`` with w = 1 doubles the
-    loss (a larger step, nothing else): what any FA variant must beat to be more than a scale.
+    Property: where the FA branch scores z̃ exactly as the base term scores z, the FA term
+    equals the base term, so ``LOSS_MODE add`` with w = 1 doubles the loss (a larger step,
+    nothing else): what any FA variant must beat to be more than a scale. That holds for MoCo
+    with ``ROLE positive`` and for SimSiam / BYOL with ``ARCH pre_predictor`` or
+    ``post_predictor``. Elsewhere the term differs: ``ARCH basic`` scores z̃ without the
+    predictor (a predictor-free Siamese term), ``separate_predictor`` through another predictor,
+    and MoCo's ``ROLE negative`` / ``both`` add every other image's query as a negative.
     """
 
     def forward(self, z, positive=None):
@@ -129,6 +135,11 @@ class Noise(FAOp):
         z̃ = z + σ · s ⊙ ε,   s_d = std_i z_{i,d} (over the batch, a constant),   σ = FA.NOISE_STD
 
     Property: E[z̃] = z; the noise on dimension d has standard deviation σ·s_d.
+
+    Source: DeVries & Taylor 2017, "Dataset Augmentation in Feature Space" (ICLR workshop):
+    Gaussian noise in a learned feature space, each dimension's noise scaled by that dimension's
+    spread over the data and a factor. Here the spread is the current batch's (no pass over the
+    data set), and the features are those of the contrastive encoder being trained.
     """
 
     def __init__(self, cfg, dim: int):
@@ -147,6 +158,11 @@ class Dropout(FAOp):
         z̃ = m ⊙ z / (1 − p),   m_{i,d} ~ Bernoulli(1 − p),   p = FA.DROPOUT_P
 
     Property: E[z̃] = z; a fraction p of the entries is zero, the rest are z / (1 − p).
+
+    Source: Srivastava et al. 2014, "Dropout: A Simple Way to Prevent Neural Networks from
+    Overfitting" (JMLR), in its inverted form (rescaled while training). As the augmentation of
+    a contrastive objective: SimCSE (Gao et al., EMNLP 2021), where the masks act inside the
+    encoder; here one mask acts on the feature at FA.POSITION.
     """
 
     def __init__(self, cfg, dim: int):
@@ -308,7 +324,8 @@ class HardMix(FAOp):
     @torch.no_grad()
     def forward(self, q, queue):
         q = q.detach()
-        a, b, c, alpha, beta = self._draw(q, torch.einsum("nc,kc->nk", q, queue))
+        sim = torch.einsum("nc,kc->nk", q, queue)  # [N, K]
+        a, b, c, alpha, beta = self._draw(q, sim)
         alpha, beta = alpha.unsqueeze(2), beta.unsqueeze(2)  # [N, s, 1]
         neg_neg = alpha * self._rows(queue, a) + (1 - alpha) * self._rows(queue, b)  # [N, s, D]
         query_neg = beta * q.unsqueeze(1) + (1 - beta) * self._rows(queue, c)  # [N, s′, D]
@@ -495,9 +512,11 @@ class PredictorFA(FeatureAugmentation):
 
     ``pred_fa`` (``self.predictor``) is this branch's own predictor, built by ``make_predictor``.
     ``forward`` returns the pairs the method scores: ``[(p̃, target, weight)]`` with target the
-    other view's target repeated NUM times — or a two-sided operator's augmented target (a
-    constant), or, for a mixing operator, the targets of the sample and of its partner weighted
-    λ and 1 − λ (Un-Mix's soft target).
+    other view's target repeated NUM times — or, with POSITION projector and an ARCH other
+    than post_predictor, a two-sided operator's augmented target (a constant; at POSITION
+    backbone and after the predictor the operator's other side is not used) — or, for a mixing
+    operator, the targets of the sample and of its partner weighted λ and 1 − λ (Un-Mix's soft
+    target).
     """
 
     def __init__(self, cfg, dim: int, make_predictor: Callable[[], nn.Module]):
@@ -534,10 +553,9 @@ class PredictorFA(FeatureAugmentation):
 
 
 def fa_dim(cfg, feat_dim: int, proj_dim: int) -> int:
-    """Width of the features FA acts on."""
-    return (
-        feat_dim if cfg.FA.POSITION == "backbone" and cfg.FA.ARCH != "post_predictor" else proj_dim
-    )
+    """Width of the features FA acts on: the trunk's at POSITION backbone, else the projector's
+    (ARCH post_predictor needs POSITION projector; the predictor's output has that width too)."""
+    return feat_dim if cfg.FA.POSITION == "backbone" else proj_dim
 
 
 def check_fa_cfg(cfg) -> None:
