@@ -2,7 +2,9 @@
 
 Each subcommand lives in a library module exposing ``add_arguments(parser)`` and
 ``main(args) -> int``; the module is imported only when its subcommand runs, so
-``feataug --help`` and ``feataug env`` stay fast.
+``feataug --help`` and ``feataug env`` stay fast. A :class:`~pretrain.errors.FeatAugError` from
+a subcommand is printed here, once for all of them, as ``feataug COMMAND: error: MESSAGE``: exit
+status 2 (a refusal), or 1 for a :class:`~pretrain.errors.TrainingError` (a run that had to stop).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from pretrain.errors import FeatAugError, TrainingError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"feataug {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except FeatAugError as e:  # every refusal: one line, no traceback
+        print(f"feataug {name}: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
 
 
 if __name__ == "__main__":

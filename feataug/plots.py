@@ -39,10 +39,22 @@ def plot_bars(rows: dict[str, dict], out_png: Path, title: str) -> Path:
 def predict(cfg, bgr_image):
     """The model of ``cfg`` (``MODEL.WEIGHTS``) on one image as OpenCV reads it (BGR), through
     Detectron2's ``DefaultPredictor``, which converts to ``INPUT.FORMAT`` and resizes as the
-    evaluators do; its ``Instances`` on the CPU."""
+    evaluators do; its ``Instances`` on the CPU. The weights are checked and read as
+    ``--eval-only`` reads them (``transfer.weights``: the whole model must load; nothing from the
+    file runs), not by the predictor's own loader."""
+    import argparse
+
     from detectron2.engine import DefaultPredictor
 
-    return DefaultPredictor(cfg)(bgr_image)["instances"].to("cpu")
+    from transfer.weights import check_weights, checkpointer_class
+
+    check_weights(cfg, argparse.Namespace(eval_only=True, from_scratch=False, resume=False))
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""  # the predictor loads nothing itself
+    predictor = DefaultPredictor(bare)
+    checkpointer_class()(predictor.model).load(cfg.MODEL.WEIGHTS)
+    return predictor(bgr_image)["instances"].to("cpu")
 
 
 def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[dict],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import load_checkpoint
 from pretrain.data import ResumableSampler, build_eval_dataset, collate, worker_init
-from pretrain.errors import CheckpointError, ConfigError, FeatAugError
+from pretrain.errors import CheckpointError, ConfigError
 from pretrain.evaluation import eval_loader, evaluate_knn, extract_features, labelled
 from pretrain.transforms import build_eval_transform, build_train_transform, normalize
 from pretrain.utils.amp import amp_dtype
@@ -174,9 +173,5 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        run(args)
-    except FeatAugError as e:
-        print(f"feataug lincls: error: {e}", file=sys.stderr)
-        return 2
+    run(args)
     return 0

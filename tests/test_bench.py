@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from feataug import bench
+from feataug import bench, cli
 
 # The keys other tools read (the table in feataug/bench/__init__.py), written out independently
 # of bench.KEYS.
@@ -216,7 +216,8 @@ def _args(**kw):
 )
 def test_main_rejects_bad_options_in_one_line(tmp_path, capsys, kw, message):
     kw.setdefault("out", str(tmp_path / "b.json"))
-    assert bench.main(_args(**kw)) == 2
+    argv = [a for k, v in kw.items() for a in (f"--{k}", v)]
+    assert cli.main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("feataug bench: error: ") and message in err[0]
     assert list(tmp_path.iterdir()) == []
@@ -343,7 +344,7 @@ def test_gpu_run_without_cuda_fails_fast_in_one_line(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert bench.main(_args(gpu=True, out=str(tmp_path / "g.json"))) == 2
+    assert cli.main(["bench", "--gpu", "--out", str(tmp_path / "g.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpu needs a CUDA GPU" in err[0] and "--dry-run" in err[0]
     assert list(tmp_path.iterdir()) == []

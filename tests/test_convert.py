@@ -459,7 +459,7 @@ def _refused(tmp_path: Path, capsys, ckpt, *extra: str, name: str = "in.pth") ->
         torch.save(ckpt, src)
     dst = tmp_path / "out.pkl"
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert cli.main(["convert", str(src), str(dst), *extra]) == 1
+    assert cli.main(["convert", str(src), str(dst), *extra]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("feataug convert: error: "), captured.err
@@ -542,7 +542,7 @@ def test_refuses_unreadable_or_non_checkpoint(content, message, tmp_path, capsys
 def test_refuses_output_without_pkl(tmp_path, capsys, r18_state):
     src = tmp_path / "tv.pth"
     torch.save(r18_state, src)
-    assert cli.main(["convert", str(src), str(tmp_path / "out.pth")]) == 1
+    assert cli.main(["convert", str(src), str(tmp_path / "out.pth")]) == 2
     assert "must end with .pkl" in capsys.readouterr().err
     assert not (tmp_path / "out.pth").exists()
 

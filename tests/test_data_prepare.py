@@ -518,7 +518,7 @@ def test_cli_missing_source_is_one_error_line(tmp_path, capsys):
     missing = tmp_path / "nope.whl"
     assert (
         cli.main(["prepare-data", "deepforest", "--root", str(tmp_path), "--source", str(missing)])
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert err == f"feataug prepare-data: error: {missing}: no such file or directory\n"
@@ -530,7 +530,7 @@ def test_cli_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     monkeypatch.setenv("FEATAUG_CACHE", str(tmp_path / "cache"))
-    assert cli.main(["prepare-data", "deepforest", "--root", str(tmp_path / "data")]) == 1
+    assert cli.main(["prepare-data", "deepforest", "--root", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "downloading deepforest==2.1.0 from PyPI ..."
     assert len(err) == 2 and err[1].startswith(

@@ -84,3 +84,23 @@ def test_the_prediction_picture_sees_the_image_as_the_evaluator_does(tmp_path):
     torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor)
     swapped = plots.predict(cfg, cv2.imread(str(path))[:, :, ::-1].copy())
     assert len(swapped) != len(want) or not torch.allclose(swapped.scores, want.scores)
+
+    # weights that do not load whole, or whose file would run code, give no picture
+    from transfer.weights import DetectError
+
+    partial = {k: v for k, v in model.state_dict().items() if "box_predictor" not in k}
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "partial.pth")
+    with pytest.raises(DetectError, match="box_predictor"):
+        plots.predict(cfg, bgr)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": {"x": Payload()}}, tmp_path / "payload.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "payload.pth")
+    with pytest.raises(DetectError):
+        plots.predict(cfg, bgr)
+    assert not marker.exists()

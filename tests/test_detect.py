@@ -24,6 +24,7 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from detect_data import CLASSES, make_coco, make_voc  # noqa: E402
 
+from feataug import cli  # noqa: E402
 from pretrain.utils.amp import amp_dtype, cpu_has_native_bf16  # noqa: E402
 from transfer import datasets, detect, trials  # noqa: E402
 from transfer.config import ConfigError, get_detection_cfg  # noqa: E402
@@ -477,7 +478,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
              "VOC2007: not found (dataset 'voc_2007_trainval'; is DETECTRON2_DATASETS set?)")
         )  # fmt: skip
     for argv, message in cases:
-        assert detect.main(_parse(argv)) == 2, argv
+        assert cli.main(["detect", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("feataug detect: error: ") and message in err, (argv, err)
         assert "\n" not in err
@@ -510,7 +511,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
         "OUTPUT_DIR",
         str(tmp_path / "o"),
     ]
-    assert detect.main(_parse(argv)) == 1
+    assert cli.main(["detect", *argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("feataug detect: error: ") and "no image for id '002003'" in err
 

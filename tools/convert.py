@@ -6,16 +6,13 @@ Usage: ``python tools/convert.py IN OUT.pkl [--format auto|feataug|moco|simsiam|
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from transfer import convert
+from feataug.cli import main as feataug_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.splitlines()[0])
-    convert.add_arguments(parser)
-    return convert.main(parser.parse_args(argv))
+    return feataug_main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -5,16 +5,13 @@
         --num-gpus 8 MODEL.WEIGHTS r50.pkl OUTPUT_DIR out/voc
 """
 
-import argparse
 import sys
 
-from transfer import detect
+from feataug.cli import main as feataug_main
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    detect.add_arguments(parser)
-    return detect.main(parser.parse_args(argv))
+    return feataug_main(["detect", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

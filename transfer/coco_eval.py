@@ -580,11 +580,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        result = evaluate(args.gt, args.results, args.iou_type, backend=args.backend)
-    except COCOEvalError as e:
-        print(f"feataug coco-eval: error: {e}", file=sys.stderr)
-        return 2
+    result = evaluate(args.gt, args.results, args.iou_type, backend=args.backend)
     result = {"gt": str(args.gt), "results": str(args.results), **result}
     print(format_report(result))
     if args.json_out:

@@ -39,7 +39,6 @@ import os
 import pickle
 import re
 import shlex
-import sys
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -641,11 +640,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    try:
-        conv = convert(args.input, args.output, args.format, overwrite=args.overwrite)
-    except ConvertError as e:
-        print(f"feataug convert: error: {e}", file=sys.stderr)
-        return 1
+    conv = convert(args.input, args.output, args.format, overwrite=args.overwrite)
     print("\n".join(conv.summary()))
     print(f"wrote {args.output}")
     opts = ["MODEL.WEIGHTS", str(args.output), *detectron2_opts(conv.arch)]

@@ -42,7 +42,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pretrain.errors import FeatAugError
+from pretrain.errors import FeatAugError, TrainingError
 from pretrain.utils.io import atomic_write_text
 from pretrain.utils.logger import setup_logging
 from transfer import provenance
@@ -132,19 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
-    try:
-        _check_args(args)
-        cfg = setup(args)  # validates config and datasets before any process starts
-    except FeatAugError as e:
-        print(f"feataug detect: error: {e}", file=sys.stderr)
-        return 2
+    _check_args(args)
+    cfg = setup(args)  # validates config and datasets before any process starts
     if args.num_gpus * args.num_machines == 1:
         try:
             run(cfg, args)
-        except FeatAugError as e:  # records are read when training starts
-            print(f"feataug detect: error: {e}", file=sys.stderr)
-            return 1
+        except TrainingError:
+            raise
+        except FeatAugError as e:  # records are read when training starts: the run stops
+            raise TrainingError(str(e)) from None
     else:
         from detectron2.engine import launch
 

@@ -47,8 +47,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pretrain.errors import FeatAugError
-
 from .aug import bench_aug, bench_aug_device, find_images, torchvision_moco_v2
 from .coco import bench_coco_eval, synthetic_coco
 from .detect import bench_detect
@@ -151,9 +149,8 @@ def main(args: argparse.Namespace) -> int:
         profile = PROFILES["quick" if args.quick else "full"]
         result = run(profile, args.out, only, args.images,
                      say=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
-    except (FeatAugError, OSError) as e:
-        print(f"feataug bench: error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise BenchError(str(e)) from None
     print(format_markdown(result))
     print(f"feataug bench: wrote {args.out} and {Path(args.out).with_suffix('.md')} "
           f"({result['wall_s']:.0f} s)")

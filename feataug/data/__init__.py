@@ -45,11 +45,10 @@ finished dataset is recognised at once and an interrupted one leaves nothing beh
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pretrain.data import parse_idx as read_idx
-from pretrain.errors import DataError, FeatAugError
+from pretrain.errors import DataError
 
 from . import scenes
 from .deepforest import DEEPFOREST_FILES, DEEPFOREST_PREFIX, DEEPFOREST_WHEEL, prepare_deepforest
@@ -130,10 +129,6 @@ def main(args: argparse.Namespace) -> int:
     if args.dataset == scenes.NAME:
         kwargs |= {"train_scenes": args.train_scenes, "test_scenes": args.test_scenes,
                    "seed": args.seed, "canvas": args.canvas}
-    try:
-        summary = PREPARERS[args.dataset](root, **kwargs)
-    except FeatAugError as e:
-        print(f"feataug prepare-data: error: {e}", file=sys.stderr)
-        return 1
+    summary = PREPARERS[args.dataset](root, **kwargs)
     print(format_summary(args.dataset, root / args.dataset, summary))
     return 0

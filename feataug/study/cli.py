@@ -65,12 +65,10 @@ def main(args: argparse.Namespace) -> int:
                     raise StudyError(f"{args.grid}: prepare {name}: {e}") from None
         out = Path(args.out or Path("output") / "study" / Path(args.grid).stem)
         records = run_study(grid, out, seeds, jobs=args.jobs or grid.jobs, plots=not args.no_plots)
-    except StudyError as e:
-        print(f"feataug study: error: {e}", file=sys.stderr)
-        return 2
+    except StudyError:
+        raise
     except FeatAugError as e:  # refused by the pretraining code while expanding the grid
-        print(f"feataug study: error: {args.grid}: {e}", file=sys.stderr)
-        return 2
+        raise StudyError(f"{args.grid}: {e}") from None
     print()
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}/ "

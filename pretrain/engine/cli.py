@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import load_cfg
-from ..errors import FeatAugError, TrainingError
 from .train_loop import train
 
 
@@ -19,9 +17,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        train(load_cfg(args.config_file or None, args.opts), resume=args.resume)
-    except FeatAugError as e:
-        print(f"feataug pretrain: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingError) else 2
+    train(load_cfg(args.config_file or None, args.opts), resume=args.resume)
     return 0
