@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fvcore.common.config import CfgNode as CN
 
-from .errors import ConfigError
+from .errors import ConfigError, reason
 
 __all__ = ["ConfigError", "RESUME_FREE_KEYS", "config_differences", "get_cfg", "load_cfg"]
 
@@ -176,9 +176,65 @@ RESUME_FREE_KEYS = (
 )
 
 
-def _reason(e: BaseException) -> str:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(str(msg).split()) or type(e).__name__
+# what merging a YAML file or a KEY VALUE pair raises for a bad file, key or value
+_MERGE_ERRORS = (KeyError, ValueError, TypeError, AssertionError, AttributeError)
+
+
+def merge_config_file(cfg: CN, path: str | Path) -> None:
+    """Merge the YAML file ``path`` (and its ``_BASE_`` files) into ``cfg``, in place: the one
+    way both halves read a config file (``pretrain`` and ``transfer.config``).
+
+    Only plain YAML is read (``yaml.safe_load``; a tag such as ``!!python/object`` is refused,
+    never constructed, also where Detectron2's loader would fall back to ``yaml.unsafe_load``),
+    and only ``.yaml`` / ``.yml`` files (nothing is imported or executed). Every fault is one
+    :class:`ConfigError` that names the file.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"{path}: a config is a .yaml file (got {path.suffix or 'no suffix'})")
+    try:
+        top = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(top, dict):
+            what = "empty" if top is None else f"a {type(top).__name__}"
+            raise ConfigError(f"{path}: the file must map KEY: value at the top level (it is {what})")
+        cfg.merge_from_file(str(path), allow_unsafe=False)
+    except ConfigError:
+        raise
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        at = "" if mark is None else f" at line {mark.line + 1}" + (
+            "" if str(mark.name).startswith("<") else f" of {mark.name}")
+        raise ConfigError(f"{path}: YAML tag refused{at} ({e.problem}): a config is plain "
+                          "YAML, nothing in it is constructed or run") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {reason(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    except OSError as e:  # a _BASE_ that is not there or cannot be read
+        raise ConfigError(f"{path}: _BASE_ {e.filename or ''}: {e.strerror or reason(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its _BASE_ files include each other in a loop") from None
+    except _MERGE_ERRORS as e:
+        raise ConfigError(f"{path}: {reason(e)}") from None
+
+
+def merge_overrides(cfg: CN, opts) -> list[tuple[str, str]]:
+    """Merge ``KEY VALUE`` command-line overrides into ``cfg`` in place; returns the pairs.
+    A bad pair is one :class:`ConfigError` naming it."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs, got {len(opts)} items: {opts}")
+    pairs = list(zip(opts[::2], opts[1::2], strict=True))
+    for key, value in pairs:
+        try:
+            cfg.merge_from_list([key, value])
+        except _MERGE_ERRORS as e:
+            raise ConfigError(f"command-line override {key} {value}: {reason(e)}") from None
+    return pairs
 
 
 def load_cfg(config_file: str | None = None, opts=None, *, text: str | None = None,
@@ -192,24 +248,14 @@ def load_cfg(config_file: str | None = None, opts=None, *, text: str | None = No
     import yaml
 
     cfg = get_cfg()
-    where = config_file or source
-    if config_file and not Path(config_file).is_file():
-        raise ConfigError(f"{config_file}: no such config file")
-    try:
-        if config_file:
-            cfg.merge_from_file(config_file)
-        elif text is not None:
-            cfg.merge_from_other_cfg(cfg.load_cfg(text))
-    except (KeyError, ValueError, TypeError, AssertionError, yaml.YAMLError) as e:
-        raise ConfigError(f"{where}: {_reason(e)}") from None
-    opts = list(opts or [])
-    if len(opts) % 2:
-        raise ConfigError(f"overrides must be KEY VALUE pairs, got {len(opts)} items: {opts}")
-    for key, value in zip(opts[::2], opts[1::2], strict=True):
+    if config_file:
+        merge_config_file(cfg, config_file)
+    elif text is not None:
         try:
-            cfg.merge_from_list([key, value])
-        except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise ConfigError(f"command-line override {key} {value}: {_reason(e)}") from None
+            cfg.merge_from_other_cfg(cfg.load_cfg(text))
+        except (*_MERGE_ERRORS, yaml.YAMLError) as e:
+            raise ConfigError(f"{source}: {reason(e)}") from None
+    merge_overrides(cfg, opts)
     cfg.freeze()
     return cfg
 

@@ -27,3 +27,14 @@ class CheckpointError(FeatAugError):
 
 class TrainingError(FeatAugError):
     """A run that had to stop (a non-finite loss or weights)."""
+
+
+def reason(e: BaseException, limit: int = 240, *, with_type: bool = False) -> str:
+    """``e``'s message on one line (a KeyError's key without its quotes), at most ``limit``
+    characters; the exception's type name when it has no message (or, ``with_type``, first)."""
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+    text = " ".join(str(msg).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text}" if with_type else text

@@ -167,7 +167,7 @@ def test_paper_config_builds_and_runs(name):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
         get_detection_cfg(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("MODEL:\n  NOT_A_KEY: 1\n")
@@ -460,7 +460,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
     tiny = str(CONFIGS / "tiny_faster_R18_FPN.yaml")
     reg = ["--register-voc", "tr", str(tmp_path / "voc"), "trainval"]
     cases = [
-        (["--config-file", str(tmp_path / "no.yaml")], "no.yaml: config file not found"),
+        (["--config-file", str(tmp_path / "no.yaml")], "no.yaml: no such config file"),
         (["--config-file", tiny, "--trials", "0"], "--trials must be >= 1"),
         (["--config-file", tiny, "--trials", "2", "--eval-only"], "cannot be combined with --eval-only"),
         (["--config-file", tiny], "DATASETS.TRAIN is empty"),

@@ -26,7 +26,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from detect_data import make_voc  # noqa: E402
 
-from transfer import datasets, detect, provenance, schedule, trials  # noqa: E402
+from feataug import cli  # noqa: E402
+from transfer import datasets, provenance, schedule, trials  # noqa: E402
 from transfer.config import get_detection_cfg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,18 +101,13 @@ def test_other_images_per_gpu_warns():
 
 
 def test_schedules_that_cannot_run_are_refused(tmp_path, capsys):
-    parser = __import__("argparse").ArgumentParser()
-    detect.add_arguments(parser)
-    args = parser.parse_args(["--config-file", str(CONFIGS / "pascal_voc_R_50_C4_24k.yaml"),
-                              "SOLVER.IMS_PER_BATCH", "12"])  # fmt: skip
-    assert detect.main(args) == 2
+    voc = ["detect", "--config-file", str(CONFIGS / "pascal_voc_R_50_C4_24k.yaml")]
+    assert cli.main([*voc, "SOLVER.IMS_PER_BATCH", "12"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("feataug detect: error: SOLVER.IMS_PER_BATCH 12 does not split over "
                    "SOLVER.REFERENCE_WORLD_SIZE 8 processes (set REFERENCE_WORLD_SIZE 0 to use "
                    "the batch as written)")  # fmt: skip
-    args = parser.parse_args(["--config-file", str(CONFIGS / "pascal_voc_R_50_C4_24k.yaml"),
-                              "SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(5, 10)"])  # fmt: skip
-    assert detect.main(args) == 2
+    assert cli.main([*voc, "SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(5, 10)"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("feataug detect: error: SOLVER.STEPS (5, 10) has a step at SOLVER.MAX_ITER 10 "
                    "(80 once rescaled for 1 process(es)); every step must be below it")  # fmt: skip

@@ -82,7 +82,7 @@ def refused(tmp_path: Path, capsys, *args: str) -> str:
     """Run `feataug convert`, expect exit 1, one line, and no file changed; return the line."""
     before = snapshot(tmp_path)
     rc, err, out = convert(tmp_path, capsys, *args)
-    assert rc == 1 and len(err) == 1 and err[0].startswith("feataug convert: error: "), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith("feataug convert: error: "), err
     assert out == "" and snapshot(tmp_path) == before
     return err[0]
 

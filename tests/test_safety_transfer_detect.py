@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from detect_data import make_voc  # noqa: E402
 from test_safety_transfer import Payload, snapshot  # noqa: E402
 
+from feataug import cli  # noqa: E402
 from transfer import convert, detect  # noqa: E402
 from transfer.weights import checkpointer_class  # noqa: E402
 
@@ -70,7 +71,7 @@ def _argv(tmp_path: Path, *extra, config=TINY) -> list:
 
 def refused(tmp_path: Path, capsys, argv) -> str:
     before = snapshot(tmp_path)
-    assert detect.main(_parse(argv)) == 2
+    assert cli.main(["detect", *map(str, argv)]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("feataug detect: error: "), captured.err
@@ -206,10 +207,10 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, catalog, weights):
     argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
     (tmp_path / "out").write_text("results of last week")
     before = snapshot(tmp_path)
-    assert detect.main(_parse(argv)) == 2
+    assert cli.main(["detect", *map(str, argv)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"OUTPUT_DIR {tmp_path / 'out'}: exists and is not a folder" in err[0]
     assert snapshot(tmp_path) == before
     argv[argv.index(tmp_path / "out")] = tmp_path / "out" / "sub"
-    assert detect.main(_parse(argv)) == 2
+    assert cli.main(["detect", *map(str, argv)]) == 2
     assert "cannot be created" in capsys.readouterr().err and snapshot(tmp_path) == before

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from detectron2.config import CfgNode, get_cfg
 
+from pretrain.config import merge_config_file, merge_overrides
 from pretrain.errors import ConfigError
 
 
@@ -44,27 +45,8 @@ def get_detection_cfg(config_file: str | Path | None, opts: Sequence[str] | None
     """
     cfg = add_feataug_config(get_cfg())
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            cfg.merge_from_file(str(path))
-        except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise ConfigError(f"{path}: {_reason(e)}") from None
-        except Exception as e:  # yaml syntax errors
-            if type(e).__module__.startswith("yaml"):
-                raise ConfigError(f"{path}: invalid YAML: {_reason(e)}") from None
-            raise
-    opts = list(opts or [])
-    if len(opts) % 2:
-        raise ConfigError(f"overrides must come in KEY VALUE pairs, got {len(opts)} items: {opts}")
-    pairs = list(zip(opts[::2], opts[1::2], strict=True))
-    overrides = dict(pairs)  # key -> its last value
-    for key, value in pairs:
-        try:
-            cfg.merge_from_list([key, value])
-        except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise ConfigError(f"command-line override {key} {value}: {_reason(e)}") from None
+        merge_config_file(cfg, config_file)
+    overrides = dict(merge_overrides(cfg, opts))  # key -> its last value
 
     def source(key: str) -> str:
         if key in overrides:
@@ -73,11 +55,6 @@ def get_detection_cfg(config_file: str | Path | None, opts: Sequence[str] | None
 
     _check(cfg, source)
     return cfg
-
-
-def _reason(e: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(e.args[0] if len(e.args) == 1 else e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check(cfg: CfgNode, source) -> None:

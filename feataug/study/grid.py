@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.errors import ConfigError, FeatAugError
+from pretrain.errors import ConfigError, FeatAugError, reason
 
 RANDOM_INIT = "random-init"
 EVAL_DEFAULTS = dict(train="", val="", format="folder", max_train=0, max_val=0,
@@ -127,8 +127,7 @@ def _resolve(config_file: str, overrides: dict, where: str):
     except ConfigError:
         raise
     except (KeyError, ValueError, TypeError, AssertionError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise StudyError(f"{where}: {str(msg).splitlines()[0]}") from None
+        raise StudyError(f"{where}: {reason(e)}") from None
 
 
 def _check_model(cfg) -> None:
@@ -206,8 +205,8 @@ def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root:
             used.update((k, _fmt(v)) for k, v in chosen.items())
             name = _safe(".".join(p for p in parts if p))
             out.append((name, str(config_file), over, cfg, vname == control))
-    for (key, value), reason in refused.items():
-        _need((key, _fmt(value)) in used, bwhere, f"{key} value {value!r} is never valid: {reason}")
+    for (key, value), why in refused.items():
+        _need((key, _fmt(value)) in used, bwhere, f"{key} value {value!r} is never valid: {why}")
     return out
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, reason
 
 __all__ = [
     "NUMPY_GLOBALS",
@@ -183,12 +183,6 @@ def _pickle_module(allowed: dict[str, Any], placeholders: set[str] | None):
     )
 
 
-def _reason(e: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(e).split())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _names(names: set[str], limit: int = 6) -> str:
     names = sorted(names)
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
@@ -226,7 +220,7 @@ def load_pickle(path: str | Path, allowed: dict[str, Any] = NUMPY_GLOBALS) -> An
     except OSError as e:
         raise UnsafeFileError(f"{path}: cannot read ({e.strerror or e})") from None
     except Exception as e:  # any malformed stream
-        raise UnsafeFileError(f"{path}: not a readable pickle ({_reason(e)})") from None
+        raise UnsafeFileError(f"{path}: not a readable pickle ({reason(e, 160, with_type=True)})") from None
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -253,7 +247,7 @@ def load_torch(
     try:
         scripted = is_zip and _is_torchscript(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise UnsafeFileError(f"{path}: not a readable PyTorch checkpoint ({_reason(e)})") from None
+        raise UnsafeFileError(f"{path}: not a readable PyTorch checkpoint ({reason(e, 160, with_type=True)})") from None
     if scripted:
         raise UnsafeFileError(f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint")
     kwargs = {"map_location": "cpu", "mmap": is_zip}
@@ -275,7 +269,7 @@ def load_torch(
         except Exception as e:
             also = f"; it names {_names(replaced)}, not on the allow-list" if replaced else ""
             raise UnsafeFileError(
-                f"{path}: not a readable PyTorch checkpoint ({_reason(e)}{also})"
+                f"{path}: not a readable PyTorch checkpoint ({reason(e, 160, with_type=True)}{also})"
             ) from None
     if replaced and notes is not None:
         notes.append(

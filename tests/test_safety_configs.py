@@ -1,0 +1,71 @@
+"""Config files of both halves are plain YAML: nothing in them is constructed or run, and every
+fault is one line naming the file.
+
+Truth: a marker file that a ``!!python/object/apply`` tag (in the file or in its ``_BASE_``) would
+create never appears, and the command exits 2 with one ``feataug COMMAND: error:`` line.
+``feataug pretrain`` reads its configs with fvcore's loader, ``feataug detect`` with Detectron2's,
+which would fall back to ``yaml.unsafe_load`` by default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from feataug import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COMMANDS = ["pretrain", pytest.param("detect", marks=pytest.mark.detectron2)]
+
+
+def _run(command: str, config: Path, capsys) -> str:
+    if command == "detect":
+        pytest.importorskip("detectron2")
+    assert cli.main([command, "--config-file", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"feataug {command}: error: {config}: "), err
+    return err[0]
+
+
+def _payload(marker: Path) -> str:
+    return f'SEED: !!python/object/apply:os.system ["touch {marker}"]\n'
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("in_base", [False, True])
+def test_a_python_tag_is_refused_not_run(command, in_base, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(_payload(marker))
+    config = evil
+    if in_base:
+        config = tmp_path / "child.yaml"
+        config.write_text("_BASE_: evil.yaml\n")
+    line = _run(command, config, capsys)
+    assert "YAML tag refused at line 1" in line and "python/object/apply" in line
+    assert ("of " + str(evil)) in line if in_base else " of " not in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("cfg.py", "open('ran', 'w')\n", "a config is a .yaml file (got .py)"),
+        ("list.yaml", "- SEED: 1\n", "must map KEY: value at the top level (it is a list)"),
+        ("empty.yaml", "", "must map KEY: value at the top level (it is empty)"),
+        ("loop.yaml", "_BASE_: loop.yaml\n", "its _BASE_ files include each other in a loop"),
+        ("orphan.yaml", "_BASE_: gone.yaml\n", "gone.yaml: No such file or directory"),
+        ("syntax.yaml", "SEED: [1\n", "invalid YAML"),
+        ("unknown.yaml", "NOT_A_KEY: 1\n", "NOT_A_KEY"),
+    ],
+)
+def test_a_bad_config_file_is_one_line(command, name, text, message, tmp_path, capsys,
+                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a .py config that ran would write ./ran
+    config = tmp_path / name
+    config.write_text(text)
+    assert message in _run(command, config, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
