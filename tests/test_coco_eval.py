@@ -482,6 +482,24 @@ def test_cli_unwritable_json_out(tmp_path, capsys):
     assert len(err) == 1 and str(out) in err[0]
 
 
+@pytest.mark.parametrize("target", ["gt", "results", "existing"])
+def test_json_out_never_replaces_an_input_or_a_file_unasked(tmp_path, capsys, target):
+    gt, dt = _write(tmp_path / "gt.json", GOOD_GT), _write(tmp_path / "dt.json", [GOOD_DT])
+    (tmp_path / "old.json").write_text('{"stats": "last week"}')
+    out = {"gt": gt, "results": dt, "existing": str(tmp_path / "old.json")}[target]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    argv = ["coco-eval", "--gt", gt, "--results", dt, "--json-out", out]
+    assert cli.main([*argv, *(["--overwrite"] if target != "existing" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    want = f"is the --{target} file" if target != "existing" else "exists: pass --overwrite"
+    assert len(err) == 1 and err[0].startswith("feataug coco-eval: error: --json-out ") and want in err[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    if target == "existing":  # asked: replaced by the report
+        assert cli.main([*argv, "--overwrite"]) == 0
+        assert "stats" in json.loads((tmp_path / "old.json").read_text())
+        assert json.loads((tmp_path / "old.json").read_text())["stats"] != "last week"
+
+
 def test_the_good_inputs_pass(tmp_path):
     """The error cases above differ from a valid pair only in the named defect."""
     for iou_type, dts in [

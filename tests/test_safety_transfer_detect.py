@@ -214,3 +214,70 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, catalog, weights):
     argv[argv.index(tmp_path / "out")] = tmp_path / "out" / "sub"
     assert cli.main(["detect", *map(str, argv)]) == 2
     assert "cannot be created" in capsys.readouterr().err and snapshot(tmp_path) == before
+
+
+def test_a_fresh_run_never_replaces_an_earlier_one(tmp_path, capsys, catalog, weights):
+    out = tmp_path / "out"
+    (out / "trial0").mkdir(parents=True)
+    (out / "model_final.pth").write_bytes(b"last week's model")
+    (out / "trial0" / "eval_results.json").write_text('{"bbox": {"AP": 41.0}}')
+    argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
+    before = snapshot(tmp_path)
+    assert cli.main(["detect", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and (f"OUTPUT_DIR {out} already holds a run (model_final.pth, "
+                              "trial0/eval_results.json): use --resume") in err[0], err
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------- resumed checkpoints
+
+
+def test_a_pycls_file_with_a_payload_is_refused(tmp_path, monkeypatch):
+    """``.pyth`` files went to Detectron2's plain ``torch.load``; with weights-only loading
+    switched off in the environment, that would run the payload."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "MARKER"
+    torch.save({"model_state": {"weight": torch.zeros(1, 1)}, "x": Payload("os.system", marker)},
+               tmp_path / "evil.pyth")
+    with pytest.raises(detect.DetectError, match="refused to load"):
+        checkpointer_class()(torch.nn.Linear(1, 1)).load(str(tmp_path / "evil.pyth"))
+    assert not marker.exists()
+    torch.save({"model_state": {"weight": torch.ones(1, 1), "bias": torch.ones(1)}},
+               tmp_path / "good.pyth")
+    model = torch.nn.Linear(1, 1)
+    checkpointer_class()(model).load(str(tmp_path / "good.pyth"))  # positive control
+    assert model.weight.item() == 1.0 and model.bias.item() == 1.0
+
+
+@pytest.mark.parametrize("eval_only", [True, False], ids=["eval-only", "training"])
+def test_resuming_needs_the_whole_model_from_the_checkpoint(eval_only, tmp_path, capsys, catalog,
+                                                            weights):
+    """OUTPUT_DIR's own checkpoint (``last_checkpoint``) is loaded instead of MODEL.WEIGHTS when
+    resuming: a tensor of another shape or one the model lacks is refused, not warned about."""
+    from detectron2.modeling import build_model
+
+    argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
+    model = build_model(detect.setup(_parse(argv)))
+    state = model.state_dict()
+    key = "roi_heads.box_predictor.cls_score.weight"
+    n, d = state[key].shape
+    state[key] = torch.zeros(n + 1, d)
+    state["an.extra.tensor"] = torch.zeros(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"model": state, "iteration": 4}, out / "model_0000004.pth")
+    (out / "last_checkpoint").write_text("model_0000004.pth")
+    saved = snapshot(out)
+    flags = ["--eval-only", "--resume"] if eval_only else ["--resume"]
+    assert cli.main(["detect", *flags, *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"feataug detect: error: {out / 'model_0000004.pth'}: does not fit the "
+                          f"model ({key} (shape {(n + 1, d)} in the file, {(n, d)} in the model), "
+                          "an.extra.tensor (not in the model))"), err
+    assert {k: v for k, v in snapshot(out).items() if k.startswith("model_")} == {
+        k: v for k, v in saved.items() if k.startswith("model_")}
+    if eval_only:  # positive control: the model's own checkpoint is evaluated
+        torch.save({"model": model.state_dict(), "iteration": 4}, out / "model_0000004.pth")
+        assert cli.main(["detect", *flags, *map(str, argv)]) == 0
+        assert (out / "eval_results.json").is_file()

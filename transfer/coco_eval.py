@@ -35,6 +35,7 @@ import math
 import numbers
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -571,6 +572,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--iou-type", choices=IOU_TYPES, default="bbox", help="default: bbox")
     parser.add_argument("--json-out", metavar="F", help="also write the numbers to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --json-out replace an existing file (never GT or DT)")
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -579,7 +582,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_json_out(args: argparse.Namespace) -> None:
+    """--json-out is never one of the inputs, and replaces a file only with --overwrite."""
+    out = Path(args.json_out)
+    for flag, given in (("--gt", args.gt), ("--results", args.results)):
+        if out.exists() and Path(given).exists() and out.samefile(given):
+            raise COCOEvalError(f"--json-out {out} is the {flag} file: it would be replaced")
+    if out.exists() and not args.overwrite:
+        raise COCOEvalError(f"--json-out {out} exists: pass --overwrite to replace it")
+    if out.is_dir():
+        raise COCOEvalError(f"--json-out {out} is a folder")
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.json_out:
+        _check_json_out(args)  # before the evaluation: nothing is computed to be thrown away
     result = evaluate(args.gt, args.results, args.iou_type, backend=args.backend)
     result = {"gt": str(args.gt), "results": str(args.results), **result}
     print(format_report(result))

@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     if args.num_gpus * args.num_machines == 1:
         try:
             run(cfg, args)
-        except TrainingError:
+        except (TrainingError, DetectError):  # DetectError: a checkpoint refused before use
             raise
         except FeatAugError as e:  # records are read when training starts: the run stops
             raise TrainingError(str(e)) from None
@@ -243,7 +243,7 @@ def setup(args: argparse.Namespace):
     check_schedule(cfg, args.num_gpus * args.num_machines)
     _check_datasets(cfg, eval_only=args.eval_only)
     check_weights(cfg, args)
-    _check_output_dir(cfg.OUTPUT_DIR)
+    _check_output_dir(cfg.OUTPUT_DIR, args.resume)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("feataug detect: CUDA is not available, running on CPU", file=sys.stderr)
         cfg.MODEL.DEVICE = "cpu"
@@ -309,7 +309,14 @@ def _check_datasets(cfg, eval_only: bool) -> None:
             )
 
 
-def _check_output_dir(output_dir: str) -> None:
+# what a detection run leaves in its OUTPUT_DIR (and in each trial's folder)
+RUN_FILES = ("last_checkpoint", "model_*.pth", "eval_results.json", "metrics.json",
+             "trials.json")
+
+
+def _check_output_dir(output_dir: str, resume: bool) -> None:
+    """A folder that can be written, and never one holding an earlier run unless resuming it
+    (a fresh run would replace its checkpoints and results)."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DetectError(f"OUTPUT_DIR {out}: exists and is not a folder")
@@ -318,6 +325,16 @@ def _check_output_dir(output_dir: str) -> None:
         raise DetectError(f"OUTPUT_DIR {out}: cannot be created, {folder} is a file")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DetectError(f"OUTPUT_DIR {out}: no write permission in {folder}")
+    if resume or not out.is_dir():
+        return
+    held = sorted({str(p.relative_to(out)) for pattern in RUN_FILES
+                   for p in (*out.glob(pattern), *out.glob(f"trial*/{pattern}")) if p.is_file()})
+    if held:
+        raise DetectError(
+            f"OUTPUT_DIR {out} already holds a run ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}): use --resume to continue it (with --eval-only: "
+            "to evaluate its last checkpoint), or another OUTPUT_DIR"
+        )
 
 
 # -------------------------------------------------------------------------------------- run
@@ -388,9 +405,9 @@ def _run_once(cfg, args: argparse.Namespace) -> dict:
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), ran.dump())
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer_class()(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = checkpointer_class()(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.complete = True  # the whole model, whichever file it comes from
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
@@ -398,6 +415,9 @@ def _run_once(cfg, args: argparse.Namespace) -> dict:
         trainer.checkpointer = checkpointer_class()(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
+        # resuming OUTPUT_DIR's own checkpoint: all of it must fit (MODEL.WEIGHTS was checked
+        # in setup: its trunk)
+        trainer.checkpointer.complete = args.resume and trainer.checkpointer.has_checkpoint()
         trainer.resume_or_load(resume=args.resume)
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}

@@ -245,19 +245,46 @@ def checkpointer_class():
     from detectron2.checkpoint import DetectionCheckpointer
 
     class SafeCheckpointer(DetectionCheckpointer):
-        """``.pkl`` through the restricted unpickler, other files through ``load_torch`` (no
-        placeholders): nothing from a weights file runs. Refusals raise :class:`DetectError`."""
+        """Every file through :func:`read_weights` (``.pkl``: the restricted unpickler; others:
+        ``load_torch``, no placeholders; pycls ``.pyth`` files too): nothing from a weights file
+        runs. With ``complete`` (resuming, evaluating: the file must be this model), a tensor
+        the file lacks, one with another shape, or one the model does not have is an error
+        instead of Detectron2's warning. Refusals raise :class:`DetectError`."""
+
+        complete = False
+
+        def load(self, path, *args, **kwargs):
+            self._path = path
+            return super().load(path, *args, **kwargs)
 
         def _load_file(self, filename):
             try:
-                if filename.endswith(".pkl"):
-                    return read_weights(filename)
-                return super()._load_file(filename)
+                if filename.endswith(".pyth"):  # pycls: the model under "model_state"
+                    state = load_torch(filename)
+                    if not isinstance(state, dict) or not isinstance(state.get("model_state"), dict):
+                        raise UnsafeFileError(f"{filename}: not pycls weights (no model_state)")
+                    return {"model": state["model_state"], "__author__": "pycls",
+                            "matching_heuristics": True}
+                return read_weights(filename)
             except UnsafeFileError as e:
                 raise DetectError(str(e)) from None
 
-        def _torch_load(self, f):
-            return load_torch(f)
+        def _load_model(self, checkpoint):
+            result = super()._load_model(checkpoint)
+            if self.complete:
+                bad = [f"{k} (shape {tuple(a)} in the file, {tuple(b)} in the model)"
+                       for k, a, b in result.incorrect_shapes]
+                shaped = {k for k, _, _ in result.incorrect_shapes}
+                bad += [f"{k} (not in the file)" for k in result.missing_keys
+                        if k not in shaped and not k.endswith("num_batches_tracked")]
+                bad += [f"{k} (not in the model)" for k in result.unexpected_keys]
+                if bad:
+                    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                    raise DetectError(
+                        f"{getattr(self, '_path', 'checkpoint')}: does not fit the model "
+                        f"({', '.join(bad[:3])}{more}): resuming and --eval-only need the whole "
+                        "model of this config")
+            return result
 
     SafeCheckpointer.__module__ = __name__
     return SafeCheckpointer
