@@ -499,6 +499,15 @@ def test_refuses_shape_mismatch(tmp_path, capsys, r18_state):
     assert "(128, 128, 3, 3)" in line
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_refuses_non_finite_weights(bad, tmp_path, capsys, r18_state):
+    var = r18_state["layer3.0.bn1.running_var"].clone()  # the fixture's tensors are shared
+    var[5] = bad  # a diverged run
+    r18_state["layer3.0.bn1.running_var"] = var
+    line = _refused(tmp_path, capsys, make_checkpoint("moco", r18_state, 18))
+    assert "non-finite values (NaN or inf) in layer3.0.bn1.running_var" in line
+
+
 def test_refuses_unknown_trunk_tensors(tmp_path, capsys, r18_state):
     r18_state["layer1.0.se.fc1.weight"] = torch.randn(4, 64)
     line = _refused(tmp_path, capsys, r18_state)

@@ -431,6 +431,9 @@ def _check_trunk(trunk: Mapping[str, torch.Tensor], arch: Arch, source: str) -> 
     ]
     if wrong:
         raise ConvertError(f"{source}: shape mismatch for {arch.title}: {_listing(wrong, 4)}")
+    not_finite = [k for k in ref if trunk[k].is_floating_point() and not trunk[k].isfinite().all()]
+    if not_finite:  # a diverged run: detection would fine-tune NaN weights
+        raise ConvertError(f"{source}: non-finite values (NaN or inf) in {_listing(not_finite)}")
 
 
 def _check_stem(ckpt: Mapping, fmt: Format, trunk: Mapping[str, torch.Tensor], source: str):
