@@ -121,9 +121,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if missing:
         raise CheckpointError(f"{path}: not a FeatAug pretraining checkpoint "
                               f"(missing {', '.join(missing)})")
+    kinds = {"version": int, "config": str, "epoch": int, "iter": int, "model": dict,
+             "optimizer": dict, "backbone": dict, "arch": dict}
+    wrong = [f"{k} is a {type(ckpt[k]).__name__}, not {t.__name__}" for k, t in kinds.items()
+             if not isinstance(ckpt[k], t) or isinstance(ckpt[k], bool)]
+    if wrong:
+        raise CheckpointError(f"{path}: not a FeatAug pretraining checkpoint ({'; '.join(wrong)})")
     if ckpt["version"] > VERSION:
         raise CheckpointError(f"{path}: schema version {ckpt['version']} is newer than this "
                               f"FeatAug's ({VERSION}); upgrade FeatAug")
+    bad = next((k for k, v in ckpt["backbone"].items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: backbone[{bad!r}] is a "
+                              f"{type(ckpt['backbone'][bad]).__name__}, not a tensor")
     return ckpt
 
 

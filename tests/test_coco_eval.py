@@ -414,7 +414,20 @@ ERROR_CASES = [
         "lacks 'area'",
     ),
     ("missing results file", "dt", GOOD_GT, None, [], "cannot read"),
-]
+    *[(f"GT annotation {key} {value!r}", "gt",
+       {**GOOD_GT, "annotations": [{**GOOD_GT["annotations"][0], key: value}]}, [GOOD_DT], [], words)
+      for key, value, words in [
+          ("id", [3], "annotations[0] has id [3]; an id is an integer"),
+          ("category_id", 7, "annotations[0] names category_id 7, not in 'categories'"),
+          ("area", "big", 'annotations[0] has area "big"; an area is a finite number >= 0'),
+          ("area", -1, "annotations[0] has area -1"),
+          ("iscrowd", "no", 'annotations[0] has iscrowd "no"; it is 0 or 1'),
+      ]],
+    ("GT image id a list", "gt", {**GOOD_GT, "images": [{**GOOD_GT["images"][0], "id": [1]}]},
+     [GOOD_DT], [], "images[0] has id [1]; an id is an integer"),
+    ("results image_id a list", "dt", GOOD_GT, [{**GOOD_DT, "image_id": [1]}], [],
+     "detection 0 has image_id [1]; an id is an integer"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -428,7 +441,7 @@ def test_cli_errors(tmp_path, capsys, bad, gt, dts, extra, words):
         ["coco-eval", "--gt", gt_path, "--results", dt_path, "--json-out", str(out), *extra]
     )
     captured = capsys.readouterr()
-    assert rc != 0
+    assert rc == 2
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("feataug coco-eval: error: ")

@@ -158,3 +158,20 @@ def test_crafted_checkpoints_are_refused_not_executed(finished_run, tmp_path, ca
     assert f"{out / 'last.pth'}: refused to load: its pickle names posix.system" in line
     assert not marker.exists()
     assert _hashes(out) == before
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("version", "2", "version is a str, not int"),
+    ("arch", 0, "arch is a int, not dict"),
+    ("backbone", 0, "backbone is a int, not dict"),
+    ("backbone", {"conv1.weight": [0.0]}, "backbone['conv1.weight'] is a list, not a tensor"),
+])  # fmt: skip
+def test_a_checkpoint_with_fields_of_the_wrong_type_is_one_line(finished_run, tmp_path, capsys,
+                                                               key, value, words):
+    _, src = finished_run
+    ckpt = torch.load(src / "last.pth", weights_only=True)
+    ckpt[key] = value
+    torch.save(ckpt, tmp_path / "bad.pth")
+    assert cli.main(["lincls", "--checkpoint", str(tmp_path / "bad.pth")]) == 2
+    line = _one_error_line(capsys, "lincls")
+    assert f"{tmp_path / 'bad.pth'}: " in line and words in line, line

@@ -104,6 +104,11 @@ def _kind(v: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
 
 
+def _is_id(v: Any) -> bool:
+    """A COCO id: an integer (or a string), never a list, an object or a boolean."""
+    return isinstance(v, int | str) and not isinstance(v, bool)
+
+
 def load_gt(path: PathLike) -> dict:
     """Read a COCO ground-truth file and check its three sections."""
     gt = _read_json(path)
@@ -124,6 +129,9 @@ def check_gt(gt: Any, iou_type: str | None = None, name: str = "ground truth") -
         for i, entry in enumerate(gt[key]):
             if not isinstance(entry, dict) or "id" not in entry:
                 raise COCOEvalError(f"{name}: {key}[{i}] is not an object with an 'id'")
+            if not _is_id(entry["id"]):
+                raise COCOEvalError(f"{name}: {key}[{i}] has id {_short(entry['id'])}; an id is "
+                                    "an integer")
     if iou_type is None:
         return
     _check_iou_type(iou_type)
@@ -132,6 +140,7 @@ def check_gt(gt: Any, iou_type: str | None = None, name: str = "ground truth") -
             if "height" not in img or "width" not in img:
                 raise COCOEvalError(f"{name}: images[{i}] lacks 'height'/'width' (needed for segm)")
     image_ids = {img["id"] for img in gt["images"]}
+    category_ids = {cat["id"] for cat in gt["categories"]}
     need = ("id", "image_id", "category_id", "area", "iscrowd", _REGION[iou_type])
     for i, ann in enumerate(gt["annotations"]):
         if not isinstance(ann, dict):
@@ -139,10 +148,24 @@ def check_gt(gt: Any, iou_type: str | None = None, name: str = "ground truth") -
         missing = [k for k in need if k not in ann]
         if missing:
             raise COCOEvalError(f"{name}: annotations[{i}] lacks {', '.join(map(repr, missing))}")
+        for key in ("id", "image_id", "category_id"):
+            if not _is_id(ann[key]):
+                raise COCOEvalError(f"{name}: annotations[{i}] has {key} {_short(ann[key])}; an "
+                                    "id is an integer")
         if ann["image_id"] not in image_ids:
             raise COCOEvalError(
                 f"{name}: annotations[{i}] names image_id {ann['image_id']!r}, not in 'images'"
             )
+        if ann["category_id"] not in category_ids:  # the evaluators would drop it silently
+            raise COCOEvalError(f"{name}: annotations[{i}] names category_id "
+                                f"{ann['category_id']!r}, not in 'categories'")
+        if not (_is_number(ann["area"]) and _finite(ann["area"]) and ann["area"] >= 0):
+            raise COCOEvalError(f"{name}: annotations[{i}] has area {_short(ann['area'])}; an "
+                                "area is a finite number >= 0")
+        crowd = ann["iscrowd"]
+        if not (isinstance(crowd, bool) or (_is_number(crowd) and crowd in (0, 1))):
+            raise COCOEvalError(f"{name}: annotations[{i}] has iscrowd {_short(ann['iscrowd'])}; "
+                                "it is 0 or 1")
         box = ann.get("bbox")
         if iou_type == "bbox" and not (
             isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))
@@ -212,6 +235,9 @@ def load_results(
             raise fail(f"detection {i} has a score of {_kind(d['score'])}, not a number")
         if not _finite(d["score"]):
             raise fail(f"detection {i} has score {_num(d['score'])}; scores must be finite")
+        for key in ("image_id", "category_id"):
+            if not _is_id(d[key]):
+                raise fail(f"detection {i} has {key} {_short(d[key])}; an id is an integer")
         if d["image_id"] not in images:
             unknown["image_id"].append(i)
         if d["category_id"] not in category_ids:
