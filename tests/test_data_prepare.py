@@ -486,6 +486,19 @@ def test_failed_build_leaves_nothing_behind(tmp_path, labelme_sdist):
     assert sorted(p.name for p in root.iterdir()) == ["labelme"]
 
 
+def test_a_root_under_a_file_and_a_damaged_marker(tmp_path, labelme_sdist, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    argv = ["prepare-data", "labelme", "--source", str(labelme_sdist), "--no-progress"]
+    assert cli.main([*argv, "--root", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"feataug prepare-data: error: {tmp_path / 'file' / 'labelme'}: cannot be "
+                   "created, a file stands in its path"]
+    root = tmp_path / "root"
+    assert cli.main([*argv, "--root", str(root)]) == 0
+    (root / "labelme" / fd.MARKER).write_text("[]")  # valid JSON, not a summary: rebuilt
+    assert fd.prepare_labelme(root, source=labelme_sdist)["reused"] is False
+
+
 def test_tampered_source_is_a_clear_error(tmp_path, deepforest_wheel):
     bad = tmp_path / "deepforest.whl"
     with zipfile.ZipFile(deepforest_wheel) as src, zipfile.ZipFile(bad, "w") as dst:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -232,11 +233,20 @@ def test_voc_reader_errors(tmp_path, catalog):
     with pytest.raises(datasets.DatasetError, match="already registered"):
         datasets.register_voc("b", root, "trainval")
     xml = root / "Annotations" / "002002.xml"
-    xml.write_text(xml.read_text().replace("<xmax>", "<xmax>x", 1))
+    text = xml.read_text()
+    xml.write_text(text.replace("<xmax>", "<xmax>x", 1))
     with pytest.raises(
         datasets.DatasetError, match=r"002002\.xml: object 0 .* <xmax> is not a number"
     ):
         datasets.voc_class_names_from_data(root)
+    for tag, value, words in [("xmin", "nan", "<xmin> is not a finite number: 'nan'"),
+                              ("width", "inf", "<size> <width> is not a finite number: 'inf'")]:
+        xml.write_text(re.sub(f"<{tag}>[^<]*", f"<{tag}>{value}", text, count=1))
+        with pytest.raises(datasets.DatasetError, match=re.escape(words)):
+            datasets.load_voc(root, "trainval", CLASSES)
+    xml.write_text(re.sub("<difficult>[^<]*", "<difficult>inf", text, count=1))
+    with pytest.raises(datasets.DatasetError, match=r"<difficult> is 'inf'"):
+        datasets.load_voc(root, "trainval", CLASSES)
     xml.write_text("<annotation><object>")
     with pytest.raises(datasets.DatasetError, match=r"002002\.xml: invalid XML"):
         datasets.load_voc(root, "trainval", CLASSES)

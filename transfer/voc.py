@@ -7,6 +7,7 @@ naming the file and the object. No Detectron2 needed: dataset preparation uses i
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 
 from pretrain.errors import DataError
@@ -28,9 +29,12 @@ def _number(node: ET.Element | None, tag: str, file: str, what: str) -> float:
     if s is None:
         raise DatasetError(f"{file}: {what} has no <{tag}>")
     try:
-        return float(s)
+        value = float(s)
     except ValueError:
         raise DatasetError(f"{file}: {what} <{tag}> is not a number: {s!r}") from None
+    if not math.isfinite(value):  # "nan", "inf": float() takes them
+        raise DatasetError(f"{file}: {what} <{tag}> is not a finite number: {s!r}")
+    return value
 
 
 def parse_voc_xml(data: bytes, file: str) -> tuple[tuple[int, int] | None, tuple[tuple, ...]]:
@@ -64,7 +68,7 @@ def parse_voc_xml(data: bytes, file: str) -> tuple[tuple[int, int] | None, tuple
         difficult = _text(obj, "difficult")
         try:
             difficult = int(float(difficult)) if difficult is not None else 0
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: "inf"
             raise DatasetError(
                 f"{file}: object {k} ({name}) <difficult> is {difficult!r}"
             ) from None

@@ -160,13 +160,18 @@ def _publish(out: Path, build: Callable[[Path], dict], force: bool,
             summary = json.loads(marker.read_text())
         except ValueError:
             summary = {}
+        if not isinstance(summary, dict):  # a damaged marker: rebuilt
+            summary = {}
         if summary.get("format") == FORMAT_VERSION and is_current(summary):
             return {**summary, "reused": True}
     elif out.exists() and not force:
         raise DataError(
             f"{out} exists but is not a prepared dataset (no {MARKER}); remove it or pass --force"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(f"{out}: cannot be created, a file stands in its path") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old = None
     try:
