@@ -34,7 +34,7 @@ from pathlib import Path
 from feataug import REPO_ROOT
 from feataug.plots import plot_bars, plot_predictions
 from pretrain.errors import FeatAugError
-from pretrain.utils.stats import claim, mean_std
+from pretrain.utils.stats import claim, format_pm, mean_std
 
 PRETRAIN_CONFIG = "configs/pretrain/fmnist_moco_r18.yaml"
 SCENES_CONFIG = "configs/detection/scenes_faster_R18_FPN.yaml"
@@ -162,10 +162,7 @@ def summarize(per_start: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def _pm(mean: float, sd: float, signed: bool = False) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    return text if math.isnan(sd) else f"{text} ± {sd:.1f}"
+    return format_pm(mean, sd, 1, signed, missing="n/a")
 
 
 def format_table(rows: dict[str, dict]) -> str:

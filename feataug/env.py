@@ -9,10 +9,14 @@ import sys
 
 
 def _version(module: str) -> str:
+    """``module``'s version, or why it does not import."""
+    from transfer.provenance import package_version
+
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
+        importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - report any import failure as text
         return f"not available ({type(e).__name__}: {e})".splitlines()[0]
+    return package_version(module) or "installed"
 
 
 def _detectron2_ops() -> str:
@@ -45,20 +49,11 @@ def collect() -> list[tuple[str, str]]:
     rows += [
         ("fvcore", _version("fvcore")),
         ("faster-coco-eval", _version("faster_coco_eval")),
-        ("pycocotools", _pycocotools_version()),
+        ("pycocotools", _version("pycocotools")),
         ("opencv", _version("cv2")),
         ("numpy", _version("numpy")),
     ]
     return rows
-
-
-def _pycocotools_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("pycocotools")
-    except Exception as e:  # noqa: BLE001
-        return f"not available ({e})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

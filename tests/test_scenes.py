@@ -233,6 +233,6 @@ def test_cli_builds_from_the_debian_package(tmp_path, capsys):
             assert a["category_id"] == labels[a["source_index"]] + 1
     assert cli.main(args) == 0
     assert "already prepared" in capsys.readouterr().out
-    assert cli.main([*args[:-1], "160"]) == 1
+    assert cli.main([*args[:-1], "160"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prepared with other settings" in err[0]

@@ -71,12 +71,17 @@ def detectron2_importable(python: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def pip(python: str, *args: str) -> None:
+def pip(python: str, *args: str, quiet: bool = False) -> None:
+    """Run ``python -m pip ARGS``: the command logged and its output shown, or with ``quiet`` its
+    output kept back and only the last line of its stderr in the error."""
     cmd = [python, "-m", "pip", *args]
-    log(" ".join(cmd))
-    r = subprocess.run(cmd)
+    if not quiet:
+        log(" ".join(cmd))
+    r = subprocess.run(cmd, capture_output=quiet, text=True)
     if r.returncode != 0:
-        raise InstallError(f"pip failed (exit {r.returncode}): {' '.join(cmd)}")
+        tail = (r.stderr or "").strip().splitlines()[-1:]
+        raise InstallError(f"pip {args[0]} failed (exit {r.returncode})"
+                           + (f": {tail[0]}" if tail else f": {' '.join(cmd)}"))
 
 
 def default_cache() -> Path:

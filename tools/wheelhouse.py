@@ -29,7 +29,6 @@ import configparser
 import json
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -110,12 +109,8 @@ def platform_tags(arch: str, glibc: str) -> list[str]:
 
 
 def _pip(*args: str) -> None:
-    """Run pip; its last line of stderr becomes the error when it fails."""
-    r = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        tail = r.stderr.strip().splitlines()[-1:]
-        raise WheelhouseError(f"pip {args[0]} failed (exit {r.returncode})"
-                              + (f": {tail[0]}" if tail else ""))
+    """pip for this interpreter, quiet (``install_detectron2.pip``)."""
+    d2.pip(sys.executable, *args, quiet=True)
 
 
 def resolve(requirements: list[str], find_links: Path, target: list[str] | None) -> list[dict]:

@@ -4,7 +4,8 @@ Keys added by :func:`add_feataug_config` (Detectron2's own keys keep their defau
 
 ``SOLVER.AMP.PRECISION``
     ``"auto"``, ``"float16"`` or ``"bfloat16"``. Used when ``SOLVER.AMP.ENABLED``: CUDA trains
-    with Detectron2's ``AMPTrainer`` (auto: float16), CPU with a bfloat16 autocast trainer
+    with Detectron2's ``AMPTrainer`` (auto: bfloat16 where the GPU supports it, else float16),
+    CPU with a bfloat16 autocast trainer
     (``transfer.trainer.CPUAutocastTrainer``). On a CPU without native bfloat16 (no AVX512-BF16 /
     AMX) ``auto`` trains in float32, because emulated bfloat16 is several times slower;
     ``bfloat16`` forces it.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pretrain.utils.io import atomic_write_text
 
-__all__ = ["collect", "file_sha256", "header", "write"]
+__all__ = ["collect", "file_sha256", "header", "package_version", "write"]
 
 # module -> distribution names that may provide it
 PACKAGES = {
@@ -44,10 +44,16 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _version(module: str) -> str | None:
+def package_version(module: str, must_import: bool = False) -> str | None:
+    """The version of the package that provides ``module``: its ``__version__``, else the
+    installed distribution's (``PACKAGES``, else the module's own name); None when neither is
+    found, or (``must_import``) when ``module`` does not import. The one version lookup
+    (provenance, ``feataug env``, the benchmarks' machine record)."""
     try:
         found = getattr(importlib.import_module(module), "__version__", None)
     except Exception:  # a package that fails to import has no version to record
+        if must_import:
+            return None
         found = None
     if found:
         return str(found)
@@ -113,7 +119,7 @@ def collect(cfg, argv: list[str] | None = None, world_size: int = 1) -> dict:
         "cwd": os.getcwd(),
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "weights": _weights(cfg.MODEL.WEIGHTS),
-        "versions": {dist[0]: _version(module) for module, dist in PACKAGES.items()},
+        "versions": {dist[0]: package_version(module) for module, dist in PACKAGES.items()},
         "git": {"commit": commit, "dirty": None if status is None else bool(status)},
         "world_size": world_size,
         "config": "config.yaml",

@@ -287,26 +287,18 @@ def machine_info() -> dict:
             "platform": platform.platform(), "torch": torch.__version__}
     for name, module in (("torchvision", "torchvision"), ("opencv", "cv2"), ("pillow", "PIL"),
                          ("numpy", "numpy"), ("lightly", "lightly"), ("detectron2", "detectron2"),
-                         ("faster_coco_eval", "faster_coco_eval")):
+                         ("faster_coco_eval", "faster_coco_eval"), ("pycocotools", "pycocotools")):
         info[name] = _module_version(module)
-    try:
-        from importlib.metadata import version
-
-        info["pycocotools"] = version("pycocotools")
-    except Exception:  # noqa: BLE001
-        info["pycocotools"] = None
     if hasattr(os, "getloadavg"):
         info["load_average_start"] = round(os.getloadavg()[0], 2)
     return info
 
 
 def _module_version(module: str) -> str | None:
-    import importlib
+    """The version of an importable ``module``, else None (it is not available)."""
+    from transfer.provenance import package_version
 
-    try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
+    return package_version(module, must_import=True)
 
 
 def _bar(total: int, desc: str):

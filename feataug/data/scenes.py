@@ -47,6 +47,7 @@ import numpy as np
 
 from pretrain.data import parse_idx
 from pretrain.errors import DataError
+from pretrain.utils.stats import mean_std
 
 from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_SHA256, find_fashion_mnist
 from .fetch import default_root, read_members
@@ -172,8 +173,8 @@ def read_fashion_mnist(source: str | os.PathLike) -> Arrays:
 
 
 def _mean_sd(values) -> list[float]:
-    values = np.asarray(values, dtype=np.float64)
-    return [round(float(values.mean()), 2), round(float(values.std()), 2)]
+    """Mean and sample sd (``pretrain.utils.stats.mean_std``), to 2 decimals."""
+    return [round(v, 2) for v in mean_std([float(v) for v in values])]
 
 
 def build_scenes(

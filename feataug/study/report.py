@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pretrain.utils.io import atomic_open, atomic_write_text
-from pretrain.utils.stats import claim, mean_std
+from pretrain.utils.stats import claim, format_pm, mean_std
 
 from .grid import Grid, _safe
 
@@ -62,11 +62,7 @@ def summarize(grid: Grid, records: Iterable[dict], metrics: Sequence[str]) -> li
 
 
 def _pm(ms: tuple[float, float], signed: bool = False) -> str:
-    m, s = ms
-    if math.isnan(m):
-        return ""
-    text = f"{m:+.2f}" if signed else f"{m:.2f}"
-    return text if math.isnan(s) else f"{text} ± {s:.2f}"
+    return format_pm(*ms, 2, signed)
 
 
 def _verdict(row: dict, m: str, tag: str = "") -> str:

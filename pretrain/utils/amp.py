@@ -1,7 +1,8 @@
 """Mixed precision: one spelling and one rule for pretraining and detection.
 
-Precision values (``SOLVER.AMP`` in pretraining configs, ``SOLVER.AMP.PRECISION`` in detection
-configs): ``auto``, ``off``, ``bfloat16``, ``float16``.
+Precision values: ``auto``, ``off``, ``bfloat16``, ``float16`` (``SOLVER.AMP`` in pretraining
+configs); detection configs switch AMP with Detectron2's ``SOLVER.AMP.ENABLED`` and take ``auto``,
+``bfloat16`` or ``float16`` in ``SOLVER.AMP.PRECISION``.
 
 ``auto``: on CUDA bfloat16 where the GPU supports it, else float16 (with a GradScaler); on a
 CPU bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX), else full precision,

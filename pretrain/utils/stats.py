@@ -34,3 +34,13 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     if len(vals) == 1:
         return mean, math.nan
     return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def format_pm(mean: float, sd: float, digits: int = 2, signed: bool = False,
+              missing: str = "") -> str:
+    """``mean ± sd`` with ``digits`` decimals (``+`` shown with ``signed``); the sd left out when
+    it is NaN (one value), ``missing`` when the mean is NaN."""
+    if math.isnan(mean):
+        return missing
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
