@@ -64,7 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .losses import info_nce
+from .losses import info_nce, info_nce_from_logits
 from .utils.registry import Registry, lookup, register_as
 
 FA_REGISTRY = Registry("FA_OP")
@@ -460,8 +460,7 @@ class ContrastiveFA(FeatureAugmentation):
                 return info_nce(q, k, negatives, T, extra)[0]
             # the same InfoNCE with the plain problem's products reused: [q·k⁺, q·n, q·h]/T
             extra = self.augment.op.similarities(q, queue, logits[:, 1:] * T)  # [N, s+s′]
-            labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-            return F.cross_entropy(torch.cat([logits, extra / T], dim=1), labels)
+            return info_nce_from_logits(torch.cat([logits, extra / T], dim=1))
         if self.position == "backbone":
             aug = self.augment(h, h_k)
             q_aug = F.normalize(projector(aug.z).float(), dim=1)  # [NUM*N, C]

@@ -36,10 +36,16 @@ def info_nce(
     l_neg = torch.einsum("nc,kc->nk", q, queue)  # [N, K]
     logits = torch.cat([l_pos, l_neg] + ([extra] if extra is not None else []), dim=1) / T
     if targets is None:
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return F.cross_entropy(logits, labels), logits
+        return info_nce_from_logits(logits), logits
     soft = F.pad(targets, (0, logits.shape[1] - targets.shape[1]))  # [N, B+K(+M)]
     return -(soft * F.log_softmax(logits, dim=1)).sum(1).mean(), logits
+
+
+def info_nce_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of logits [N, 1 + M] already divided by T, the positive first: the mean over
+    rows of − log softmax(logits)_0 (for a caller that reuses the plain problem's logits)."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
 
 
 def _mean(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
