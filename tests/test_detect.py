@@ -599,6 +599,41 @@ def test_detect_voc_trials_and_eval_only(tmp_path, catalog, r18_weights):
     assert again == pytest.approx(per_trial[1], abs=1e-6)
 
 
+@pytest.mark.parametrize("trials", [None, 2])
+def test_fine_tuning_starts_from_model_weights(tmp_path, catalog, r18_weights, monkeypatch,
+                                               trials):
+    """When training starts, every trunk tensor of the model is the converted file's (its
+    arrays, Detectron2 names): the run fine-tunes MODEL.WEIGHTS, not a random start."""
+    import pickle
+
+    from transfer.trainer import Trainer
+
+    _, pkl = r18_weights
+    with open(pkl, "rb") as f:
+        arrays = pickle.load(f)["model"]
+    seen = []
+
+    def train(self):  # in place of the training loop: what it would start from
+        trunk = {k.removeprefix("backbone.bottom_up."): v.detach().cpu().numpy()
+                 for k, v in self.model.state_dict().items()
+                 if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
+        seen.append(trunk)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    make_voc(tmp_path / "voc", n_train=2, n_test=1)
+    argv = ["detect", "--config-file", str(CONFIGS / "tiny_faster_R18_FPN.yaml"),
+            "--register-voc", "tr", str(tmp_path / "voc"), "trainval",
+            *(["--trials", str(trials)] if trials else []),
+            "DATASETS.TRAIN", "('tr',)", "DATASETS.TEST", "('tr',)", *TINY,
+            "MODEL.WEIGHTS", str(pkl), "OUTPUT_DIR", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert len(seen) == (trials or 1)
+    for trunk in seen:
+        assert sorted(trunk) == sorted(arrays)  # every tensor of the file, nothing else
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(trunk[k], v, err_msg=k)
+
+
 def test_detect_coco_mask_with_cpu_amp(tmp_path, catalog, r18_weights):
     """Mask R-CNN on COCO-format data with SOLVER.AMP (CPU: bfloat16 autocast where the CPU has
     native bfloat16, else float32): bbox and segm AP, equal to pycocotools on the evaluator's
