@@ -427,6 +427,31 @@ def test_knn_monitor_and_linear_probe_separate_two_colors(tmp_path, capsys):
     assert "top-1 100.00%" in capsys.readouterr().out
 
 
+def test_lincls_scores_the_checkpoints_own_trunk(tmp_path, monkeypatch):
+    """The red/blue data above is separable by any trunk, so ``top1`` alone cannot show which
+    trunk was scored: the trunk ``linear_eval`` receives is the checkpoint's, tensor for tensor."""
+    import pretrain.lincls as lincls
+
+    train, val = _images(tmp_path / "train", 8, seed=1), _images(tmp_path / "val", 4, seed=2)
+    out = tmp_path / "o"
+    assert _pretrain(train, out, "SOLVER.MAX_ITER", "1") == 0
+    trunk = torch.load(out / "last.pth", weights_only=True)["backbone"]
+    seen = []
+    real = lincls.linear_eval
+
+    def spy(cfg, backbone, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in backbone.state_dict().items()})
+        return real(cfg, backbone, *args, **kwargs)
+
+    monkeypatch.setattr(lincls, "linear_eval", spy)
+    assert cli.main(["lincls", "--checkpoint", str(out / "last.pth"), "DATA.KNN_TRAIN_ROOT",
+                     str(train), "DATA.KNN_VAL_ROOT", str(val), "DATALOADER.NUM_WORKERS", "0",
+                     "LINCLS.EPOCHS", "1", "LINCLS.AUGMENT", "False"]) == 0
+    assert len(seen) == 1 and seen[0].keys() == trunk.keys()
+    for k, v in trunk.items():
+        torch.testing.assert_close(seen[0][k].to(v.dtype), v, rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.slow
 def test_short_fashion_mnist_run_beats_its_untrained_trunk(tmp_path):
     """400 MoCo iterations on Fashion-MNIST (configs/pretrain/fmnist_moco_r18.yaml): the kNN
