@@ -381,6 +381,21 @@ def test_lr_schedule_by_hand():
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.05), 0.2]
 
 
+def test_warm_up_and_step_epochs_become_iterations_in_a_run(tmp_path):
+    """8 images, batch 4: 2 iterations an epoch. WARMUP_EPOCHS 1 is 2 iterations of linear
+    warm-up; STEPS (2,) is a drop by GAMMA at iteration 4; EPOCHS 3 is 6 iterations."""
+    data = _images(tmp_path / "d", 8)
+    out = tmp_path / "o"
+    assert _pretrain(data, out, "SOLVER.EPOCHS", "3", "SOLVER.MAX_ITER", "0", "SOLVER.WARMUP_EPOCHS",
+                     "1", "SOLVER.SCHEDULE", "step", "SOLVER.STEPS", "(2,)", "SOLVER.GAMMA", "0.1",
+                     "SOLVER.BASE_LR", "0.64") == 0
+    lrs = [(r["iter"], r["lr"]) for r in _metrics(out) if "lr" in r]
+    base = 0.64 * 4 / 256
+    want = [0.5, 1.0, 1.0, 1.0, 0.1, 0.1]  # (it + 1) / 2 while warming up, then GAMMA from it 4
+    assert [it for it, _ in lrs] == list(range(1, 7))
+    assert [lr for _, lr in lrs] == pytest.approx([base * f for f in want])
+
+
 def test_knn_at_start_sees_the_untrained_trunk_and_changes_nothing(tmp_path, monkeypatch):
     import pretrain.engine.train_loop as loop
     from pretrain.backbone import build_backbone
@@ -524,6 +539,81 @@ def test_foreach_lars_equals_the_per_tensor_update(wd):
             assert torch.equal(a, b), (step, a.shape)
     assert not torch.equal(ours[0], _random_params(torch.Generator().manual_seed(0))[0])
     assert set(opt.state[ours[0]]) == {"momentum_buffer"}  # the checkpoint's state keys
+
+
+def test_byol_config_trains_with_lars_excluding_biases_and_norms():
+    """BYOL's published recipe (configs/pretrain/byol_r50.yaml, trunk shrunk to ResNet-18): LARS
+    with weight decay and trust ratios on the weights, plain SGD steps without weight decay on
+    biases and BN parameters; one step equals the per-tensor update of each group."""
+    from pretrain.build import build_model
+    from pretrain.config import load_cfg
+    from pretrain.solver import LARS, base_lr, build_optimizer
+
+    cfg = load_cfg(str(ROOT / "configs" / "pretrain" / "byol_r50.yaml"),
+                   ["MODEL.BACKBONE", "resnet18"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    assert type(opt) is LARS
+    weights, flat = opt.param_groups
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim <= 1 for p in flat["params"])
+    assert weights["lars_exclude"] is False and weights["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY > 0
+    assert flat["lars_exclude"] is True and flat["weight_decay"] == 0.0
+    params = weights["params"] + flat["params"]
+    assert len(params) == len([p for p in model.parameters() if p.requires_grad])
+    ref = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(1)
+    for p, r in zip(params, ref, strict=True):
+        p.grad = torch.randn(p.shape, generator=g)
+        r.grad = p.grad.clone()
+    opt.step()
+    lr, eta = base_lr(cfg), weights["eta"]
+    n = len(weights["params"])
+    _reference_lars_step(ref[:n], {}, lr, cfg.SOLVER.MOMENTUM, cfg.SOLVER.WEIGHT_DECAY, eta, False)
+    _reference_lars_step(ref[n:], {}, lr, cfg.SOLVER.MOMENTUM, 0.0, eta, True)
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.detach(), r)
+
+
+def test_fused_sgd_under_a_grad_scaler_steps_unscaled_and_skips_inf():
+    """fp16 training scales the loss; the fused SGD gets the scale from the GradScaler and must
+    take the unscaled step (torch's SGD on the true gradient), and skip a step with an inf."""
+    from pretrain.config import get_cfg
+    from pretrain.solver import build_optimizer
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 4)
+
+        def param_groups(self):
+            return [{"params": list(self.parameters())}]
+
+    cfg = get_cfg()
+    torch.manual_seed(0)
+    model, ref = Tiny(), torch.nn.Linear(6, 4)
+    ref.load_state_dict(model.lin.state_dict())
+    opt = build_optimizer(cfg, model)
+    plain = torch.optim.SGD(ref.parameters(), lr=opt.param_groups[0]["lr"],
+                            momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(3):
+        x = torch.randn(3, 6)
+        opt.zero_grad()
+        scaler.scale(model.lin(x).square().sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        plain.zero_grad()
+        ref(x).square().sum().backward()
+        plain.step()
+        torch.testing.assert_close(model.lin.weight, ref.weight)
+    before = model.lin.weight.detach().clone()
+    opt.zero_grad()
+    scaler.scale(model.lin(torch.randn(3, 6)).square().sum()).backward()
+    model.lin.weight.grad[0, 0] = math.inf
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(model.lin.weight, before) and scaler.get_scale() == 512.0
 
 
 def test_sgd_steps_with_fused_kernels_and_keeps_them_after_a_resume():
