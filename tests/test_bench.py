@@ -65,9 +65,13 @@ def test_interleave_alternates_and_drops_warmup():
     assert out == {"a": [3.0, 5.0], "b": [4.0, 6.0]}  # warm-up calls 1 and 2 dropped
 
 
-def test_seconds_per_unit_calls_n_times():
+def test_seconds_per_unit_calls_n_times(monkeypatch):
+    import feataug.bench.harness as harness
+
+    clock = iter([10.0, 12.5])  # a fake clock: 2.5 s between start and end
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock))
     n = []
-    assert bench.seconds_per_unit(lambda: n.append(1), 5) >= 0
+    assert bench.seconds_per_unit(lambda: n.append(1), 5) == 0.5
     assert len(n) == 5
 
 
@@ -466,18 +470,36 @@ def test_pretrain_section_reports_fa_overhead_from_the_head(monkeypatch):
     monkeypatch.setattr(ps, "PRETRAIN", tiny)
     monkeypatch.setattr(ps, "FA_CONTENDERS", {k: ps.FA_CONTENDERS[k] for k in ("noise", "hardmix")})
     monkeypatch.setattr(ps, "_module_version", lambda name: None)  # no lightly: skipped
+    # a fake clock: every step still runs once, and is "timed" at these seconds
+    fake = {"noise": {"off": 0.2, "on": 0.25, "head_off": 0.010, "head_on": 0.013},
+            "hardmix": {"off": 0.4, "on": 0.42, "head_off": 0.020, "head_on": 0.032}}
+    real_switched = ps._fa_switched
+
+    def tagged(fa, x1, x2):
+        name = next(k for k, v in ps.FA_CONTENDERS.items() if v == fa)
+        steps = real_switched(fa, x1, x2)
+        for kind, f in steps.items():
+            f.seconds = fake[name][kind]
+        return steps
+
+    def seconds_per_unit(f, n):
+        f()
+        return f.seconds
+
+    monkeypatch.setattr(ps, "_fa_switched", tagged)
+    monkeypatch.setattr(ps, "seconds_per_unit", seconds_per_unit)
     result = bench.empty_result("quick")
     profile = bench.Profile("t", repeats=2, warmup=0, pretrain_steps=1, aug_images=1,
                             coco_images=1, coco_repeats=1, detect_iters=1)
     ps.bench_pretrain(profile, result, lambda _: None)
     fa = result["details"]["fa"]
-    assert set(fa["ratios"]) == set(fa["end_to_end_ratios"]) == {"noise", "hardmix"}
     assert fa["head_steps_per_repeat"] == 10
-    for name, r in fa["ratios"].items():  # 1 + (head on - head off) / whole FA-off step
-        h = fa["head_ms"][name]
-        assert h["on"] > 0 and h["off"] > 0 and fa["step_s"][name] > 0
-        assert r > 0.5
-    assert result["fa_overhead"] == max(fa["ratios"].values())
+    # 1 + (head on - head off) / whole FA-off step; the whole-step ratio on / off
+    assert fa["ratios"] == pytest.approx({"noise": 1 + 0.003 / 0.2, "hardmix": 1 + 0.012 / 0.4})
+    assert fa["end_to_end_ratios"] == pytest.approx({"noise": 1.25, "hardmix": 1.05})
+    assert fa["head_ms"]["hardmix"] == pytest.approx({"on": 32.0, "off": 20.0})
+    assert fa["step_s"] == pytest.approx({"noise": 0.2, "hardmix": 0.4})
+    assert fa["worst"] == "hardmix" and result["fa_overhead"] == pytest.approx(1.03)
     assert "skipped" in result["details"]["pretrain"]
     row = next(r for r in bench.format_markdown(result).splitlines() if r.startswith("| fa_overhead"))
     assert "whole-step ratios" in row and "worst" in row
