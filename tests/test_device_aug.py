@@ -86,10 +86,23 @@ def test_split_path_on_real_photos(photos):
                 assert torch.equal(T.apply_photometric(p2, c2), v2), (name, i, seed)
 
 
-def test_params_are_the_draws_in_pipeline_order():
-    """Replay the RNG by hand: crop, jitter coin, order, factors, gray coin, blur coin (+ sigma),
-    flip coin; the MoCo v2 view at 224 px."""
-    view, img = T.moco_v2_view(224), _texture(300, 260)
+# The published views (MoCo v2: Chen et al. 2020, "Improved Baselines with Momentum Contrastive
+# Learning"; BYOL: Grill et al. 2020, table 6): crop scale, jitter strengths (brightness,
+# contrast, saturation, hue; applied with p 0.8, then grayscale with p 0.2), blur and solarize p.
+PUBLISHED = {
+    "moco_v2": (lambda: T.moco_v2_view(224), (0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.5, 0.0),
+    "byol_view1": (lambda: T.byol_views(224).view1, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 1.0, 0.0),
+    "byol_view2": (lambda: T.byol_views(224).view2, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.1, 0.2),
+}
+
+
+@pytest.mark.parametrize("recipe", list(PUBLISHED))
+def test_params_are_the_draws_in_pipeline_order(recipe):
+    """Replay the RNG by hand with the published strengths: crop, jitter coin, order, factors,
+    gray coin, blur coin (+ sigma), solarize coin, flip coin; the view at 224 px."""
+    make, scale, jitter, blur_p, solarize_p = PUBLISHED[recipe]
+    view, img = make(), _texture(300, 260)
+    assert view.ops[0].scale == scale
     for seed in range(200):
         crop, params = T.SplitView(view)(img, random.Random(seed))
         rng = random.Random(seed)
@@ -103,10 +116,13 @@ def test_params_are_the_draws_in_pipeline_order():
             want.update(jitter=1.0, **{f"order{i}": k for i, k in enumerate(order)})
             for k in order:
                 name = ("brightness", "contrast", "saturation", "hue")[k]
-                want[name] = rng.uniform(-0.1, 0.1) if k == 3 else rng.uniform(0.6, 1.4)
+                s = jitter[k]
+                want[name] = rng.uniform(-s, s) if k == 3 else rng.uniform(1 - s, 1 + s)
         want["gray"] = float(rng.random() < 0.2)
-        if rng.random() < 0.5:
+        if rng.random() < blur_p:
             want["blur"], want["sigma"] = 1.0, rng.uniform(0.1, 2.0)
+        if solarize_p:
+            want["solarize"], want["threshold"] = float(rng.random() < solarize_p), 128.0
         want["flip"] = float(rng.random() < 0.5)
         np.testing.assert_array_equal(params.numpy(), np.array([want[k] for k in T.PARAMS]))
         assert params.dtype == torch.float64 and crop.dtype == torch.uint8
