@@ -465,8 +465,11 @@ blocks:
     out = tmp_path / "out"
     records = study.run_study(grid, out, [0], echo=lambda s: None, plots=False)
     assert [r["status"] for r in records] == ["ok", "ok"], records
-    for r in records:
-        assert 0 <= r["metrics"]["det_ap"] <= 100 and 0 <= r["metrics"]["det_ap50"] <= 100
+    for r in records:  # the numbers of the job's own evaluation file, AP and AP50 not swapped
+        bbox = json.loads((out / "runs" / r["run"] / f"seed{r['seed']}" / "detect" / "trial0"
+                           / "eval_results.json").read_text())["bbox"]
+        assert r["metrics"]["det_ap"] == pytest.approx(bbox["AP"])
+        assert r["metrics"]["det_ap50"] == pytest.approx(bbox["AP50"])
     job = out / "runs" / "moco.base" / "seed0"
     assert (job / "d2_weights.pkl").is_file()
     assert (job / "detect" / "trial0" / "eval_results.json").is_file()
