@@ -13,8 +13,6 @@ import argparse
 import importlib
 import sys
 
-from pretrain.errors import FeatAugError, TrainingError
-
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("feataug.env", "versions of torch, torchvision, detectron2, CUDA and COCO evaluators"),
@@ -61,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"feataug {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    from pretrain.errors import FeatAugError, TrainingError  # here: --help stays free of torch
+
     try:
         return int(module.main(args) or 0)
     except FeatAugError as e:  # every refusal: one line, no traceback

@@ -215,8 +215,7 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
             plots.append(plot_bars(trees_rows, out / "trees_ap.png",
                                    "DeepForest held-out tiles: fine-tuned from each start point"))
             trees = plot_predictions(out / "trees_predictions.png", _trees_dirs(out),
-                                     _test_records("demo_trees_test"), _config_path(TREES_CONFIG),
-                                     _trees_opts(prof))
+                                     _test_records("demo_trees_test"))
             plots += [trees] if trees else []
         report = {"profile": profile, "scenes": rows, "trees": trees_rows,
                   "seconds": round(time.perf_counter() - t_start, 1),
@@ -280,8 +279,7 @@ def _scenes(out: Path, root: Path, prof: Profile, total: int, verbose: bool
             per_start[name] = fine_tune(SCENES_CONFIG, det_dirs[name], weights[name], det_opts,
                                         prof.seeds, register, verbose)
     picture = plot_predictions(out / "scenes_predictions.png", det_dirs,
-                               _test_records("demo_scenes_test"), _config_path(SCENES_CONFIG),
-                               det_opts)
+                               _test_records("demo_scenes_test"))
     return summarize(per_start), [picture] if picture else []
 
 

@@ -57,11 +57,12 @@ def predict(cfg, bgr_image):
     return predictor(bgr_image)["instances"].to("cpu")
 
 
-def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[dict],
-                     config: Path, opts: list[str]) -> Path | None:
+def plot_predictions(out_png: Path, detect_dirs: dict[str, Path],
+                     records: list[dict]) -> Path | None:
     """The busiest test image once per start point (shown at twice its size): ground truth in
     green, and in red as many of the highest-scoring predictions as there are ground-truth boxes,
-    from each start point's first trial."""
+    from each start point's first trial (its model as it was trained: the trial's
+    ``config.yaml``, with the class count the data gave it, and ``model_final.pth``)."""
     import cv2
     import numpy as np
     import torch
@@ -74,11 +75,11 @@ def plot_predictions(out_png: Path, detect_dirs: dict[str, Path], records: list[
     image = cv2.imread(record["file_name"])  # BGR
     panels = []
     for name, d in detect_dirs.items():
-        weights = d / "trial0" / "model_final.pth"
-        if not weights.is_file():
+        weights, trained = d / "trial0" / "model_final.pth", d / "trial0" / "config.yaml"
+        if not (weights.is_file() and trained.is_file()):
             return None
-        cfg = get_detection_cfg(str(config), [
-            *opts, "MODEL.WEIGHTS", str(weights), "DATASETS.AUTO_NUM_CLASSES", "False",
+        cfg = get_detection_cfg(str(trained), [
+            "MODEL.WEIGHTS", str(weights), "DATASETS.AUTO_NUM_CLASSES", "False",
             "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"])
         instances = predict(cfg, image)
         canvas = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)

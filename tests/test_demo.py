@@ -104,3 +104,32 @@ def test_the_prediction_picture_sees_the_image_as_the_evaluator_does(tmp_path):
     with pytest.raises(DetectError):
         plots.predict(cfg, bgr)
     assert not marker.exists()
+
+
+@pytest.mark.detectron2
+def test_the_prediction_picture_uses_the_model_as_it_was_trained(tmp_path):
+    """A start point's model trained with the data's class count (DATASETS.AUTO_NUM_CLASSES: 3
+    here, where the config file says 1) is drawn from its trial's config.yaml, not refused as a
+    model that does not fit the config file."""
+    import cv2
+    import numpy as np
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.structures import BoxMode
+
+    from transfer.config import get_detection_cfg
+
+    cfg = get_detection_cfg(demo._config_path(demo.TREES_CONFIG), [
+        "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", "3", "INPUT.MIN_SIZE_TEST", "96"])
+    torch.manual_seed(0)
+    trial = tmp_path / "start" / "trial0"
+    trial.mkdir(parents=True)
+    torch.save({"model": build_model(cfg).state_dict()}, trial / "model_final.pth")
+    (trial / "config.yaml").write_text(cfg.dump())
+    image = tmp_path / "image.png"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8))
+    record = {"file_name": str(image), "height": 96, "width": 128, "image_id": 0,
+              "annotations": [{"bbox": [10, 10, 40, 30], "bbox_mode": BoxMode.XYWH_ABS,
+                               "category_id": 2}]}
+    out = plots.plot_predictions(tmp_path / "p.png", {"start": tmp_path / "start"}, [record])
+    assert out == tmp_path / "p.png" and cv2.imread(str(out)).shape == (192, 256, 3)

@@ -79,7 +79,7 @@ def convert(tmp_path: Path, capsys, *args: str) -> tuple[int, list[str], str]:
 
 
 def refused(tmp_path: Path, capsys, *args: str) -> str:
-    """Run `feataug convert`, expect exit 1, one line, and no file changed; return the line."""
+    """Run `feataug convert`, expect exit 2, one line, and no file changed; return the line."""
     before = snapshot(tmp_path)
     rc, err, out = convert(tmp_path, capsys, *args)
     assert rc == 2 and len(err) == 1 and err[0].startswith("feataug convert: error: "), err

@@ -250,34 +250,44 @@ def test_a_pycls_file_with_a_payload_is_refused(tmp_path, monkeypatch):
     assert model.weight.item() == 1.0 and model.bias.item() == 1.0
 
 
-@pytest.mark.parametrize("eval_only", [True, False], ids=["eval-only", "training"])
-def test_resuming_needs_the_whole_model_from_the_checkpoint(eval_only, tmp_path, capsys, catalog,
+@pytest.mark.parametrize("trials", [None, 2], ids=["one run", "trials"])
+def test_resuming_needs_exactly_the_model_in_the_checkpoint(trials, tmp_path, capsys, catalog,
                                                             weights):
-    """OUTPUT_DIR's own checkpoint (``last_checkpoint``) is loaded instead of MODEL.WEIGHTS when
-    resuming: a tensor of another shape or one the model lacks is refused, not warned about."""
+    """OUTPUT_DIR's own checkpoint (``last_checkpoint``, per trial with --trials) is loaded
+    instead of MODEL.WEIGHTS when resuming: a tensor of another shape or one the model lacks is
+    refused before anything is written, not warned about."""
     from detectron2.modeling import build_model
 
-    argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
+    argv = [*(["--trials", str(trials)] if trials else []),
+            *_argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])]
     model = build_model(detect.setup(_parse(argv)))
     state = model.state_dict()
     key = "roi_heads.box_predictor.cls_score.weight"
     n, d = state[key].shape
+    good = {"model": dict(state), "iteration": 4}
     state[key] = torch.zeros(n + 1, d)
     state["an.extra.tensor"] = torch.zeros(1)
-    out = tmp_path / "out"
-    out.mkdir()
-    torch.save({"model": state, "iteration": 4}, out / "model_0000004.pth")
-    (out / "last_checkpoint").write_text("model_0000004.pth")
-    saved = snapshot(out)
-    flags = ["--eval-only", "--resume"] if eval_only else ["--resume"]
-    assert cli.main(["detect", *flags, *map(str, argv)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"feataug detect: error: {out / 'model_0000004.pth'}: does not fit the "
-                          f"model ({key} (shape {(n + 1, d)} in the file, {(n, d)} in the model), "
-                          "an.extra.tensor (not in the model))"), err
-    assert {k: v for k, v in snapshot(out).items() if k.startswith("model_")} == {
-        k: v for k, v in saved.items() if k.startswith("model_")}
-    if eval_only:  # positive control: the model's own checkpoint is evaluated
-        torch.save({"model": model.state_dict(), "iteration": 4}, out / "model_0000004.pth")
-        assert cli.main(["detect", *flags, *map(str, argv)]) == 0
-        assert (out / "eval_results.json").is_file()
+    folder = tmp_path / "out" / ("trial1" if trials else "")
+    folder.mkdir(parents=True)
+    torch.save({"model": state, "iteration": 4}, folder / "model_0000004.pth")
+    (folder / "last_checkpoint").write_text("model_0000004.pth")
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["detect", "--resume", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"feataug detect: error: {folder / 'model_0000004.pth'}: does not fit the model ({key} "
+        f"(shape {(n + 1, d)} in the file, {(n, d)} in the model), an.extra.tensor (not in the "
+        "model)): --resume continues a run of this config"), err
+    assert snapshot(tmp_path) == before  # refused before provenance, config or log were written
+    torch.save(good, folder / "model_0000004.pth")  # positive control: its own model resumes
+    assert detect.setup(_parse(["--resume", *argv])).MODEL.WEIGHTS == str(weights["r18"])
+    (folder / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(detect.DetectError, match="names 'model_0000009.pth', which is not in"):
+        detect.setup(_parse(["--resume", *argv]))
+
+
+def test_eval_only_never_writes_into_a_run(tmp_path, capsys, catalog, weights):
+    argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
+    assert "--eval-only with --resume would evaluate into the run's own folder" in refused(
+        tmp_path, capsys, ["--eval-only", "--resume", *argv])

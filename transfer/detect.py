@@ -161,6 +161,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DetectError(f"--trials must be >= 1, got {args.trials}")
     if args.trials is not None and args.eval_only:
         raise DetectError("--trials trains K models; it cannot be combined with --eval-only")
+    if args.resume and args.eval_only:
+        raise DetectError(
+            "--eval-only with --resume would evaluate into the run's own folder, replacing its "
+            "record: give MODEL.WEIGHTS DIR/model_final.pth and another OUTPUT_DIR"
+        )
     if args.from_scratch and args.eval_only:
         raise DetectError(
             "--eval-only evaluates MODEL.WEIGHTS; it cannot be combined with --from-scratch"
@@ -332,8 +337,8 @@ def _check_output_dir(output_dir: str, resume: bool) -> None:
     if held:
         raise DetectError(
             f"OUTPUT_DIR {out} already holds a run ({', '.join(held[:3])}"
-            f"{', ...' if len(held) > 3 else ''}): use --resume to continue it (with --eval-only: "
-            "to evaluate its last checkpoint), or another OUTPUT_DIR"
+            f"{', ...' if len(held) > 3 else ''}): use --resume to continue it, or another "
+            "OUTPUT_DIR (also to evaluate it: --eval-only MODEL.WEIGHTS DIR/model_final.pth)"
         )
 
 
@@ -405,9 +410,7 @@ def _run_once(cfg, args: argparse.Namespace) -> dict:
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), ran.dump())
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = checkpointer_class()(model, save_dir=cfg.OUTPUT_DIR)
-        checkpointer.complete = True  # the whole model, whichever file it comes from
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer_class()(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
@@ -415,9 +418,9 @@ def _run_once(cfg, args: argparse.Namespace) -> dict:
         trainer.checkpointer = checkpointer_class()(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
-        # resuming OUTPUT_DIR's own checkpoint: all of it must fit (MODEL.WEIGHTS was checked
-        # in setup: its trunk)
-        trainer.checkpointer.complete = args.resume and trainer.checkpointer.has_checkpoint()
+        # resuming OUTPUT_DIR's own checkpoint: exactly this model (check_resumed read it before
+        # the run; this also guards the processes that ``launch`` starts)
+        trainer.checkpointer.exact = args.resume and trainer.checkpointer.has_checkpoint()
         trainer.resume_or_load(resume=args.resume)
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}

@@ -46,15 +46,17 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def package_version(module: str, must_import: bool = False) -> str | None:
     """The version of the package that provides ``module``: its ``__version__``, else the
-    installed distribution's (``PACKAGES``, else the module's own name); None when neither is
-    found, or (``must_import``) when ``module`` does not import. The one version lookup
+    installed distribution's (``PACKAGES``, else the module's own name); "unknown" when it imports
+    but names no version; None when it neither imports nor is installed, or (``must_import``)
+    when it does not import. The one version lookup
     (provenance, ``feataug env``, the benchmarks' machine record)."""
+    imported = True
     try:
         found = getattr(importlib.import_module(module), "__version__", None)
     except Exception:  # a package that fails to import has no version to record
         if must_import:
             return None
-        found = None
+        found, imported = None, False
     if found:
         return str(found)
     for dist in PACKAGES.get(module, (module,)):
@@ -62,7 +64,7 @@ def package_version(module: str, must_import: bool = False) -> str | None:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    return None
+    return "unknown" if imported else None  # importable, but it names no version
 
 
 def _git(*args: str) -> str | None:

@@ -18,6 +18,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import numpy as np
 
@@ -35,8 +36,9 @@ def read_weights(path: str | Path) -> dict:
 
     ``.pkl``: :func:`load_pickle`, then Detectron2's reading of it (a Detectron2 model-zoo dict
     with ``model`` and ``__author__`` as is; otherwise Caffe2 ``blobs`` without ``*_momentum``,
-    marked for name matching). Other files: :func:`load_torch` (no placeholders), the object
-    itself or its ``model``.
+    marked for name matching). ``.pyth`` (pycls): its ``model_state``, marked for name
+    matching. Other files: :func:`load_torch` (no placeholders), the object itself or its
+    ``model``.
     """
     path = Path(path)
     if path.suffix == ".pkl":
@@ -49,6 +51,13 @@ def read_weights(path: str | Path) -> dict:
                 raise UnsafeFileError(f"{path}: 'blobs' is a {type(blobs).__name__}, not a dict")
             model = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
             data = {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
+    elif path.suffix == ".pyth":  # pycls: the model under "model_state"
+        state = load_torch(path)
+        if not isinstance(state, dict) or not isinstance(state.get("model_state"), dict):
+            raise UnsafeFileError(f"{path}: not pycls weights (no 'model_state' dict)")
+        model = {k: v for k, v in state["model_state"].items()
+                 if not str(k).endswith("num_batches_tracked")}
+        data = {"model": model, "__author__": "pycls", "matching_heuristics": True}
     else:
         data = load_torch(path)
         if not isinstance(data, dict):
@@ -88,11 +97,32 @@ def check_weights(cfg, args: argparse.Namespace) -> None:
         data = read_weights(local)
     except UnsafeFileError as e:
         raise DetectError(f"MODEL.WEIGHTS {e}") from None
-    # --eval-only evaluates OUTPUT_DIR's own checkpoint when resuming from one
-    resumed = args.resume and Path(cfg.OUTPUT_DIR, "last_checkpoint").is_file()
-    if not (args.eval_only and resumed):
-        _check_fit(cfg, weights, data, complete=args.eval_only)
-        _check_settings(cfg, weights, data)
+    _check_fit(cfg, weights, data, complete=args.eval_only)
+    _check_settings(cfg, weights, data)
+    if getattr(args, "resume", False):
+        check_resumed(cfg, getattr(args, "trials", None))
+
+
+def check_resumed(cfg, trials: int | None) -> None:
+    """The checkpoints ``--resume`` will load instead of MODEL.WEIGHTS (``last_checkpoint`` of
+    OUTPUT_DIR, or of each trial's folder) are read safely and must be exactly this config's
+    model: checked here, before anything is written or a process is started."""
+    out = Path(cfg.OUTPUT_DIR)
+    folders = [out] if trials is None else [out / f"trial{k}" for k in range(trials)]
+    for folder in folders:
+        pointer = folder / "last_checkpoint"
+        if not pointer.is_file():
+            continue
+        name = pointer.read_text().strip()
+        path = folder / name
+        if not name or not path.is_file():
+            raise DetectError(f"{pointer}: names {name!r}, which is not in {folder}; "
+                              "remove it to start that run afresh")
+        try:
+            data = read_weights(path)
+        except UnsafeFileError as e:
+            raise DetectError(str(e)) from None
+        _check_fit(cfg, str(path), data, complete=True, exact=True)
 
 
 def _check_settings(cfg, weights: str, data: dict) -> None:
@@ -184,9 +214,27 @@ def _quiet(*names: str):
             lg.setLevel(level)
 
 
-def _check_fit(cfg, weights: str, data: dict, complete: bool) -> None:
+def misfit(result) -> list[str]:
+    """What keeps a checkpoint from being exactly the model: each tensor of another shape, not
+    in the file, or not in the model (``_IncompatibleKeys`` of a Detectron2 load)."""
+    shaped = {k for k, _, _ in result.incorrect_shapes}
+    return ([f"{k} (shape {tuple(a)} in the file, {tuple(b)} in the model)"
+             for k, a, b in result.incorrect_shapes]
+            + [f"{k} (not in the file)" for k in result.missing_keys
+               if k not in shaped and not k.endswith("num_batches_tracked")]
+            + [f"{k} (not in the model)" for k in result.unexpected_keys])
+
+
+def _misfit_error(weights: str, bad: list[str]) -> DetectError:
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return DetectError(f"{weights}: does not fit the model ({', '.join(bad[:3])}{more}): --resume "
+                       "continues a run of this config, and this checkpoint is of another model")
+
+
+def _check_fit(cfg, weights: str, data: dict, complete: bool, exact: bool = False) -> None:
     """Load ``data`` into the model as Detectron2 will (on the meta device) and refuse weights
-    that leave trunk tensors (``complete``: any model tensor) random or mis-shaped."""
+    that leave trunk tensors (``complete``: any model tensor) random or mis-shaped; ``exact``
+    (a checkpoint to resume): also tensors the model does not have (``misfit``)."""
     import torch
     from detectron2.modeling import build_model
 
@@ -212,6 +260,11 @@ def _check_fit(cfg, weights: str, data: dict, complete: bool) -> None:
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. arrays of Python objects
             reason = " ".join(str(e).split())[:160]
             raise DetectError(f"{weights}: cannot be loaded into the model ({reason})") from None
+    if exact:
+        bad = misfit(result)
+        if bad:
+            raise _misfit_error(weights, bad)
+        return
     keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     shapes = {k: (tuple(a), tuple(b)) for k, a, b in result.incorrect_shapes}
     lost = set(result.missing_keys) | set(shapes)
@@ -245,13 +298,14 @@ def checkpointer_class():
     from detectron2.checkpoint import DetectionCheckpointer
 
     class SafeCheckpointer(DetectionCheckpointer):
-        """Every file through :func:`read_weights` (``.pkl``: the restricted unpickler; others:
-        ``load_torch``, no placeholders; pycls ``.pyth`` files too): nothing from a weights file
-        runs. With ``complete`` (resuming, evaluating: the file must be this model), a tensor
-        the file lacks, one with another shape, or one the model does not have is an error
-        instead of Detectron2's warning. Refusals raise :class:`DetectError`."""
+        """Every file through :func:`read_weights` (``.pkl``: the restricted unpickler; pycls
+        ``.pyth`` and other files: ``load_torch``, no placeholders): nothing from a weights file
+        runs. Detectron2's ``?matching_heuristics=True`` URL query is kept. With ``exact``
+        (resuming OUTPUT_DIR's own checkpoint; ``check_resumed`` checked it before the run), a
+        tensor the file lacks, one of another shape or one the model lacks is an error instead
+        of Detectron2's warning. Refusals raise :class:`DetectError`."""
 
-        complete = False
+        exact = False
 
         def load(self, path, *args, **kwargs):
             self._path = path
@@ -259,31 +313,22 @@ def checkpointer_class():
 
         def _load_file(self, filename):
             try:
-                if filename.endswith(".pyth"):  # pycls: the model under "model_state"
-                    state = load_torch(filename)
-                    if not isinstance(state, dict) or not isinstance(state.get("model_state"), dict):
-                        raise UnsafeFileError(f"{filename}: not pycls weights (no model_state)")
-                    return {"model": state["model_state"], "__author__": "pycls",
-                            "matching_heuristics": True}
-                return read_weights(filename)
+                data = read_weights(filename)
             except UnsafeFileError as e:
                 raise DetectError(str(e)) from None
+            parsed = self._parsed_url_during_load
+            if parsed is not None and not filename.endswith((".pkl", ".pyth")):
+                queries = parse_qs(parsed.query)
+                if queries.pop("matching_heuristics", "False") == ["True"]:
+                    data["matching_heuristics"] = True
+                if queries:
+                    raise DetectError(f"{parsed.geturl()}: unsupported URL query {queries}")
+            return data
 
         def _load_model(self, checkpoint):
             result = super()._load_model(checkpoint)
-            if self.complete:
-                bad = [f"{k} (shape {tuple(a)} in the file, {tuple(b)} in the model)"
-                       for k, a, b in result.incorrect_shapes]
-                shaped = {k for k, _, _ in result.incorrect_shapes}
-                bad += [f"{k} (not in the file)" for k in result.missing_keys
-                        if k not in shaped and not k.endswith("num_batches_tracked")]
-                bad += [f"{k} (not in the model)" for k in result.unexpected_keys]
-                if bad:
-                    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-                    raise DetectError(
-                        f"{getattr(self, '_path', 'checkpoint')}: does not fit the model "
-                        f"({', '.join(bad[:3])}{more}): resuming and --eval-only need the whole "
-                        "model of this config")
+            if self.exact and misfit(result):
+                raise _misfit_error(getattr(self, "_path", "checkpoint"), misfit(result))
             return result
 
     SafeCheckpointer.__module__ = __name__
