@@ -575,23 +575,26 @@ def test_byol_config_trains_with_lars_excluding_biases_and_norms():
         torch.testing.assert_close(p.detach(), r)
 
 
+class _OneLinear(torch.nn.Module):
+    """The smallest model with the method interface the optimizer builder reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+
+    def param_groups(self):
+        return [{"params": list(self.parameters())}]
+
+
 def test_fused_sgd_under_a_grad_scaler_steps_unscaled_and_skips_inf():
     """fp16 training scales the loss; the fused SGD gets the scale from the GradScaler and must
     take the unscaled step (torch's SGD on the true gradient), and skip a step with an inf."""
     from pretrain.config import get_cfg
     from pretrain.solver import build_optimizer
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(6, 4)
-
-        def param_groups(self):
-            return [{"params": list(self.parameters())}]
-
     cfg = get_cfg()
     torch.manual_seed(0)
-    model, ref = Tiny(), torch.nn.Linear(6, 4)
+    model, ref = _OneLinear(), torch.nn.Linear(6, 4)
     ref.load_state_dict(model.lin.state_dict())
     opt = build_optimizer(cfg, model)
     plain = torch.optim.SGD(ref.parameters(), lr=opt.param_groups[0]["lr"],
@@ -622,17 +625,9 @@ def test_sgd_steps_with_fused_kernels_and_keeps_them_after_a_resume():
     from pretrain.config import get_cfg
     from pretrain.solver import build_optimizer, use_step_kernels
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(6, 4)
-
-        def param_groups(self):
-            return [{"params": list(self.parameters())}]
-
     cfg = get_cfg()
     torch.manual_seed(0)
-    model = Tiny()
+    model = _OneLinear()
     ref = torch.nn.Linear(6, 4)
     ref.load_state_dict(model.lin.state_dict())
     init = model.lin.weight.detach().clone()
