@@ -226,22 +226,28 @@ def _conv_outputs(model: torch.nn.Module, size: int) -> dict[str, int]:
                                                      ("cifar", 32, 0)])
 def test_channels_last_keeps_tiny_map_3x3_convs_nchw_on_the_cpu(stem, size, nchw_expected):
     """SOLVER.CHANNELS_LAST on the CPU: exactly the 3x3 convolutions whose output map is at
-    most 3x3 (a real forward says which) keep NCHW weights; every other weight is channels-last;
-    names and values are unchanged; forward and gradients match the NCHW model's; on CUDA every
-    convolution is channels-last."""
+    most 3x3 (a real forward says which) become TinyMapConv2d with NCHW weights, holding the
+    same Parameter objects (an optimizer built before still steps them); every other weight is
+    channels-last; names and values are unchanged; forward and gradients match the NCHW
+    model's; on CUDA every convolution is a channels-last nn.Conv2d."""
     from pretrain.build import build_model
     from pretrain.engine.launch import to_channels_last
+    from pretrain.utils.tiny_conv import TinyMapConv2d
 
     cfg = load_cfg(TINY, ["FA.ENABLED", "False", "MODEL.STEM", stem, "DATA.IMAGE_SIZE", size])
     torch.manual_seed(0)
     plain = build_model(cfg)
     expected = {n for n, px in _conv_outputs(copy.deepcopy(plain), size).items() if px <= 9}
     assert len(expected) == nchw_expected
-    model = to_channels_last(copy.deepcopy(plain), size, torch.device("cpu"))
+    model = copy.deepcopy(plain)
+    params = dict(model.named_parameters())
+    to_channels_last(model, size, torch.device("cpu"))
+    assert all(p is params[n] for n, p in model.named_parameters())
     cl = torch.channels_last
     nchw = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
             and not m.weight.is_contiguous(memory_format=cl)}
     assert nchw == expected
+    assert {n for n, m in model.named_modules() if type(m) is TinyMapConv2d} == expected
     assert all(m.weight.is_contiguous() for n, m in model.named_modules() if n in expected)
     before, after = plain.state_dict(), model.state_dict()
     assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
@@ -261,4 +267,63 @@ def test_channels_last_keeps_tiny_map_3x3_convs_nchw_on_the_cpu(stem, size, nchw
     cuda = to_channels_last(copy.deepcopy(plain), size, torch.device("cuda"))
     convs = [m for m in cuda.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(m.weight.is_contiguous(memory_format=cl) for m in convs)
-    assert not any(m._forward_pre_hooks for m in convs)
+    assert all(type(m) is torch.nn.Conv2d for m in convs)
+
+
+@pytest.mark.parametrize("c_in,c_out,size,stride,padding,dilation", [
+    (5, 4, 2, 1, 1, 1), (3, 6, 4, 2, 1, 1), (4, 3, 3, 1, 1, 1), (2, 3, 5, 2, 2, 2)])
+def test_tiny_map_conv_gradients_are_autograds(c_in, c_out, size, stride, padding, dilation):
+    """TinyMapConv2d's own backward (oneDNN's input gradient, the weight gradient as an im2col
+    product): gradcheck against finite differences in float64, and the output and both
+    gradients against nn.Conv2d's autograd on the same values (float64, channels-last input)."""
+    from pretrain.utils.tiny_conv import TinyMapConv2d, _TinyMapConv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c_in, size, size, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(c_out, c_in, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    conf = ([stride] * 2, [padding] * 2, [dilation] * 2)
+    assert torch.autograd.gradcheck(lambda x, w: _TinyMapConv.apply(x, w, *conf), (x, w))
+
+    conv = torch.nn.Conv2d(c_in, c_out, 3, stride, padding, dilation, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    tiny = TinyMapConv2d.from_conv(copy.deepcopy(conv))
+    out, grads = [], []
+    for m in (conv, tiny):
+        xi = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = m(xi)
+        r = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+        out.append(y)
+        grads.append(torch.autograd.grad((y * r).sum(), [xi, m.weight]))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_tiny_map_conv_under_bf16_autocast_and_what_it_refuses():
+    """Under the CPU's bf16 autocast TinyMapConv2d computes in bf16 as nn.Conv2d does there:
+    bf16 output, float32 weight gradient, both within bf16 rounding of the float32 values
+    nn.Conv2d gives; a frozen weight (the key encoder) gets no gradient; convolutions it cannot
+    stand for are refused."""
+    from pretrain.utils.tiny_conv import TinyMapConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 32, 3, 1, 1, bias=False)
+    tiny = TinyMapConv2d.from_conv(copy.deepcopy(conv))
+    x = torch.randn(8, 64, 2, 2)
+    ref_y = conv(x)
+    ref_g = torch.autograd.grad(ref_y.sum(), conv.weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tiny(x)
+    assert y.dtype == torch.bfloat16
+    (g,) = torch.autograd.grad(y.float().sum(), tiny.weight)
+    assert g.dtype == torch.float32
+    assert float((y.float() - ref_y).abs().max() / ref_y.abs().max()) < 2e-2
+    assert float((g - ref_g).norm() / ref_g.norm()) < 1e-2
+    tiny.weight.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not tiny(x).requires_grad
+    for bad in (torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, groups=2, bias=False),
+                torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", bias=False)):
+        with pytest.raises(ValueError, match="TinyMapConv2d needs"):
+            TinyMapConv2d.from_conv(bad)

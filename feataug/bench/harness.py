@@ -71,8 +71,9 @@ PROFILES = {
 }
 # ResNet-18 MoCo v2 at 64 px, batch 64, a 4096-key queue: a step a 2-core CPU runs in about 1 s.
 # Ours runs with the engine's speed keys where they measured faster on such a CPU (2-core AMD
-# EPYC with native bf16, 2 threads, idle): SOLVER.CHANNELS_LAST, 0.86 of lightly's step (0.88-0.91
-# before layer4's 2x2-map convolutions stayed NCHW) against 0.99-1.03 without (mostly
+# EPYC with native bf16, 2 threads, idle): SOLVER.CHANNELS_LAST, 0.80-0.83 of lightly's step
+# (0.83-0.87 before layer4's 2x2-map convolutions took their weight gradient as one product,
+# 0.88-0.91 before they stayed NCHW) against 0.99-1.03 without (mostly
 # max-pooling, slow in NCHW bf16); SOLVER.COMPILE gave 0.92 on top of it and costs a minute of
 # compiling per model, so it stays off. Lightly's step is its example's, as published (NCHW).
 PRETRAIN = dict(backbone="resnet18", image_size=64, batch=64, queue=4096, hidden=512, dim=128,
