@@ -233,6 +233,23 @@ def test_a_fresh_run_never_replaces_an_earlier_one(tmp_path, capsys, catalog, we
 # ------------------------------------------------------------------------- resumed checkpoints
 
 
+@pytest.mark.parametrize("extra,short", [({"extra": torch.zeros(2)}, {}),
+                                         ({}, {"bias"})])
+def test_the_exact_checkpointer_refuses_a_checkpoint_of_another_model(tmp_path, extra, short):
+    """With ``exact`` (resuming a run's own checkpoint, also in the processes ``launch``
+    starts) a tensor the model lacks, or one the file lacks, is a DetectError naming the file;
+    without it Detectron2 loads what fits, as for MODEL.WEIGHTS."""
+    state = {"weight": torch.full((1, 1), 2.0), "bias": torch.full((1,), 3.0), **extra}
+    path = tmp_path / "model_0000004.pth"
+    torch.save({"model": {k: v for k, v in state.items() if k not in short}}, path)
+    exact = checkpointer_class()(torch.nn.Linear(1, 1))
+    exact.exact = True
+    with pytest.raises(detect.DetectError, match=rf"^{path}: does not fit the model \("):
+        exact.load(str(path))
+    model = torch.nn.Linear(1, 1)
+    checkpointer_class()(model).load(str(path))
+    assert model.weight.item() == 2.0
+
 def test_a_pycls_file_with_a_payload_is_refused(tmp_path, monkeypatch):
     """``.pyth`` files went to Detectron2's plain ``torch.load``; with weights-only loading
     switched off in the environment, that would run the payload."""

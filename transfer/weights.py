@@ -307,10 +307,6 @@ def checkpointer_class():
 
         exact = False
 
-        def load(self, path, *args, **kwargs):
-            self._path = path
-            return super().load(path, *args, **kwargs)
-
         def _load_file(self, filename):
             try:
                 data = read_weights(filename)
@@ -327,8 +323,9 @@ def checkpointer_class():
 
         def _load_model(self, checkpoint):
             result = super()._load_model(checkpoint)
-            if self.exact and misfit(result):
-                raise _misfit_error(getattr(self, "_path", "checkpoint"), misfit(result))
+            bad = misfit(result) if self.exact else []
+            if bad:  # the path Detectron2's ``load`` is reading (set for the whole load)
+                raise _misfit_error(self._parsed_url_during_load.geturl(), bad)
             return result
 
     SafeCheckpointer.__module__ = __name__
