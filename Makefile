@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.feataug-setup
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo demo-full demo-trees test test-slow bench bench-gpu wheelhouse lint clean
+.PHONY: setup demo demo-full demo-trees test test-slow test-cpu-variants bench bench-gpu wheelhouse lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# The fast suite again as on an AVX2 CPU without AVX-512 (README: "Other CPUs").
+test-cpu-variants: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+		$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PIP) install -q -c constraints.txt -e ".[bench]"

@@ -4,7 +4,9 @@ Each subcommand lives in a library module exposing ``add_arguments(parser)`` and
 ``main(args) -> int``; the module is imported only when its subcommand runs, so
 ``feataug --help`` and ``feataug env`` stay fast. A :class:`~pretrain.errors.FeatAugError` from
 a subcommand is printed here, once for all of them, as ``feataug COMMAND: error: MESSAGE``: exit
-status 2 (a refusal), or 1 for a :class:`~pretrain.errors.TrainingError` (a run that had to stop).
+status 2 (a refusal), or 1 for a :class:`~pretrain.errors.TrainingError` (a run that had to stop);
+Ctrl-C is one line too (pretraining's says where it stopped and what is intact), exit status 130.
+A command's flags may also follow its KEY VALUE overrides (:func:`parse_args`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,29 @@ def _top_parser() -> argparse.ArgumentParser:
     )
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, taking the command's flags after its KEY VALUE overrides
+    too: ``opts`` (``argparse.REMAINDER``) swallows them, so each flag found where a KEY would
+    be is moved, with its values, before the overrides and ``argv`` parsed again. Everything
+    after ``--`` stays an override."""
+    args = parser.parse_args(argv)
+    opts = getattr(args, "opts", None) or []
+    flags, overrides, i = [], [], 0
+    while i < len(opts) and opts[i] != "--":
+        action = parser._option_string_actions.get(opts[i].split("=", 1)[0])
+        if action is None:  # a KEY and its VALUE
+            overrides += opts[i:i + 2]
+            i += 2
+            continue
+        n = 0 if "=" in opts[i] else 1 if action.nargs in (None, "+") else \
+            action.nargs if isinstance(action.nargs, int) else 0
+        flags += opts[i:i + 1 + n]
+        i += 1 + n
+    if not flags:
+        return args
+    return parser.parse_args(argv[:len(argv) - len(opts)] + flags + overrides + opts[i:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -58,14 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"feataug {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    args = parse_args(parser, rest)
     from pretrain.errors import FeatAugError, TrainingError  # here: --help stays free of torch
 
+    if hasattr(sys.stdout, "reconfigure"):  # non-ASCII names print on an ASCII console too
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return int(module.main(args) or 0)
     except FeatAugError as e:  # every refusal: one line, no traceback
         print(f"feataug {name}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingError) else 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (pretraining says where it stopped)
+        print(f"feataug {name}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,15 +3,22 @@
 1. prepare Fashion-MNIST (Debian's package) and the Fashion-MNIST scenes detection benchmark
    (``feataug prepare-data fmnist-scenes``: 50 labelled training scenes made of training-split
    garments, 200 test scenes made of test-split garments);
-2. pretrain MoCo v2 on the 60k Fashion-MNIST training images, without and with FA;
-3. convert both trunks to Detectron2 weights;
-4. fine-tune Faster R-CNN R18-FPN on the training scenes from {random init, MoCo v2, MoCo v2 +
-   FA}, several seeds each, and evaluate COCO AP / AP50 on the test scenes;
+2. pretrain MoCo v2 on the 60k Fashion-MNIST training images (``full``: also with FA);
+3. convert the trunks to Detectron2 weights;
+4. fine-tune Faster R-CNN R18-FPN on the training scenes from each start point (random init,
+   MoCo v2, and in ``full`` MoCo v2 + FA), three seeds each, and evaluate COCO AP / AP50 on the
+   test scenes;
 5. (``full``, ``trees``) the real-photo case: DeepForest aerial tiles, random init vs MoCo v2
    pretrained on unlabeled crops of the training photo, evaluated on its held-out tiles
    (``trees``: this case alone, with a schedule long enough for random init to learn it);
-6. print the table (mean ± sd over seeds) and write plots: the table as bars with error bars,
-   and test images with ground truth and predictions.
+6. print the table (mean ± sd over seeds, the Δ against random init paired by seed, and the
+   claim rule's verdict for each Δ) and write plots: the table as bars with error bars, and test
+   images with ground truth and predictions.
+
+``quick`` spends its five minutes on the one question it can answer: random init against MoCo v2,
+three seeds each (the fewest the claim rule accepts), 80 fine-tuning iterations; ``full`` adds
+MoCo v2 + FA and the real-photo case. ``--seed S`` moves every seed (pretraining ``S``,
+fine-tuning ``S``, ``S + 1``, ...), so a second run is an independent draw.
 
 The console shows a header, one line and a progress bar per stage, and the table; the
 pretraining and Detectron2 logs go to files under the output folder (``-v`` prints them too).
@@ -41,6 +48,7 @@ SCENES_CONFIG = "configs/detection/scenes_faster_R18_FPN.yaml"
 TREES_PRETRAIN_CONFIG = "configs/pretrain/tiny_moco_fa_r18.yaml"
 TREES_CONFIG = "configs/detection/tiny_faster_R18_FPN.yaml"
 STARTS = ("random init", "MoCo v2", "MoCo v2 + FA")
+VERDICT_SEEDS = 3  # the claim rule needs three seeds
 # The FA variant of the demo: MoCHi's hard negatives after a warm-up of a quarter of the run
 # (the FA setting that did not hurt kNN in the CPU study, docs/study.md).
 FA_OPTS = ["FA.ENABLED", "True", "FA.OP", "hardmix", "FA.ROLE", "negative",
@@ -54,13 +62,17 @@ class Profile:
     detect_batch: int
     seeds: int  # fine-tuning seeds per start point
     trees: bool  # the DeepForest case
+    starts: tuple[str, ...] = STARTS  # the scenes' start points (a pretraining for each but the first)
     scenes: bool = True  # the Fashion-MNIST scenes (stages 2-4)
     trees_pretrain_iters: int = 0
     trees_detect_iters: int = 0
 
 
 PROFILES = {
-    "quick": Profile(pretrain_iters=120, detect_iters=40, detect_batch=4, seeds=2, trees=False),
+    # Five minutes on 2 cores: one pretraining, two start points, three seeds (the rule needs 3);
+    # 80 fine-tuning iterations: with fewer the detector stays near AP 1, where no effect passes.
+    "quick": Profile(pretrain_iters=300, detect_iters=80, detect_batch=4, seeds=3, trees=False,
+                     starts=STARTS[:2]),
     "full": Profile(pretrain_iters=300, detect_iters=70, detect_batch=8, seeds=3, trees=True,
                     trees_pretrain_iters=150, trees_detect_iters=120),
     # DeepForest alone, with a schedule long enough for random init to learn it (≤ 20 min).
@@ -128,13 +140,14 @@ def convert(ckpt: Path) -> Path:
 
 
 def fine_tune(config: str, out: Path, weights: Path | None, opts: list[str], seeds: int,
-              register: dict, verbose: bool) -> list[dict]:
-    """``seeds`` trials of ``feataug detect``; per trial its ``bbox`` results."""
+              register: dict, verbose: bool, seed: int = 0) -> list[dict]:
+    """``seeds`` trials of ``feataug detect`` (seeds ``seed``, ``seed + 1``, ...); per trial its
+    ``bbox`` results."""
     import torch
 
     from transfer.detect import run_detection
 
-    opts = [*opts, "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(weights or ""), "SEED", "0",
+    opts = [*opts, "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(weights or ""), "SEED", str(seed),
             "DATASETS.AUTO_NUM_CLASSES", "True",
             "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"]
     results = run_detection(_config_path(config), opts, trials=seeds, quiet=not verbose,
@@ -173,29 +186,29 @@ def format_table(rows: dict[str, dict]) -> str:
         cells = [name, _pm(r["AP"]["mean"], r["AP"]["sd"]), _pm(r["AP50"]["mean"], r["AP50"]["sd"])]
         for metric in ("AP", "AP50"):
             m = r[metric]
-            cells.append("" if "delta" not in m else _pm(m["delta"], m["delta_sd"], signed=True)
-                         + (f" {m['claim']}" if m["claim"] != "no effect shown" else ""))
+            cells.append("" if "delta" not in m else
+                         f"{_pm(m['delta'], m['delta_sd'], signed=True)} {m['claim']}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- run
 def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str | None = None,
-        verbose: bool = False) -> dict:
+        verbose: bool = False, seed: int = 0) -> dict:
     from feataug.data import PREPARERS, default_root
 
     prof = PROFILES[profile]
     if not verbose:  # library warnings (torch, Detectron2 internals) are not for this console
         warnings.filterwarnings("ignore")
         logging.getLogger("torch").setLevel(logging.ERROR)
-    out = Path(out) / profile
+    out = Path(out) / (profile if seed == 0 else f"{profile}-seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root or default_root())
     t_start = time.perf_counter()
     total = 2 + 3 * prof.scenes + prof.trees
     print(f"FeatAug demo, profile '{profile}': does pretraining show in detection AP? "
-          f"{prof.seeds} fine-tuning seed{'s' * (prof.seeds > 1)} per start point; logs and plots "
-          f"in {out}/", flush=True)
+          f"{prof.seeds} fine-tuning seed{'s' * (prof.seeds > 1)} per start point from seed {seed}; "
+          f"logs and plots in {out}/", flush=True)
 
     names = [*(["fashion-mnist", "fmnist-scenes"] if prof.scenes else []),
              *(["deepforest"] if prof.trees else [])]
@@ -203,8 +216,8 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
         for name in names:
             PREPARERS[name](root)
 
-    rows, plots = (_scenes(out, root, prof, total, verbose) if prof.scenes else (None, []))
-    trees_rows = _trees(out, root, prof, total, verbose) if prof.trees else None
+    rows, plots = (_scenes(out, root, prof, total, verbose, seed) if prof.scenes else (None, []))
+    trees_rows = _trees(out, root, prof, total, verbose, seed) if prof.trees else None
 
     with Stage(total, total, "table and plots"):
         if rows:
@@ -217,7 +230,7 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
             trees = plot_predictions(out / "trees_predictions.png", _trees_dirs(out),
                                      _test_records("demo_trees_test"))
             plots += [trees] if trees else []
-        report = {"profile": profile, "scenes": rows, "trees": trees_rows,
+        report = {"profile": profile, "seed": seed, "scenes": rows, "trees": trees_rows,
                   "seconds": round(time.perf_counter() - t_start, 1),
                   "plots": [str(p) for p in plots]}
         from pretrain.utils.io import atomic_write_text
@@ -228,10 +241,11 @@ def run(profile: str = "quick", out: str | Path = "output/demo", data_root: str 
 
     if rows:
         print(f"\nFashion-MNIST test scenes, COCO AP (%), mean ± sd over {prof.seeds} seeds "
-              f"(Δ: paired by seed):")
+              f"(Δ: paired by seed, with the claim rule's verdict):")
         print(format_table(rows))
     if trees_rows:
-        print("\nDeepForest held-out tiles, VOC AP (%), one seed:")
+        print(f"\nDeepForest held-out tiles, VOC AP (%), seed {seed} (one seed: no verdict "
+              f"is possible):")
         print(format_table(trees_rows))
     print(f"\n{report['seconds']:.0f} s; plots {', '.join(Path(p).name for p in plots)} and logs "
           f"in {out}/")
@@ -242,21 +256,23 @@ _DATA_TITLES = {"fashion-mnist": "Fashion-MNIST", "fmnist-scenes": "its detectio
                 "deepforest": "DeepForest"}
 
 
-def _scenes(out: Path, root: Path, prof: Profile, total: int, verbose: bool
+def _scenes(out: Path, root: Path, prof: Profile, total: int, verbose: bool, seed: int
             ) -> tuple[dict, list[Path]]:
-    """Stages 2-4: pretrain MoCo v2 without / with FA on Fashion-MNIST, convert, fine-tune on
-    the scenes from each start point; the summary rows and the predictions picture."""
+    """Stages 2-4: pretrain MoCo v2 (and, when the profile has that start, MoCo v2 + FA) on
+    Fashion-MNIST, convert, fine-tune on the scenes from each start point; the summary rows and
+    the predictions picture."""
     scenes = root / "fmnist-scenes"
     data = ["DATA.ROOT", str(root / "fashion-mnist"), "DATA.FORMAT", "idx", "KNN.PERIOD", "0",
             "SOLVER.MAX_ITER", str(prof.pretrain_iters), "MODEL.MOCO.SPLIT_BN", "4",
-            "DATALOADER.NUM_WORKERS", "1", "SEED", "0"]
+            "DATALOADER.NUM_WORKERS", "1", "SEED", str(seed)]
     pre_dirs = {"MoCo v2": out / "pretrain_moco", "MoCo v2 + FA": out / "pretrain_moco_fa"}
-    with Stage(2, total, f"pretrain MoCo v2 without / with FA on 60k Fashion-MNIST images "
-                         f"({prof.pretrain_iters} iterations each)"):
+    pre_dirs = {name: d for name, d in pre_dirs.items() if name in prof.starts}
+    with Stage(2, total, f"pretrain {' and '.join(pre_dirs)} on 60k Fashion-MNIST images "
+                         f"({prof.pretrain_iters} iterations{' each' * (len(pre_dirs) > 1)})"):
         ckpts = {name: pretrain(d, PRETRAIN_CONFIG, data + (FA_OPTS if "FA" in name else []),
                                 verbose) for name, d in pre_dirs.items()}
 
-    with Stage(3, total, "convert both trunks to Detectron2 weights"):
+    with Stage(3, total, "convert the trunks to Detectron2 weights"):
         weights: dict[str, Path | None] = {"random init": None}
         weights |= {name: convert(ckpt) for name, ckpt in ckpts.items()}
 
@@ -269,15 +285,16 @@ def _scenes(out: Path, root: Path, prof: Profile, total: int, verbose: bool
                 "SOLVER.STEPS", f"({int(it * 0.75)}, {int(it * 0.9)})",
                 "SOLVER.WARMUP_ITERS", str(max(1, it * 3 // 10))]
     det_dirs = {n: out / ("detect_" + n.lower().replace(" ", "_").replace("+", "plus"))
-                for n in STARTS}
+                for n in prof.starts}
     from tqdm import tqdm
 
     per_start = {}
     with Stage(4, total, f"fine-tune Faster R-CNN R18-FPN on 50 labelled scenes ({it} iterations) "
-                         f"and evaluate on 200 test scenes: 3 start points x {prof.seeds} seeds"):
-        for name in tqdm(STARTS, desc="fine-tune", unit="start point", leave=False):
+                         f"and evaluate on 200 test scenes: {len(prof.starts)} start points x "
+                         f"{prof.seeds} seeds"):
+        for name in tqdm(prof.starts, desc="fine-tune", unit="start point", leave=False):
             per_start[name] = fine_tune(SCENES_CONFIG, det_dirs[name], weights[name], det_opts,
-                                        prof.seeds, register, verbose)
+                                        prof.seeds, register, verbose, seed)
     picture = plot_predictions(out / "scenes_predictions.png", det_dirs,
                                _test_records("demo_scenes_test"))
     return summarize(per_start), [picture] if picture else []
@@ -308,7 +325,7 @@ def _trees_dirs(out: Path) -> dict[str, Path]:
     return {"random init": out / "trees_detect_random", "MoCo v2": out / "trees_detect_moco"}
 
 
-def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> dict:
+def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool, seed: int) -> dict:
     """DeepForest: random init vs MoCo v2 pretrained on the unlabeled crops (one seed), trained on
     27 tiles of the training photo and tested on its 9 held-out tiles (the ``train_tiles`` /
     ``test_tiles`` splits; no pretraining crop touches them)."""
@@ -321,28 +338,32 @@ def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool) -> d
             "DATA.ROOT", str(voc / "unlabeled"), "DATA.FORMAT", "folder", "FA.ENABLED", "False",
             "SOLVER.MAX_ITER", str(prof.trees_pretrain_iters), "SOLVER.EPOCHS", "1000",
             "SOLVER.BATCH_SIZE", "32", "DATALOADER.NUM_WORKERS", "1",
-            "SOLVER.CHECKPOINT_PERIOD", "1000"], verbose)  # last.pth only (every 5 epochs: ~1 GB)
+            "SOLVER.CHECKPOINT_PERIOD", "1000", "SEED", str(seed)], verbose)  # last.pth only (every 5 epochs: ~1 GB)
         weights = {"random init": None, "MoCo v2": convert(ckpt)}
         register = {"register_voc": [("demo_trees_train", voc, "train_tiles"),
                                      ("demo_trees_test", voc, "test_tiles")]}
         per_start = {name: fine_tune(TREES_CONFIG, _trees_dirs(out)[name], w, _trees_opts(prof), 1,
-                                     register, verbose)
+                                     register, verbose, seed)
                      for name, w in weights.items()}
     return summarize(per_start)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick (≤ 5 min on 2 cores), full (≤ 20 min, adds seeds and the "
-                        "DeepForest real-photo case) or trees (≤ 20 min, DeepForest alone with a "
+                        help="quick (≤ 5 min on 2 cores: random init vs MoCo v2, 3 seeds), full "
+                        "(≤ 20 min: the detector detects; adds MoCo v2 + FA and the DeepForest "
+                        "real-photo case) or trees (≤ 20 min, DeepForest alone with a "
                         "longer schedule)")
     parser.add_argument("--out", default="output/demo", help="output folder (default: output/demo)")
     parser.add_argument("--data-root", default=None,
                         help="datasets folder (default: $FEATAUG_DATA or ./datasets)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="first seed: pretraining SEED and fine-tuning seeds S, S+1, ... "
+                        "(default 0; another seed writes to OUT/PROFILE-seedS)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print the pretraining and Detectron2 logs too")
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args.profile, args.out, args.data_root, args.verbose)
+    run(args.profile, args.out, args.data_root, args.verbose, args.seed)
     return 0

@@ -43,6 +43,7 @@ from .errors import CheckpointError, ConfigError
 from .utils.dist import all_gather_object, is_main_process, unwrap
 from .utils.env import seed_all
 from .utils.io import atomic_torch_save, atomic_write
+from .utils.lock import LOCK_NAME
 from .utils.safe_load import UnsafeFileError, load_torch
 
 logger = logging.getLogger("pretrain")
@@ -144,10 +145,16 @@ RUN_FILES = ("last.pth", "checkpoint_*.pth", "metrics.jsonl", "config.yaml", "cu
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
-    """Refuse an OUTPUT_DIR that is not a folder, or one that holds another run's checkpoints
-    or metrics unless resuming it: a fresh run never replaces them."""
+    """Refuse an OUTPUT_DIR that is not a folder or cannot be created or written, or one that
+    holds another run's checkpoints or metrics unless resuming it: a fresh run never replaces
+    them. A folder with only a lock file (``pretrain.utils.lock``) holds no run."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"OUTPUT_DIR {out}: exists and is not a folder")
+    folder = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise ConfigError(f"OUTPUT_DIR {out}: cannot be created, {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"OUTPUT_DIR {out}: no write permission in {folder}")
     if resume or not out.is_dir():
         return
     held = sorted(p.name for pattern in ("last.pth", "checkpoint_*.pth", "metrics.jsonl")
@@ -156,6 +163,36 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise ConfigError(f"OUTPUT_DIR {out} already holds a run ({', '.join(held[:3])}"
                           f"{', ...' if len(held) > 3 else ''}): use --resume to continue it, "
                           "or another OUTPUT_DIR")
+
+
+def check_data_paths(cfg) -> None:
+    """Refuse image folders that would hold a run's own files (``curves.png`` read as an image):
+    OUTPUT_DIR inside DATA.ROOT, DATA.KNN_TRAIN_ROOT or DATA.KNN_VAL_ROOT; DATA.ROOT inside
+    OUTPUT_DIR or inside any folder holding a FeatAug run (``last.pth`` and ``config.yaml``, or
+    a lock file). Links are resolved; only folder-format data is scanned, so only it is checked."""
+    out = Path(os.path.realpath(cfg.OUTPUT_DIR))
+    knn = cfg.DATA.KNN_FORMAT or cfg.DATA.FORMAT
+    for key, fmt in (("ROOT", cfg.DATA.FORMAT), ("KNN_TRAIN_ROOT", knn), ("KNN_VAL_ROOT", knn)):
+        value = cfg.DATA[key]
+        if value and fmt == "folder" and out.is_relative_to(os.path.realpath(value)):
+            raise ConfigError(f"OUTPUT_DIR {cfg.OUTPUT_DIR} is inside DATA.{key} {value}: the "
+                              "run's files would be read as images; use an OUTPUT_DIR outside it")
+    if not cfg.DATA.ROOT or cfg.DATA.FORMAT != "folder":
+        return
+    root = Path(os.path.realpath(cfg.DATA.ROOT))
+    if root.is_relative_to(out):
+        raise ConfigError(f"DATA.ROOT {cfg.DATA.ROOT} is inside OUTPUT_DIR {cfg.OUTPUT_DIR}: the "
+                          "run's files would be read as images; keep the data outside it")
+    run = next((p for p in (root, *root.parents) if _holds_run(p)), None)
+    if run is not None:
+        raise ConfigError(f"DATA.ROOT {cfg.DATA.ROOT} is inside {run}, the OUTPUT_DIR of a "
+                          "FeatAug run: its files would be read as images; keep the data "
+                          "outside it")
+
+
+def _holds_run(folder: Path) -> bool:
+    return ((folder / "last.pth").is_file() and (folder / "config.yaml").is_file()) or \
+        (folder / LOCK_NAME).exists()
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:

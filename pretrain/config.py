@@ -6,6 +6,7 @@ override both (``cfg.merge_from_list``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fvcore.common.config import CfgNode as CN
@@ -187,7 +188,8 @@ def merge_config_file(cfg: CN, path: str | Path) -> None:
 
     Only plain YAML is read (``yaml.safe_load``; a tag such as ``!!python/object`` is refused,
     never constructed, also where Detectron2's loader would fall back to ``yaml.unsafe_load``),
-    and only ``.yaml`` / ``.yml`` files (nothing is imported or executed). Every fault is one
+    and only ``.yaml`` / ``.yml`` files that map ``KEY: value``, ``_BASE_`` files included
+    (:func:`_check_bases`; nothing is imported or executed). Every fault is one
     :class:`ConfigError` that names the file.
     """
     import yaml
@@ -198,29 +200,61 @@ def merge_config_file(cfg: CN, path: str | Path) -> None:
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"{path}: a config is a .yaml file (got {path.suffix or 'no suffix'})")
     try:
-        top = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if not isinstance(top, dict):
-            what = "empty" if top is None else f"a {type(top).__name__}"
-            raise ConfigError(f"{path}: the file must map KEY: value at the top level (it is {what})")
+        _check_bases(path)
         cfg.merge_from_file(str(path), allow_unsafe=False)
     except ConfigError:
         raise
     except yaml.constructor.ConstructorError as e:
         mark = e.problem_mark
         at = "" if mark is None else f" at line {mark.line + 1}" + (
-            "" if str(mark.name).startswith("<") else f" of {mark.name}")
+            "" if str(mark.name) == str(path) else f" of {mark.name}")
         raise ConfigError(f"{path}: YAML tag refused{at} ({e.problem}): a config is plain "
                           "YAML, nothing in it is constructed or run") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {reason(e)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
-    except OSError as e:  # a _BASE_ that is not there or cannot be read
-        raise ConfigError(f"{path}: _BASE_ {e.filename or ''}: {e.strerror or reason(e)}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: its _BASE_ files include each other in a loop") from None
+    except OSError as e:  # the file or a _BASE_ that is not there or cannot be read
+        base = "" if e.filename == str(path) else f"_BASE_ {e.filename or ''}: "
+        raise ConfigError(f"{path}: {base}{e.strerror or reason(e)}") from None
     except _MERGE_ERRORS as e:
         raise ConfigError(f"{path}: {reason(e)}") from None
+
+
+def _check_bases(path: Path) -> None:
+    """``path`` and each file of its ``_BASE_`` chain, resolved as fvcore and Detectron2 resolve
+    it (relative to the including file, ``~`` expanded), is a ``.yaml`` / ``.yml`` file mapping
+    ``KEY: value``, and no file includes itself again; a fault names ``path`` and the base."""
+    import yaml
+
+    file, seen = str(path), set()
+    while os.path.realpath(file) not in seen:
+        seen.add(os.path.realpath(file))
+        name = "" if file == str(path) else f"_BASE_ {file}: "
+        try:
+            with open(file, encoding="utf-8") as f:
+                top = yaml.safe_load(f)  # a stream: a YAML error names the file
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: {name}not a text file") from None
+        if not isinstance(top, dict):
+            what = "empty" if top is None else f"a {type(top).__name__}"
+            raise ConfigError(f"{path}: {name}the file must map KEY: value at the top level "
+                              f"(it is {what})")
+        base = top.get("_BASE_")
+        if base is None:
+            return
+        of = "" if file == str(path) else f" of {file}"
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _BASE_{of} must be a file name, got {base!r:.60}")
+        base = os.path.expanduser(base) if base.startswith("~") else base
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(file), base)
+        suffix = Path(base).suffix.lower()
+        if suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"{path}: _BASE_ {base}{of}: a config is a .yaml file (got "
+                              f"{suffix or 'no suffix'})")
+        if "://" in base:  # fetched by fvcore's PathManager, read with yaml.safe_load
+            return
+        file = base
+    raise ConfigError(f"{path}: its _BASE_ files include each other in a loop")
 
 
 def merge_overrides(cfg: CN, opts) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ engine can count distinct bad files and print them.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ import torch
 
 from .errors import DataError
 
+logger = logging.getLogger("pretrain")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FORMATS = ("folder", "list", "idx")
 # One OpenCV thread per process: parallelism comes from loader workers, and a process that forks
@@ -105,17 +107,30 @@ def _is_image(name: str) -> bool:
 
 
 def scan_folder(root: str | os.PathLike) -> ImageFiles:
-    """All image files under ``root`` (recursive, sorted, symlinks followed).
+    """All image files under ``root`` (recursive, sorted, symlinks followed, each real folder
+    once: a link to a folder already scanned, or to one that contains it, is skipped and
+    counted in one warning).
 
     Labels come from the first-level sub-folder when no image lies directly in ``root``.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (DATA.FORMAT folder)")
-    paths = []
+    paths, seen, skipped = [], {os.path.realpath(root)}, []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        here, kept = os.path.realpath(dirpath), []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen or os.path.commonpath([here, real]) == real:
+                skipped.append(os.path.join(dirpath, d))
+            else:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         paths += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    if skipped:
+        logger.warning(f"{root}: skipped {len(skipped)} linked folder(s) already scanned: "
+                       f"{skipped[0]}{' ...' if len(skipped) > 1 else ''}")
     rel = [Path(p).relative_to(root).parts for p in paths]
     if paths and all(len(parts) > 1 for parts in rel):
         classes = sorted({parts[0] for parts in rel})

@@ -24,7 +24,7 @@ from pretrain.evaluation import eval_loader, evaluate_knn, extract_features, lab
 from pretrain.transforms import build_eval_transform, build_train_transform, normalize
 from pretrain.utils.amp import amp_dtype
 from pretrain.utils.env import seed_all
-from pretrain.utils.io import atomic_write_text
+from pretrain.utils.io import atomic_write_text, check_output
 
 
 def load_backbone(ckpt: dict, path: str = "checkpoint") -> nn.Module:
@@ -128,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="", metavar="JSON",
                         help="where to write the result (default: lincls.json beside the "
                         "checkpoint, or OUTPUT_DIR/lincls_random_init.json)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output file (never the checkpoint or config)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. LINCLS.EPOCHS 10")
 
@@ -143,6 +145,10 @@ def run(args: argparse.Namespace) -> dict:
     else:  # the checkpoint's own config, with the command-line overrides
         cfg = load_cfg(text=ckpt["config"], opts=args.opts,
                        source=f"{args.checkpoint} (its stored config)")
+    out = args.output or (Path(args.checkpoint).with_name("lincls.json") if args.checkpoint
+                          else Path(cfg.OUTPUT_DIR) / "lincls_random_init.json")
+    check_output(out, inputs={"--checkpoint": args.checkpoint, "--config-file": args.config_file},
+                 overwrite=args.overwrite, flag="--output" if args.output else "")  # before the work
     device = torch.device("cuda" if cfg.DEVICE != "cpu" and torch.cuda.is_available() else "cpu")
     if args.random_init:
         from pretrain.backbone import build_backbone
@@ -161,8 +167,6 @@ def run(args: argparse.Namespace) -> dict:
             backbone, build_eval_dataset(cfg, train_root, tf), build_eval_dataset(cfg, val_root, tf),
             device, cfg.KNN.K, cfg.KNN.T,
             num_workers=cfg.DATALOADER.NUM_WORKERS)
-    out = args.output or (Path(args.checkpoint).with_name("lincls.json") if args.checkpoint
-                          else Path(cfg.OUTPUT_DIR) / "lincls_random_init.json")
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     line = f"lincls: top-1 {result['top1']:.2f}%"
     if "knn_top1" in result:

@@ -190,6 +190,7 @@ def test_torchvision_peer_pipeline_outputs_normalised_views():
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     pixels = x * std + mean
     assert 0 < pixels.min() and pixels.max() < 1
+    # values in (0, 1) after a few dozen float32 roundings: 1e-5 is ~80 eps32 of 1
     torch.testing.assert_close(pixels, torch.full_like(pixels, pixels[0, 0, 0].item()), atol=1e-5, rtol=0)
 
 
@@ -433,7 +434,7 @@ def test_fa_head_is_everything_fa_changes():
     on, its gradients and the next queue are those of the whole model with the same weights."""
     import copy
 
-    from tiny_models import tiny_cfg
+    from tiny_models import head_tol, tiny_cfg
 
     from feataug.bench.pretrain_step import _Features
     from pretrain.build import build_model
@@ -456,10 +457,11 @@ def test_fa_head_is_everything_fa_changes():
         outs.append((out, m))
     (a, ma), (b, mb) = outs
     assert "loss_fa" in a
-    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-6)
+    tol = head_tol(cfg)  # the same float32 head on the same features: at most sums reordered
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=tol, atol=0)
     for (n, p), (_, q) in zip(ma.projector.named_parameters(), mb.projector.named_parameters(),
                               strict=True):
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=tol * float(p.grad.abs().max()), msg=n)
     assert torch.equal(ma.queue, mb.queue)
 
 

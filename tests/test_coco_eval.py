@@ -7,11 +7,14 @@ import copy
 import io
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import refused
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -490,9 +493,11 @@ def test_cli_unwritable_json_out(tmp_path, capsys):
             str(out),
         ]
     )
-    assert rc == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(out) in err[0]
+    assert rc == 2  # refused before the evaluation
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and f"--json-out {out}: cannot write: {blocker} is not a folder" in err[0]
+    assert captured.out == ""
 
 
 @pytest.mark.parametrize("target", ["gt", "results", "existing"])
@@ -504,7 +509,7 @@ def test_json_out_never_replaces_an_input_or_a_file_unasked(tmp_path, capsys, ta
     argv = ["coco-eval", "--gt", gt, "--results", dt, "--json-out", out]
     assert cli.main([*argv, *(["--overwrite"] if target != "existing" else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    want = f"is the --{target} file" if target != "existing" else "exists: pass --overwrite"
+    want = f"is the --{target} file" if target != "existing" else "exists; use --overwrite"
     assert len(err) == 1 and err[0].startswith("feataug coco-eval: error: --json-out ") and want in err[0]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     if target == "existing":  # asked: replaced by the report
@@ -534,6 +539,76 @@ def test_tools_script_is_the_command(tmp_path):
         mp.setattr(sys, "argv", argv)
         runpy.run_path(str(script), run_name="__main__")
     assert exit_.value.code == 0
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_json_out_folder_is_refused_first(tmp_path, capsys, overwrite):
+    gt, dt = _write(tmp_path / "gt.json", GOOD_GT), _write(tmp_path / "dt.json", [GOOD_DT])
+    (tmp_path / "d").mkdir()
+    line = refused(capsys, ["coco-eval", "--gt", gt, "--results", dt, "--json-out",
+                            tmp_path / "d", *overwrite], keep=[tmp_path])
+    assert line.endswith(f"--json-out {tmp_path / 'd'}: is a folder; give the output file's name")
+
+
+def _dup_gt(kind: str) -> tuple[dict, dict, str]:
+    """(GT with one id repeated, the same GT without the repetition, the words of its refusal).
+    Two images, categories 1 and 3, annotations 5..8."""
+    boxes = [[10, 10, 30, 30], [50, 40, 30, 20], [5, 60, 40, 30], [60, 5, 25, 25]]
+    good = {
+        "images": [{"id": i, "height": 100, "width": 100} for i in (1, 2)],
+        "annotations": [{"id": 5 + k, "image_id": 1 + k // 2, "category_id": (1, 3)[k % 2],
+                         "bbox": b, "area": float(b[2] * b[3]), "iscrowd": 0}
+                        for k, b in enumerate(boxes)],
+        "categories": [{"id": 1, "name": "tree"}, {"id": 3, "name": "car"}],
+    }  # fmt: skip
+    bad = copy.deepcopy(good)
+    if kind == "annotation":
+        bad["annotations"][3]["id"] = 7
+        return bad, good, "annotation id 7 appears twice"
+    if kind == "category":
+        bad["categories"].append({"id": 3, "name": "bus"})
+        return bad, good, "category id 3 appears twice"
+    bad["images"].append({"id": 2, "height": 50, "width": 50})
+    return bad, good, "image id 2 appears twice"
+
+
+@pytest.mark.parametrize("kind", ["annotation", "category", "image"])
+def test_repeated_ids_in_the_ground_truth_are_refused(kind, tmp_path, capsys):
+    """A repeated id is refused, naming the file, the kind and the id; the file without the
+    repetition gives pycocotools' AP (all detections exact: 100)."""
+    bad, good, words = _dup_gt(kind)
+    dts = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+            "score": 0.9} for a in good["annotations"]]  # fmt: skip
+    if kind == "annotation":  # what was reported before: pycocotools drops one of the two
+        assert pycocotools_eval(bad, dts, "bbox").stats[0] < 0.99
+    gt, dt = _write(tmp_path / "GT.json", bad), _write(tmp_path / "dt.json", dts)
+    out = tmp_path / "stats.json"
+    line = refused(capsys, ["coco-eval", "--gt", gt, "--results", dt, "--json-out", out],
+                   keep=[tmp_path])
+    assert line.endswith(f"error: {gt}: {words}")
+    ref = pycocotools_eval(good, dts, "bbox")
+    assert ref.stats[0] == pytest.approx(1.0)
+    _write(tmp_path / "GT.json", good)
+    assert cli.main(["coco-eval", "--gt", gt, "--results", dt, "--json-out", str(out)]) == 0
+    stats = json.loads(out.read_text())["stats"]
+    np.testing.assert_allclose([stats[k] for k in coco_eval.STAT_NAMES], ref.stats, atol=1e-6)
+
+
+def test_non_ascii_names_print_on_an_ascii_console(tmp_path):
+    """Under the C locale stdout is ASCII: the report escapes what it cannot encode and the
+    JSON is written (UTF-8) with the names intact."""
+    gt = copy.deepcopy(GOOD_GT)
+    gt["categories"][0]["name"] = "\u00e9rable \u6811"
+    gt_path, dt = _write(tmp_path / "gt.json", gt), _write(tmp_path / "dt.json", [GOOD_DT])
+    out = tmp_path / "stats.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONIOENCODING"}
+    env |= {"LC_ALL": "C", "PYTHONUTF8": "0"}
+    proc = subprocess.run([sys.executable, "-m", "feataug.cli", "coco-eval", "--gt", gt_path,
+                           "--results", dt, "--json-out", str(out)],
+                          capture_output=True, env=env, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode()
+    assert b"| \\xe9rable \\u6811 " in proc.stdout  # escaped: no UnicodeEncodeError
+    assert json.loads(out.read_bytes().decode("utf-8"))["per_category"][0]["name"] == "\u00e9rable \u6811"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -634,3 +634,19 @@ def test_fashion_mnist_real_package(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "deepforest", "labelme"])
+def test_home_that_is_a_file_is_one_line(dataset, tmp_path, capsys, monkeypatch):
+    """The download cache (~/.cache/feataug) cannot be made: refused before anything is written."""
+    from conftest import refused
+
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("FEATAUG_CACHE", raising=False)
+    root = tmp_path / "data"
+    line = refused(capsys, ["prepare-data", dataset, "--root", root], keep=[tmp_path])
+    assert line.endswith(f"download cache {home}/.cache/feataug: {home} is not a folder; set "
+                         "FEATAUG_CACHE to a folder (or give --source)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no --root folder either

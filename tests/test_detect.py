@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -90,18 +91,23 @@ def test_tiny_config_reproduces_torchvision_trunk(r18_weights):
         )
         model = build_model(cfg).eval()
         DetectionCheckpointer(model).load(str(pkl))
+        model.double()  # the same function both ways: compared in float64, from the config's
+        for name in ("pixel_mean", "pixel_std"):  # values (Detectron2 made float32 buffers)
+            setattr(model, name, torch.tensor(cfg.MODEL[name.upper()], dtype=torch.float64)[:, None, None])
         image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)  # RGB
         with torch.no_grad():
             ours = model.backbone.bottom_up(model.preprocess_image([{"image": image}]).tensor)[
                 "res5"
             ]
-            mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-            std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-            x = ((image.float() / 255 - mean) / std)[None]
-            trunk = torch.nn.Sequential(*list(net.children())[:-2])
+            mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(3, 1, 1)
+            std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(3, 1, 1)
+            x = ((image.double() / 255 - mean) / std)[None]
+            trunk = copy.deepcopy(torch.nn.Sequential(*list(net.children())[:-2])).double()
             ref = trunk(x)
-        assert ours.shape == ref.shape
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        assert ours.shape == ref.shape and ours.dtype == torch.float64
+        # float64 sums of <= 4608 products, 18 layers: ~4608 * 18 * eps64 ~ 2e-11 of the largest
+        # feature; a wrong mean, std, channel order or weight is O(1) off
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-9 * float(ref.abs().max()))
 
 
 def test_paper_configs_values():
@@ -434,6 +440,27 @@ def test_amp_dtype_policy():
     assert amp_dtype("off", "cuda") is None
 
 
+def test_cpu_bf16_follows_the_onednn_isa_cap(monkeypatch):
+    """``auto`` on the CPU: no bfloat16 under an ONEDNN_MAX_CPU_ISA (or DNNL_) below
+    AVX512_CORE_BF16, where oneDNN emulates it, whatever this CPU has; above it the CPU's flags."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    host = bool(flags & {"avx512_bf16", "amx_bf16"})
+    cases = [("ONEDNN_MAX_CPU_ISA", "AVX2", False), ("ONEDNN_MAX_CPU_ISA", "sse41", False),
+             ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", False), ("DNNL_MAX_CPU_ISA", "AVX2", False),
+             ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", host), ("ONEDNN_MAX_CPU_ISA", "ALL", host)]
+    try:
+        for name, isa, want in cases:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+            monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+            monkeypatch.setenv(name, isa)
+            cpu_has_native_bf16.cache_clear()
+            assert cpu_has_native_bf16() is want, isa
+            assert amp_dtype("auto", "cpu") == (torch.bfloat16 if want else None), isa
+    finally:
+        monkeypatch.undo()
+        cpu_has_native_bf16.cache_clear()
+
+
 # ------------------------------------------------------------------------------------ trials
 def test_trials_summary_by_hand(tmp_path):
     per_trial = [
@@ -508,7 +535,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
     cfg = detect.setup(_parse(argv))
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
     assert MetadataCatalog.get("tr").thing_classes == ["red box", "blue ellipse", "green star"]
-    # a problem found when the records are read (training start): exit status 1, one line
+    # a problem found when the records are read (at setup, before the model): exit 2, one line
     (tmp_path / "voc" / "JPEGImages" / "002003.jpg").unlink()
     argv = [
         "--config-file",
@@ -521,9 +548,11 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
         "OUTPUT_DIR",
         str(tmp_path / "o"),
     ]
-    assert cli.main(["detect", *argv]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("feataug detect: error: ") and "no image for id '002003'" in err
+    capsys.readouterr()
+    assert cli.main(["detect", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("feataug detect: error: ")
+    assert "no image for id '002003'" in err[0] and not (tmp_path / "o").exists()
 
 
 def test_detect_voc_trials_and_eval_only(tmp_path, catalog, r18_weights):

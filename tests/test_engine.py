@@ -620,15 +620,15 @@ def test_fused_sgd_under_a_grad_scaler_steps_unscaled_and_skips_inf():
 
 
 def test_sgd_steps_with_fused_kernels_and_keeps_them_after_a_resume():
-    """The fused SGD kernel gives the per-tensor loop's numbers (to float32 rounding), and
+    """The fused SGD kernel gives the per-tensor loop's numbers (to rounding), and
     after ``load_state_dict`` of a checkpoint written without it, the optimizer uses it again."""
     from pretrain.config import get_cfg
     from pretrain.solver import build_optimizer, use_step_kernels
 
     cfg = get_cfg()
     torch.manual_seed(0)
-    model = _OneLinear()
-    ref = torch.nn.Linear(6, 4)
+    model = _OneLinear().double()  # the same update both ways: compared in float64
+    ref = torch.nn.Linear(6, 4).double()
     ref.load_state_dict(model.lin.state_dict())
     init = model.lin.weight.detach().clone()
     opt = build_optimizer(cfg, model)
@@ -638,13 +638,15 @@ def test_sgd_steps_with_fused_kernels_and_keeps_them_after_a_resume():
     assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is False
     assert type(opt).__module__ == "pretrain.solver"  # the engine's SGD, not torch's (layouts)
     for _ in range(4):
-        x = torch.randn(3, 6)
+        x = torch.randn(3, 6, dtype=torch.float64)
         for m, o in ((model.lin, opt), (ref, plain)):
             o.zero_grad()
             m(x).square().sum().backward()
             o.step()
     for a, b in ((model.lin.weight, ref.weight), (model.lin.bias, ref.bias)):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-7)  # measured: <= 6e-8 (an FMA)
+        # 4 steps, each a few roundings (fused: FMAs) of buffers <= 30 times lr <= 0.1: float64
+        # weights within 1e-12
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert (model.lin.weight - init).abs().min() > 1e-4  # every weight moved
     old = opt.state_dict()
     for g in old["param_groups"]:  # as a checkpoint written before these kernels has them
@@ -665,9 +667,10 @@ def test_sgd_on_channels_last_weights_steps_as_the_loop_does(case):
 
     torch.manual_seed(0)
     cl, nchw = torch.channels_last, torch.contiguous_format
-    w0, b0 = torch.randn(8, 6, 3, 3), torch.randn(8)
-    buf0, bias_buf0 = torch.randn(8, 6, 3, 3), torch.randn(8)
-    grads = [(torch.randn(8, 6, 3, 3), torch.randn(8)) for _ in range(3)]
+    f64 = dict(dtype=torch.float64)  # the same update both ways: compared in float64
+    w0, b0 = torch.randn(8, 6, 3, 3, **f64), torch.randn(8, **f64)
+    buf0, bias_buf0 = torch.randn(8, 6, 3, 3, **f64), torch.randn(8, **f64)
+    grads = [(torch.randn(8, 6, 3, 3, **f64), torch.randn(8, **f64)) for _ in range(3)]
     kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
 
     def run(cls, fmt, **kernels):
@@ -687,8 +690,10 @@ def test_sgd_on_channels_last_weights_steps_as_the_loop_does(case):
     (w_ref, bias_ref), _ = run(torch.optim.SGD, nchw, foreach=False)
     (w_torch, _), _ = run(torch.optim.SGD, cl, fused=True)
     assert w.is_contiguous(memory_format=cl) and not w.is_contiguous()
-    torch.testing.assert_close(w, w_ref, rtol=0, atol=2e-6)
-    torch.testing.assert_close(bias, bias_ref, rtol=0, atol=2e-6)
+    # 3 steps, each a few roundings (fused: FMAs) of buffers <= 30 times lr <= 0.1: float64
+    # weights within 1e-12
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bias, bias_ref, rtol=0, atol=1e-12)
     buf = opt.state[w]["momentum_buffer"]
     assert buf.stride() == w.stride()
     views = _dense_views(w, w.grad if case != "grad_contiguous" else buf, buf)
@@ -719,7 +724,7 @@ def test_sgd_takes_parameters_whose_first_gradient_comes_late():
 
     cfg = get_cfg()
     torch.manual_seed(0)
-    model, ref = TwoPart(), TwoPart()
+    model, ref = TwoPart().double(), TwoPart().double()  # the same update: compared in float64
     ref.load_state_dict(model.state_dict())
     opt = build_optimizer(cfg, model)
     plain = torch.optim.SGD(ref.parameters(), lr=opt.param_groups[0]["lr"],
@@ -731,14 +736,16 @@ def test_sgd_takes_parameters_whose_first_gradient_comes_late():
             assert sorted(saved["state"]) == [0, 1]  # as torch stores it: no buffer without a gradient
             opt.load_state_dict(saved)
             use_step_kernels(opt)
-        x = torch.randn(3, 6)
+        x = torch.randn(3, 6, dtype=torch.float64)
         for m, o in ((model, opt), (ref, plain)):
             o.zero_grad()
             y = m.early(x)
             (m.late(y) if step >= 3 else y).square().sum().backward()
             o.step()
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-7)
+        # 6 steps, each a few roundings (fused: FMAs) of buffers <= 30 times lr <= 0.1: float64
+        # weights within 1e-12
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert not torch.equal(model.late.weight, TwoPart().late.weight)
 
     # the case as a user meets it: MoCo with the FA generator from FA.START on

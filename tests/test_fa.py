@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import build, tiny_cfg, views
+from tiny_models import build, head_tol, tiny_cfg, views
 
 from pretrain.fa import FA_REGISTRY, FeatureAugmenter, HardMix, QueueMix
 
@@ -47,7 +47,9 @@ def test_noise_is_unbiased_with_batch_relative_std():
     s = z.std(dim=0, correction=0)  # [16]
     tol = 5 * 0.5 * s / 4000**0.5
     assert ((draws.mean(0) - z).abs() <= tol).all()  # E[z~] = z
-    torch.testing.assert_close(draws.std(0).mean(0), 0.5 * s, rtol=0.05, atol=0)
+    # a sample std of 4000 normal draws is off by 1/sqrt(2 * 4000) relative, its mean over 8
+    # rows by 1/sqrt(2 * 4000 * 8): 5 sigma of that
+    torch.testing.assert_close(draws.std(0).mean(0), 0.5 * s, rtol=5 / (2 * 4000 * 8) ** 0.5, atol=0)
 
 
 def test_dropout_rescales_and_keeps_the_mean():
@@ -59,8 +61,10 @@ def test_dropout_rescales_and_keeps_the_mean():
     torch.testing.assert_close(
         draws[kept], (z / 0.75).expand_as(draws)[kept]
     )  # survivors / (1 - p)
-    assert abs(1 - kept.float().mean().item() - 0.25) < 0.01
-    assert ((draws.mean(0) - z).abs() < 0.05).all()
+    # 5 sigma: of the drop rate over all draws (binomial), of a mean of 4000 draws z/(1-p) or 0
+    # (variance z^2 p/(1-p))
+    assert abs(1 - kept.float().mean().item() - 0.25) <= 5 * (0.25 * 0.75 / kept.numel()) ** 0.5
+    assert ((draws.mean(0) - z).abs() <= 5 * z * (0.25 / 0.75 / 4000) ** 0.5).all()
 
 
 @pytest.mark.parametrize("per", ["batch", "sample"])
@@ -78,7 +82,8 @@ def test_extrapolate_pushes_both_sides_apart_with_lambda_in_1_2(per):
     if per == "batch":  # the published form: one lam for the whole batch
         assert torch.unique(lam.round(decimals=12)).numel() == 1
     else:
-        assert abs(lam.mean().item() - 1.5) < 0.05  # 1 + Beta(2, 2) has mean 1.5
+        # 1 + Beta(2, 2) has mean 1.5 and variance 1/20: 5 sigma of a mean of 256 draws
+        assert abs(lam.mean().item() - 1.5) <= 5 * (0.05 / lam.numel()) ** 0.5
     out.z.sum().backward()
     assert z_pos.grad is None and z.grad is not None
     one_sided = op("extrapolate", both_sides=False)(z, z_pos)
@@ -150,45 +155,50 @@ def test_generator_is_adversarial_and_bounded(monkeypatch):
 
 def test_hardmix_outputs_unit_norm_detached_mixes_of_top_negatives():
     torch.manual_seed(0)
-    q = F.normalize(torch.randn(3, 8), dim=1).requires_grad_()
-    queue = F.normalize(torch.randn(10, 8), dim=1)
+    q = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(10, 8, dtype=torch.float64), dim=1)
     mix = HardMix(fa_cfg(op="hardmix", hardmix_topn=2, hardmix_num=3, hardmix_query_num=4), 8)
     out = mix(q, queue)  # [3, 7, 8]: 3 neg-neg mixes, then 4 query-neg mixes
-    assert out.shape == (3, 7, 8) and not out.requires_grad
-    torch.testing.assert_close(out.norm(dim=2), torch.ones(3, 7))
+    assert out.shape == (3, 7, 8) and not out.requires_grad and out.dtype == torch.float64
+    torch.testing.assert_close(out.norm(dim=2), torch.ones(3, 7, dtype=torch.float64))
+    # float64 least squares on two unit 8-vectors: residuals ~ cond * eps64, far below tol
+    tol = 1e-10
     top2 = (q.detach() @ queue.t()).topk(2, dim=1).indices
     for i in range(3):
         basis = queue[top2[i]].t()  # [8, 2]: the two hardest negatives
         for h in out[i, :3]:  # neg-neg: in their span, with non-negative weights
             coef = torch.linalg.lstsq(basis, h[:, None]).solution[:, 0]
-            torch.testing.assert_close(basis @ coef, h, atol=1e-5, rtol=0)
-            assert (coef >= -1e-5).all()
+            torch.testing.assert_close(basis @ coef, h, atol=tol, rtol=0)
+            assert (coef >= -tol).all()
         for h in out[i, 3:]:  # query-neg: beta q + (1 - beta) n, beta <= 1/2
             fits = []
             for c in range(2):
                 basis_qc = torch.stack([q[i].detach(), queue[top2[i, c]]], dim=1)
                 a, b = torch.linalg.lstsq(basis_qc, h[:, None]).solution[:, 0]
-                if torch.allclose(basis_qc @ torch.stack([a, b]), h, atol=1e-5):
+                if torch.allclose(basis_qc @ torch.stack([a, b]), h, rtol=0, atol=tol):
                     fits.append((a / (a + b)).item())
-            assert any(-1e-5 <= beta <= 0.5 + 1e-5 for beta in fits)
+            assert any(-tol <= beta <= 0.5 + tol for beta in fits)
 
 
 def test_hardmix_closed_form_similarities_match_the_built_negatives():
     """``similarities`` = q·h of ``forward``'s h, in value and in gradient (h a constant)."""
     mix = HardMix(fa_cfg(op="hardmix", hardmix_topn=5, hardmix_num=4, hardmix_query_num=5), 16)
     g = torch.Generator().manual_seed(1)
-    queue = torch.randn(40, 16, generator=g) * 0.7  # not unit: the norms must be exact too
-    q0 = F.normalize(torch.randn(6, 16, generator=g), dim=1)
-    w = torch.randn(6, 9, generator=g)  # a random upstream gradient
+    f64 = dict(generator=g, dtype=torch.float64)  # the same algebra both ways: float64
+    queue = torch.randn(40, 16, **f64) * 0.7  # not unit: the norms must be exact too
+    q0 = F.normalize(torch.randn(6, 16, **f64), dim=1)
+    w = torch.randn(6, 9, **f64)  # a random upstream gradient
     q_ref, q_new = q0.clone().requires_grad_(), q0.clone().requires_grad_()
     torch.manual_seed(7)
     ref = torch.einsum("nc,nmc->nm", q_ref, mix(q_ref, queue))  # [6, 9]
     torch.manual_seed(7)
     new = mix.similarities(q_new, queue)
-    torch.testing.assert_close(new, ref, atol=1e-5, rtol=0)
+    assert new.dtype == torch.float64
+    # sums of 16 products of values <= 3 in another order: within 1e-12, 100x float64's rounding
+    torch.testing.assert_close(new, ref, atol=1e-12, rtol=0)
     (ref * w).sum().backward()
     (new * w).sum().backward()
-    torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-12, rtol=0)
 
 
 def test_hardmix_negatives_are_only_negatives():
@@ -381,18 +391,30 @@ def _grads(model, x1, x2):
     return out, torch.autograd.grad(out["loss"], params)
 
 
+def _float64(cfg):
+    """The tiny model in float64, but for MoCo's queue: the losses run in float32 by design (the
+    methods score ``z.float()``), so the queue they are scored against stays float32."""
+    model = build(cfg).double()
+    if hasattr(model, "queue"):
+        model.queue = model.queue.float()
+    return model
+
+
 @pytest.mark.parametrize("method", ["moco", "byol"])
 def test_mean_keeps_and_add_doubles_the_step_of_a_duplicated_term(method):
     """OP identity makes L_fa = L_ssl: ``add`` (w 1) doubles every gradient — the loss-scale
     control — ``mean`` leaves it unchanged."""
     arch = "basic" if method == "moco" else "post_predictor"
-    x1, x2 = views()
-    _, g_off = _grads(build(fa_cfg(method, enabled=False)), x1, x2)
+    cfg = fa_cfg(method, enabled=False)
+    x1, x2 = (x.double() for x in views())
+    _, g_off = _grads(_float64(cfg), x1, x2)
+    tol = head_tol(cfg)  # exact algebra in float64, but for the float32 loss head
     for mode, factor in (("add", 2.0), ("mean", 1.0)):
-        out, g = _grads(build(fa_cfg(method, op="identity", arch=arch, loss_mode=mode)), x1, x2)
+        out, g = _grads(_float64(fa_cfg(method, op="identity", arch=arch, loss_mode=mode)), x1, x2)
         torch.testing.assert_close(out["loss_fa"], out["loss_ssl"])
         for a, b in zip(g, g_off, strict=True):
-            torch.testing.assert_close(a, factor * b, rtol=1e-4, atol=1e-6)
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a, factor * b, rtol=0, atol=tol * float(b.abs().max()) * factor)
 
 
 @pytest.mark.parametrize("method", ["moco", "simsiam"])
@@ -471,9 +493,10 @@ def test_hardmix_reusing_the_plain_logits_is_the_same_infonce():
     fa = ContrastiveFA(fa_cfg("moco", op="hardmix", role="negative", hardmix_topn=6,
                               hardmix_num=5, hardmix_query_num=3), 16)
     g = torch.Generator().manual_seed(3)
-    queue = F.normalize(torch.randn(30, 16, generator=g), dim=1)
-    q0 = F.normalize(torch.randn(4, 16, generator=g), dim=1)
-    k = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    f64 = dict(generator=g, dtype=torch.float64)  # the same algebra both ways: float64
+    queue = F.normalize(torch.randn(30, 16, **f64), dim=1)
+    q0 = F.normalize(torch.randn(4, 16, **f64), dim=1)
+    k = F.normalize(torch.randn(4, 16, **f64), dim=1)
     q_ref, q_new = q0.clone().requires_grad_(), q0.clone().requires_grad_()
     torch.manual_seed(11)
     extra = fa.augment.op.similarities(q_ref, queue)
@@ -481,8 +504,11 @@ def test_hardmix_reusing_the_plain_logits_is_the_same_infonce():
     torch.manual_seed(11)
     _, logits = info_nce(q_new, k, queue, 0.2)
     new = fa(q_new, k, queue, 0.2, None, None, None, logits)
-    torch.testing.assert_close(new, ref, atol=1e-6, rtol=0)
+    assert new.dtype == torch.float64
+    # reused logits (q·n/T)*T/T differ from q·n/T by a few eps64 of |logits| <= 1/T = 5: the
+    # loss and its gradient within 1e-12
+    torch.testing.assert_close(new, ref, atol=1e-12, rtol=0)
     ref.backward()
     new.backward()
-    torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-12, rtol=0)
     assert ref > info_nce(q0, k, queue, 0.2)[0]  # the mixes are real extra negatives

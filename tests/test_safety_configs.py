@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import refused
 
 from feataug import cli
 
@@ -69,3 +70,27 @@ def test_a_bad_config_file_is_one_line(command, name, text, message, tmp_path, c
     config.write_text(text)
     assert message in _run(command, config, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("base, text, message", [
+    ("base.txt", "SEED: 3\n", "_BASE_ {dir}/base.txt: a config is a .yaml file (got .txt)"),
+    ("/etc/passwd", None, "_BASE_ /etc/passwd: a config is a .yaml file (got no suffix)"),
+    ("mid.yaml", "_BASE_: base.txt\n",
+     "_BASE_ {dir}/base.txt of {dir}/mid.yaml: a config is a .yaml file (got .txt)"),
+    ("plain.yaml", "just a string\n",
+     "_BASE_ {dir}/plain.yaml: the file must map KEY: value at the top level (it is a str)"),
+    ("[a.yaml]", None, "_BASE_ must be a file name, got ['a.yaml']"),
+], ids=["txt", "/etc/passwd", "txt of a base", "string", "a list"])  # fmt: skip
+def test_base_files_follow_the_same_rules(command, base, text, message, tmp_path, capsys):
+    """A _BASE_ is read only as a .yaml/.yml file of KEY: value; a fault names the config, the
+    base (and the base that included it)."""
+    if command == "detect":
+        pytest.importorskip("detectron2")
+    if text is not None:
+        (tmp_path / base).write_text(text)
+        (tmp_path / "base.txt").write_text("SEED: 3\n")  # what mid.yaml includes
+    config = tmp_path / "child.yaml"
+    config.write_text(f"_BASE_: {base}\n")
+    line = refused(capsys, [command, "--config-file", config], keep=[tmp_path])
+    assert line == f"feataug {command}: error: {config}: " + message.format(dir=tmp_path)

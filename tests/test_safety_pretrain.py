@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_engine import SMALL, TINY, _images, _pretrain
+from conftest import refused
+from test_engine import SMALL, TINY, _env, _images, _pretrain
 
 from feataug import cli
+from pretrain.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,3 +182,130 @@ def test_a_checkpoint_with_fields_of_the_wrong_type_is_one_line(finished_run, tm
     assert cli.main(["lincls", "--checkpoint", str(tmp_path / "bad.pth")]) == 2
     line = _one_error_line(capsys, "lincls")
     assert f"{tmp_path / 'bad.pth'}: " in line and words in line, line
+
+
+# ----------------------------------------------------------------------------- where a run writes
+def _refused(capsys, data, out, *opts, keep) -> str:
+    return refused(capsys, ["pretrain", "--config-file", TINY, "DATA.ROOT", data,
+                            "OUTPUT_DIR", out, *SMALL, *RUN, *opts], keep=keep)
+
+
+@pytest.mark.parametrize("case", ["out in data", "out in data via a link", "out in knn",
+                                  "data in out", "data in a finished run", "data in a locked run"])
+def test_image_folders_never_hold_a_runs_files(finished_run, tmp_path, capsys, case):
+    data = _images(tmp_path / "d", 8)
+    out, opts, words = data / "runs" / "o", [], "is inside DATA.ROOT"
+    if case == "out in data via a link":
+        (tmp_path / "link").symlink_to(data / "a")
+        out = tmp_path / "link" / "o"
+    elif case == "out in knn":
+        out, opts = tmp_path / "knn" / "o", ["DATA.KNN_TRAIN_ROOT", _images(tmp_path / "knn", 2)]
+        words = "is inside DATA.KNN_TRAIN_ROOT"
+    elif case == "data in out":
+        out = tmp_path / "o"
+        data = _images(out / "imgs", 8)
+        words = f"DATA.ROOT {data} is inside OUTPUT_DIR {out}"
+    elif case != "out in data":
+        run = _copy(finished_run[1], tmp_path / "run")
+        if case == "data in a locked run":  # only a lock file: a run that is on or was killed
+            run = tmp_path / "run2"
+            (run / ".feataug.lock").parent.mkdir()
+            (run / ".feataug.lock").write_text("1 host feataug pretrain\n")
+        data, out = _images(run / "x" / "imgs", 8), tmp_path / "o"
+        words = f"DATA.ROOT {data} is inside {run}, the OUTPUT_DIR of a FeatAug run"
+    line = _refused(capsys, data, out, *opts, keep=[tmp_path])
+    assert words in line
+    if words == "is inside DATA.ROOT":
+        assert f"OUTPUT_DIR {out} is inside DATA.ROOT {data}" in line
+
+
+def test_output_dir_beside_the_data_is_accepted(tmp_path):
+    data = _images(tmp_path / "d", 8)
+    (tmp_path / "d2").symlink_to(data)  # a link to the data, with the run beside both
+    assert _pretrain(tmp_path / "d2", tmp_path / "d-out", *RUN) == 0
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, where):
+    data = _images(tmp_path / "d", 8)
+    if where == "under a file":  # root writes anywhere in a folder: only a file stops it
+        (tmp_path / "f").write_text("precious")
+        out, words = tmp_path / "f" / "o", f"cannot be created, {tmp_path / 'f'} is not a folder"
+    else:
+        out, words = Path("/proc/feataug-test/o"), "cannot be written"
+    line = _refused(capsys, data, out, keep=[tmp_path])
+    assert f"OUTPUT_DIR {out}: {words}" in line
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_output_dir_in_a_read_only_folder_is_one_line(tmp_path, capsys):
+    data, ro = _images(tmp_path / "d", 8), tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        line = _refused(capsys, data, ro / "o", keep=[tmp_path])
+    finally:
+        ro.chmod(0o755)
+    assert f"OUTPUT_DIR {ro / 'o'}: no write permission in {ro}" in line
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_is_one_line_and_leaves_an_intact_checkpoint(tmp_path):
+    data, out = _images(tmp_path / "d", 8), tmp_path / "o"
+    env = {**_env(), "TQDM_DISABLE": "1"}
+    with open(tmp_path / "stdout.txt", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "feataug", "pretrain", "--config-file", TINY, "DATA.ROOT",
+             str(data), "OUTPUT_DIR", str(out), *SMALL, "SOLVER.MAX_ITER", "100000",
+             "SOLVER.CHECKPOINT_ITERS", "1"], env=env, stdout=log, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "metrics.jsonl").is_file() or \
+                    len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)  # a checkpoint is written every iteration
+            err = proc.communicate(timeout=120)[1]
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = out / "last.pth"
+    m = re.fullmatch(rf"feataug pretrain: interrupted at iteration (\d+); {re.escape(str(last))} "
+                     r"\(iteration (\d+)\) is intact; --resume continues\n", err)
+    assert m, err
+    assert load_checkpoint(last)["iter"] == int(m[2]) <= int(m[1])
+    assert int(m[2]) >= 2 and not list(out.glob(".*.tmp"))  # log line 3 precedes its checkpoint
+
+
+# ----------------------------------------------------------------------------- flags after KEY VALUE
+def test_flags_after_the_overrides_are_flags(finished_run, tmp_path):
+    data, src = finished_run
+    out = _copy(src, tmp_path / "o")
+    before = _hashes(out)
+    # without --resume taking effect, this run would be refused: the folder holds a run
+    assert cli.main(["pretrain", "--config-file", TINY, "DATA.ROOT", str(data), "OUTPUT_DIR",
+                     str(out), *SMALL, "SOLVER.MAX_ITER", "2", "--resume"]) == 0
+    assert load_checkpoint(out / "last.pth")["iter"] == 2
+    assert _hashes(out)["metrics.jsonl"] == before["metrics.jsonl"]
+
+
+def test_detect_flags_after_the_overrides_are_flags_with_their_values():
+    pytest.importorskip("detectron2")
+    import argparse
+
+    from feataug.cli import parse_args
+    from transfer import detect
+
+    parser = argparse.ArgumentParser()
+    detect.add_arguments(parser)
+    args = parse_args(parser, ["--config-file", "c.yaml", "SOLVER.MAX_ITER", "2", "--trials", "3",
+                               "OUTPUT_DIR", "o", "--register-voc", "n", "root", "trainval",
+                               "--from-scratch", "SEED", "--resume", "--", "K", "--eval-only"])
+    assert (args.trials, args.from_scratch, args.register_voc) == (3, True, [["n", "root",
+                                                                              "trainval"]])
+    # a VALUE that looks like a flag, and everything after --, stay overrides
+    assert not args.resume and not args.eval_only
+    assert args.opts == ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", "o", "SEED", "--resume", "--",
+                         "K", "--eval-only"]

@@ -131,8 +131,27 @@ def test_convert_refuses_a_payload_as_the_checkpoint(payload, kind, tmp_path, ca
     assert str(src) in line and not marker.exists()
     if kind != "plain":
         assert "not a checkpoint (the top level is a" in line
-    else:  # not a torch file at all: the unpickled "magic number" is a placeholder
-        assert "not a readable PyTorch checkpoint" in line
+    else:  # not a torch file: read as a plain pickle, whose global is named and refused
+        name = {"os.system": "posix.system"}.get(payload, payload)
+        assert f"{src}: refused to load: its pickle names {name}," in line
+
+
+def test_convert_reads_a_plain_pickle_safely(tmp_path, capsys, r18_state):
+    """``pickle.dump`` instead of ``torch.save``: read by the restricted unpickler; without
+    weights it is named for what it is, with a numpy state dict it converts exactly as the same
+    weights saved by torch."""
+    plain = tmp_path / "x.pth"
+    plain.write_bytes(pickle.dumps({"a": 1, "epoch": 3}))
+    line = refused(tmp_path, capsys, plain, tmp_path / "x.pkl")
+    assert line.endswith(f"{plain}: a plain pickle with no model weights (keys: a, epoch)")
+    arrays = {k: v.numpy() for k, v in moco(r18_state)["state_dict"].items()}
+    save({"state_dict": arrays}, tmp_path / "np.pth", "plain")
+    save(moco(r18_state), tmp_path / "torch.pth", "zip")
+    for name in ("np", "torch"):
+        assert convert(tmp_path, capsys, tmp_path / f"{name}.pth", tmp_path / f"{name}.pkl")[0] == 0
+    with open(tmp_path / "torch.pkl", "rb") as a, open(tmp_path / "np.pkl", "rb") as b:
+        want, got = pickle.load(a)["model"], pickle.load(b)["model"]
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
 
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "plain"])

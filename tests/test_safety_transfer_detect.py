@@ -9,6 +9,7 @@ show that the same checks pass weights that do fit.
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.detectron2, pytest.mark.usefixtures("one_thread")]
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from detect_data import make_voc  # noqa: E402
+from detect_data import make_coco, make_voc  # noqa: E402
 from test_safety_transfer import Payload, snapshot  # noqa: E402
 
 from feataug import cli  # noqa: E402
@@ -308,3 +309,66 @@ def test_eval_only_never_writes_into_a_run(tmp_path, capsys, catalog, weights):
     argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
     assert "--eval-only with --resume would evaluate into the run's own folder" in refused(
         tmp_path, capsys, ["--eval-only", "--resume", *argv])
+
+
+# ------------------------------------------------------------------------- COCO data, config types
+
+
+def _coco_argv(tmp_path: Path, json_file: Path) -> list:
+    return [
+        "--config-file", TINY, "--register-coco", "c", json_file, tmp_path / "coco" / "images",
+        "--from-scratch", "DATASETS.TRAIN", "('c',)", "DATASETS.TEST", "('c',)",
+        "DATASETS.AUTO_NUM_CLASSES", "True", "OUTPUT_DIR", tmp_path / "out",
+    ]  # fmt: skip
+
+
+REPEATS = {  # section -> (the entry added, the refusal)
+    "annotations": (lambda gt: dict(gt["annotations"][1]), "annotation id 2 appears twice"),
+    "categories": (lambda gt: {"id": 3, "name": "green"}, "category id 3 appears twice"),
+    "images": (lambda gt: dict(gt["images"][1]), "image id 2 appears twice"),
+}
+
+
+@pytest.mark.parametrize("section", list(REPEATS))
+def test_register_coco_refuses_repeated_ids(section, tmp_path, capsys, catalog):
+    """The checks of `feataug coco-eval` at registration, where Detectron2's loader would stop
+    with an AssertionError (or rename a category); the file without the repeat passes setup."""
+    path = make_coco(tmp_path / "coco", "syn", n_images=3)
+    good = json.loads(path.read_text())
+    entry, words = REPEATS[section]
+    bad = tmp_path / "coco" / "bad.json"
+    bad.write_text(json.dumps({**good, section: [*good[section], entry(good)]}))
+    assert refused(tmp_path, capsys, _coco_argv(tmp_path, bad)).endswith(f"{bad}: {words}")
+    cfg = detect.setup(_parse(_coco_argv(tmp_path, path)))
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2 and not (tmp_path / "out").exists()
+
+
+def test_register_coco_refuses_missing_image_files(tmp_path, capsys, catalog):
+    path = make_coco(tmp_path / "coco", "syn", n_images=3)
+    for name in ("syn_001.jpg", "syn_002.jpg"):
+        (tmp_path / "coco" / "images" / name).unlink()
+    line = refused(tmp_path, capsys, _coco_argv(tmp_path, path))
+    assert line.endswith(f"{tmp_path / 'coco' / 'images' / 'syn_001.jpg'}: image file not found "
+                         f"(2 of the 3 images of {path} are missing)")
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("SOLVER.STEPS", "('a',)", "must be a flat list of integers (the default is [30000]), got "
+     "['a']"),
+    ("MODEL.PIXEL_MEAN", "[[123.7, 116.3, 103.5]]", "must be a flat list of numbers"),
+    ("MODEL.PIXEL_STD", "[58.4, 57.1]", "has 2 values, but INPUT.FORMAT RGB images have 3 "
+     "channels"),
+    ("MODEL.PIXEL_STD", "[58.4, 0.0, 57.4]", "must be positive numbers"),
+    ("MODEL.RESNETS.OUT_FEATURES", "[4]", "must be a flat list of strings"),
+    ("INPUT.MIN_SIZE_TRAIN", "(320.5,)", "must be a flat list of integers"),
+])  # fmt: skip
+def test_config_values_of_the_wrong_type_are_refused_at_load(key, value, words, tmp_path, capsys,
+                                                             catalog):
+    """Refused when the config is read (Detectron2 would fail after building the model, with
+    OUTPUT_DIR created), naming the override; in a file, naming the file."""
+    line = refused(tmp_path, capsys, [*_argv(tmp_path, "--from-scratch"), key, value])
+    assert f"error: command-line override {key} {value}: {key} {words}" in line
+    config = tmp_path / "steps.yaml"
+    config.write_text(f"_BASE_: {TINY}\nSOLVER:\n  STEPS: [10, [20]]\n")
+    line = refused(tmp_path, capsys, _argv(tmp_path, "--from-scratch", config=config))
+    assert f"error: {config}: SOLVER.STEPS must be a flat list of integers" in line

@@ -167,6 +167,25 @@ def test_cli_dry_run_and_error_line(tmp_path, capsys):
     assert err == [f"feataug study: error: {bad}: `blocks:` must be a non-empty list"]
 
 
+@pytest.mark.parametrize("in_grid", [False, True])
+def test_a_yaml_tag_is_refused_as_a_tag(in_grid, tmp_path, capsys):
+    """In the grid or in its base config: one line saying the tag is refused (no combination
+    is at fault, so no `skip_invalid` hint), and nothing it names is run."""
+    marker = tmp_path / "ran"
+    tag = f'!!python/object/apply:os.system ["touch {marker}"]'
+    if in_grid:
+        path = write_grid(tmp_path, f"seeds: {tag}\nblocks: [{{name: a}}]\n")
+    else:
+        (tmp_path / "evil.yaml").write_text(f"SEED: {tag}\n")
+        path = tmp_path / "grid.yaml"
+        path.write_text("base: evil.yaml\neval: {train: /nowhere/t, val: /nowhere/v}\n"
+                        "blocks: [{name: a, axes: {SEED: [1, 2]}, skip_invalid: false}]\n")
+    assert cli_main(["study", "--grid", str(path), "--dry-run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"feataug study: error: {path}: ") and "YAML tag refused at line" in line
+    assert "skip_invalid" not in line and not marker.exists()
+
+
 # ----------------------------------------------------------------------------- runner + resume
 CALLS: list[tuple[str, int]] = []
 FAIL: set[tuple[str, int]] = set()
@@ -248,6 +267,21 @@ def test_resume_skips_finished_jobs_and_retries_failed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- aggregation
+@pytest.mark.parametrize("no_plots", [True, False])
+def test_cli_names_only_the_files_it_wrote(no_plots, tmp_path, capsys, monkeypatch):
+    from feataug.study import cli as study_cli
+
+    real = study_cli.run_study
+    monkeypatch.setattr(study_cli, "run_study", lambda *args, **kwargs: real(
+        *args, runner=fake_runner, echo=lambda s: None, **kwargs))
+    out = tmp_path / "out"
+    argv = ["study", "--grid", str(write_grid(tmp_path, SMALL)), "--seeds", "1", "--out", str(out)]
+    assert cli_main([*argv, *(["--no-plots"] if no_plots else [])]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out / 'results.csv'}, {out / 'results.md'}")
+    assert (f"{out / 'plots'}/" in last) is (out / "plots").is_dir() is (not no_plots)
+
+
 def _grid_with(runs: list[Run], axes: list[str]) -> Grid:
     return Grid("g.yaml", "", runs, axes, {})
 

@@ -25,6 +25,16 @@ def tiny_cfg(method: str = "moco", **fa):
     return cfg
 
 
+def head_tol(cfg) -> float:
+    """Relative rounding of the methods' float32 loss head: its sums have at most PROJ_DIM
+    (dot products) + 1 + K (+ the hardmix negatives) (log-sum-exp) terms, each sum off by at most
+    that many float32 eps; the backward through it is linear in them."""
+    n = cfg.MODEL.PROJ_DIM + 1 + cfg.MODEL.MOCO.K
+    if cfg.FA.ENABLED and cfg.FA.OP == "hardmix":
+        n += cfg.FA.HARDMIX_NUM + cfg.FA.HARDMIX_QUERY_NUM
+    return n * torch.finfo(torch.float32).eps
+
+
 def build(cfg, seed: int = 0):
     torch.manual_seed(seed)
     return build_model(cfg)

@@ -35,12 +35,13 @@ import math
 import numbers
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pretrain.errors import DataError
+from pretrain.utils.io import check_output
+from transfer.coco_checks import check_unique_ids
 
 STAT_NAMES = tuple("AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl".split())
 IOU_TYPES = ("bbox", "segm")
@@ -132,6 +133,7 @@ def check_gt(gt: Any, iou_type: str | None = None, name: str = "ground truth") -
             if not _is_id(entry["id"]):
                 raise COCOEvalError(f"{name}: {key}[{i}] has id {_short(entry['id'])}; an id is "
                                     "an integer")
+    check_unique_ids(gt, name, COCOEvalError)
     if iou_type is None:
         return
     _check_iou_type(iou_type)
@@ -608,21 +610,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_json_out(args: argparse.Namespace) -> None:
-    """--json-out is never one of the inputs, and replaces a file only with --overwrite."""
-    out = Path(args.json_out)
-    for flag, given in (("--gt", args.gt), ("--results", args.results)):
-        if out.exists() and Path(given).exists() and out.samefile(given):
-            raise COCOEvalError(f"--json-out {out} is the {flag} file: it would be replaced")
-    if out.exists() and not args.overwrite:
-        raise COCOEvalError(f"--json-out {out} exists: pass --overwrite to replace it")
-    if out.is_dir():
-        raise COCOEvalError(f"--json-out {out} is a folder")
-
-
 def main(args: argparse.Namespace) -> int:
-    if args.json_out:
-        _check_json_out(args)  # before the evaluation: nothing is computed to be thrown away
+    if args.json_out:  # before the evaluation: nothing is computed to be thrown away
+        check_output(args.json_out, inputs={"--gt": args.gt, "--results": args.results},
+                     overwrite=args.overwrite, flag="--json-out", error=COCOEvalError)
     result = evaluate(args.gt, args.results, args.iou_type, backend=args.backend)
     result = {"gt": str(args.gt), "results": str(args.results), **result}
     print(format_report(result))

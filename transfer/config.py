@@ -59,9 +59,61 @@ def get_detection_cfg(config_file: str | Path | None, opts: Sequence[str] | None
 
 
 def _check(cfg: CfgNode, source) -> None:
-    """Values of FeatAug's keys; ``source(key)`` names the file or override that set ``key``."""
+    """Values of FeatAug's keys, and the element types of list keys (:func:`_check_sequences`);
+    ``source(key)`` names the file or override that set ``key``."""
     if cfg.SOLVER.AMP.PRECISION not in ("auto", "float16", "bfloat16"):
         raise ConfigError(
             f"{source('SOLVER.AMP.PRECISION')}: SOLVER.AMP.PRECISION must be auto, float16 or "
             f"bfloat16, got {cfg.SOLVER.AMP.PRECISION!r}"
         )
+    _check_sequences(cfg, source)
+
+
+# channels of the images each INPUT.FORMAT gives the model
+_CHANNELS = {"BGR": 3, "RGB": 3, "YUV-BT.601": 3, "L": 1}
+
+
+def _element_kind(v) -> str | None:
+    if isinstance(v, bool):
+        return "true/false values"
+    if isinstance(v, int):
+        return "integers"
+    if isinstance(v, float):
+        return "numbers"
+    return "strings" if isinstance(v, str) else None
+
+
+def _fits(v, kind: str) -> bool:
+    got = _element_kind(v)
+    return got == kind or (kind == "numbers" and got == "integers")
+
+
+def _check_sequences(cfg: CfgNode, source) -> None:
+    """Every key whose default is a flat list of one kind (integers, numbers, strings, booleans:
+    ``SOLVER.STEPS``, ``MODEL.PIXEL_MEAN``, ``INPUT.MIN_SIZE_TRAIN``, ...) holds a flat list of
+    that kind, which Detectron2 would otherwise find wrong only when the model or the schedule is
+    built; ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` have one value per channel of ``INPUT.FORMAT``."""
+    def walk(node: CfgNode, default: CfgNode, prefix: str) -> None:
+        for key, ref in default.items():
+            value, name = node.get(key), prefix + key
+            if isinstance(ref, CfgNode):
+                walk(value, ref, name + ".")
+                continue
+            kinds = {_element_kind(x) for x in ref} if isinstance(ref, list | tuple) else ()
+            if len(kinds) != 1 or None in kinds:
+                continue  # not a sequence, empty, nested or mixed: Detectron2's own rules
+            (kind,) = kinds
+            if not all(_fits(x, kind) for x in value):
+                raise ConfigError(f"{source(name)}: {name} must be a flat list of {kind} (the "
+                                  f"default is {list(ref)}), got {list(value)!r:.80}")
+
+    walk(cfg, add_feataug_config(get_cfg()), "")
+    channels = _CHANNELS.get(cfg.INPUT.FORMAT)
+    for key in ("PIXEL_MEAN", "PIXEL_STD"):
+        value, name = cfg.MODEL[key], f"MODEL.{key}"
+        if channels is not None and len(value) != channels:
+            raise ConfigError(f"{source(name)}: {name} has {len(value)} values, but INPUT.FORMAT "
+                              f"{cfg.INPUT.FORMAT} images have {channels} channels")
+    if not all(0 < s < float("inf") for s in cfg.MODEL.PIXEL_STD):
+        raise ConfigError(f"{source('MODEL.PIXEL_STD')}: MODEL.PIXEL_STD must be positive "
+                          f"numbers, got {list(cfg.MODEL.PIXEL_STD)}")

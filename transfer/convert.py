@@ -28,17 +28,18 @@ reported. Anything that would make the conversion inexact is refused with one li
 
 Nothing in the input is run: it is read by :func:`pretrain.utils.safe_load.load_torch`, which imports
 no class or function the file names beyond an allow-list (tensors, numpy arrays, containers,
-``argparse.Namespace``) and keeps other objects as inert placeholders. The output is never the
-input (under any path or link) and replaces an existing file only with ``--overwrite``.
+``argparse.Namespace``) and keeps other objects as inert placeholders; a plain pickle
+(``pickle.dump``) is read by its restricted unpickler. The output is never the input (under any
+path or link) and replaces an existing file only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import pickle
 import re
 import shlex
+import zipfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ import torch
 from pretrain.errors import CheckpointError
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.utils import safe_load
-from pretrain.utils.io import atomic_write
+from pretrain.utils.io import atomic_write, check_output
 
 __all__ = [
     "FORMATS",
@@ -198,11 +199,17 @@ def read_checkpoint(path: str | Path, notes: list[str] | None = None) -> Mapping
     :func:`pretrain.utils.safe_load.load_torch` with placeholders: tensors, numpy arrays, containers
     and ``argparse.Namespace`` are read; objects of any other class (hyper-parameters or
     options of training code) become inert placeholders, whose names are added to ``notes``.
+    A plain pickle (``pickle.dump``) is read with the numpy allow-list, its arrays as tensors.
     """
     try:
         ckpt = safe_load.load_torch(path, placeholders=True, notes=notes)
     except safe_load.UnsafeFileError as e:
-        raise ConvertError(str(e)) from None
+        ckpt = _plain_pickle(Path(path), e)
+        if isinstance(ckpt, Mapping) and not _count_tensors(ckpt):
+            keys = _listing([str(k) for k in ckpt])
+            raise ConvertError(
+                f"{path}: a plain pickle with no model weights (keys: {keys})"
+            ) from None
     foreign = safe_load.placeholder_name(ckpt)
     if foreign is not None:
         raise ConvertError(f"{path}: not a checkpoint (the top level is a {foreign} object)")
@@ -211,6 +218,32 @@ def read_checkpoint(path: str | Path, notes: list[str] | None = None) -> Mapping
             f"{path}: not a checkpoint (top level is a {type(ckpt).__name__}, not a dict)"
         )
     return ckpt
+
+
+def _plain_pickle(path: Path, torch_error: Exception) -> Any:
+    """``path`` read as a plain pickle (numpy arrays become tensors); ``torch_error`` where it
+    is no pickle, or a legacy ``torch.save`` file that torch could not read."""
+    if zipfile.is_zipfile(path):
+        raise ConvertError(str(torch_error))
+    try:
+        obj = safe_load.load_pickle(path)
+    except safe_load.UnsafeFileError as e:  # a refused global is named; else torch's reason
+        raise ConvertError(str(e if "refused to load" in str(e) else torch_error)) from None
+    if type(obj) is int and obj == torch.serialization.MAGIC_NUMBER:  # a legacy torch file
+        raise ConvertError(str(torch_error))
+
+    def tensors(node: Any) -> Any:
+        if isinstance(node, np.ndarray):
+            return torch.from_numpy(np.array(node))  # a writable copy
+        return {k: tensors(v) for k, v in node.items()} if isinstance(node, Mapping) else node
+
+    return tensors(obj)
+
+
+def _count_tensors(node: Any) -> int:
+    if isinstance(node, torch.Tensor):
+        return 1
+    return sum(map(_count_tensors, node.values())) if isinstance(node, Mapping) else 0
 
 
 # ----------------------------------------------------------------------------- detection
@@ -552,23 +585,13 @@ def convert_checkpoint(path: str | Path, fmt: str = "auto") -> Conversion:
 
 
 def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse an output that is the input (under any spelling or link), a folder, or an existing
-    file without ``overwrite``; and one whose folder cannot be written."""
-    if src.exists() and dst.exists() and os.path.samefile(src, dst):
-        raise ConvertError(f"{dst}: the output is the input file {src}; give another name")
+    """:func:`pretrain.utils.io.check_output` (never the input, a folder, or an existing file
+    without ``overwrite``), and a ``.pkl`` name."""
+    check_output(dst, inputs={"input": src}, overwrite=overwrite, error=ConvertError)
     if not str(dst).endswith(".pkl"):
         raise ConvertError(
             f"{dst}: the output must end with .pkl (Detectron2 reads only .pkl as this format)"
         )
-    if dst.is_dir():
-        raise ConvertError(f"{dst}: is a folder; give the output file's name")
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
-        raise ConvertError(f"{dst}: exists; use --overwrite to replace it")
-    folder = next(p for p in dst.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise ConvertError(f"{dst}: cannot write: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConvertError(f"{dst}: cannot write: no write permission in {folder}")
 
 
 def convert(

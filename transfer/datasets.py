@@ -33,6 +33,8 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.structures import BoxMode
 
+from pretrain.errors import FeatAugError, reason
+from transfer.coco_eval import COCOEvalError, check_gt
 from transfer.voc import DatasetError, parse_voc_xml
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "register_coco",
     "register_standard_voc",
     "datasets_root",
+    "check_records",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,11 +79,21 @@ def datasets_root() -> Path:
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
+def _utf8_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (OSError as raised); other bytes are one error line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                           f"{e.start})") from None
+
+
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """One class name a line; blank lines and ``#`` comments skipped; duplicates refused."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = _utf8_lines(path)
     except OSError as e:
         raise DatasetError(f"{path}: cannot read class names ({e.strerror})") from None
     names = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
@@ -115,9 +128,11 @@ def _parse_voc_xml_cached(path: str, mtime_ns: int, size: int):
 def _read_split(root: Path, split: str) -> list[str]:
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     try:
-        lines = path.read_text().splitlines()
+        lines = _utf8_lines(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: split file not found") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
     ids = []
     for n, line in enumerate(lines, 1):
         fields = line.split()
@@ -303,14 +318,43 @@ def register_standard_voc(root: str | os.PathLike | None = None) -> list[str]:
     return done
 
 
+def check_records(names: Sequence[str]) -> None:
+    """Read the records of the datasets ``names`` now (their ``DatasetCatalog`` functions), so that
+    bad data (a box far outside its image, a split id without an image, ...) is refused before a
+    model is built or a file written; a Detectron2 loader's own failure becomes one line too."""
+    for name in dict.fromkeys(names):
+        try:
+            DatasetCatalog.get(name)
+        except FeatAugError:
+            raise
+        except (AssertionError, KeyError, TypeError, ValueError, OSError) as e:
+            raise DatasetError(
+                f"dataset {name!r}: cannot read its records ({reason(e, with_type=True)})"
+            ) from None
+
+
 # --------------------------------------------------------------------------------- COCO
+def _check_image_files(images: list[dict], json_file: Path, image_root: Path) -> None:
+    """Every image of the json names a file that exists under ``image_root``."""
+    for i, image in enumerate(images):
+        if not isinstance(image.get("file_name"), str):
+            raise DatasetError(f"{json_file}: images[{i}] has no 'file_name'")
+    missing = [im["file_name"] for im in images if not (image_root / im["file_name"]).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{image_root / missing[0]}: image file not found ({len(missing)} of the "
+            f"{len(images)} images of {json_file} are missing)"
+        )
+
+
 def register_coco(
     name: str, json_file: str | os.PathLike, image_root: str | os.PathLike, replace: bool = False
 ) -> None:
     """Register a COCO-format json + image folder as ``name`` (``evaluator_type`` ``"coco"``).
 
-    The json is read now to check it and to set ``thing_classes`` (categories sorted by id,
-    as Detectron2's loader does), so ``DATASETS.AUTO_NUM_CLASSES`` works before training.
+    The json is read now to check it (ids as ``feataug coco-eval`` checks them, and every
+    image file present under ``image_root``) and to set ``thing_classes`` (categories sorted by
+    id, as Detectron2's loader does), so ``DATASETS.AUTO_NUM_CLASSES`` works before training.
     ``replace``: drop an existing registration of ``name`` first.
     """
     json_file, image_root = Path(json_file), Path(image_root)
@@ -331,6 +375,11 @@ def register_coco(
             raise DatasetError(f"{json_file}: missing or malformed {key!r} list")
     if not data["categories"]:
         raise DatasetError(f"{json_file}: no categories")
+    try:  # the checks of `feataug coco-eval`: integer ids, none repeated
+        check_gt(data, name=str(json_file))
+    except COCOEvalError as e:
+        raise DatasetError(str(e)) from None
+    _check_image_files(data["images"], json_file, image_root)
     try:
         cats = sorted(data["categories"], key=lambda c: c["id"])
         classes = [c["name"] for c in cats]

@@ -39,11 +39,13 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from pretrain.errors import FeatAugError, TrainingError
 from pretrain.utils.io import atomic_write_text
+from pretrain.utils.lock import run_lock
 from pretrain.utils.logger import setup_logging
 from transfer import provenance
 from transfer.schedule import check_schedule, rescale_for_world_size
@@ -134,24 +136,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     _check_args(args)
     cfg = setup(args)  # validates config and datasets before any process starts
-    if args.num_gpus * args.num_machines == 1:
-        try:
-            run(cfg, args)
-        except (TrainingError, DetectError):  # DetectError: a checkpoint refused before use
-            raise
-        except FeatAugError as e:  # records are read when training starts: the run stops
-            raise TrainingError(str(e)) from None
-    else:
-        from detectron2.engine import launch
+    with run_lock(cfg.OUTPUT_DIR, "feataug detect"):  # held here for every process and trial
+        _check_output_dir(cfg.OUTPUT_DIR, args.resume)  # no run has filled it meanwhile
+        if args.num_gpus * args.num_machines == 1:
+            try:
+                run(cfg, args)
+            except (TrainingError, DetectError):  # DetectError: a checkpoint refused before use
+                raise
+            except FeatAugError as e:  # data that fails once the run reads it: the run stops
+                raise TrainingError(str(e)) from None
+        else:
+            from detectron2.engine import launch
 
-        launch(
-            _worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+            launch(
+                _worker,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
     print(f"feataug detect: outputs in {cfg.OUTPUT_DIR}")
     return 0
 
@@ -226,16 +230,23 @@ def run_detection(
         quiet=quiet,
     )
     _check_args(args)
-    return run(setup(args), args)
+    cfg = setup(args)
+    with run_lock(cfg.OUTPUT_DIR, "feataug detect"):
+        _check_output_dir(cfg.OUTPUT_DIR, args.resume)
+        return run(cfg, args)
 
 
 # ------------------------------------------------------------------------------------ setup
-def setup(args: argparse.Namespace):
-    """Register datasets and build the (frozen) config for ``args``; raise on bad input."""
+def setup(args: argparse.Namespace, records: bool = True):
+    """Register datasets and build the (frozen) config for ``args``; raise on bad input.
+    ``records``: also read every dataset's records (the processes ``launch`` starts skip it)."""
     import torch
 
-    from transfer import datasets
-    from transfer.config import get_detection_cfg
+    with warnings.catch_warnings():  # fvcore and Detectron2 call torch.jit.script at import
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning,
+                                r"torch\.jit\._script")
+        from transfer import datasets, trainer  # noqa: F401  (trainer: Detectron2's models)
+        from transfer.config import get_detection_cfg
 
     cfg = get_detection_cfg(args.config_file, args.opts)
     datasets.register_standard_voc()
@@ -247,6 +258,9 @@ def setup(args: argparse.Namespace):
 
     check_schedule(cfg, args.num_gpus * args.num_machines)
     _check_datasets(cfg, eval_only=args.eval_only)
+    if records:  # bad data is refused before a model is built or a file written
+        used = [] if args.eval_only else list(cfg.DATASETS.TRAIN)
+        datasets.check_records(used + list(cfg.DATASETS.TEST))
     check_weights(cfg, args)
     _check_output_dir(cfg.OUTPUT_DIR, args.resume)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -345,7 +359,7 @@ def _check_output_dir(output_dir: str, resume: bool) -> None:
 # -------------------------------------------------------------------------------------- run
 def _worker(args: argparse.Namespace) -> None:
     """Entry of every process started by ``launch``."""
-    cfg = setup(args)  # spawned processes do not inherit the registrations
+    cfg = setup(args, records=False)  # spawned processes do not inherit the registrations
     run(cfg, args)
 
 

@@ -53,7 +53,7 @@ from pretrain.errors import DataError
 from . import scenes
 from .deepforest import DEEPFOREST_FILES, DEEPFOREST_PREFIX, DEEPFOREST_WHEEL, prepare_deepforest
 from .fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist, prepare_fashion_mnist
-from .fetch import default_root, fetch_pip, sha256_bytes
+from .fetch import cache_dir, default_root, fetch_pip, sha256_bytes
 from .labelme import (
     LABELME_COCO,
     LABELME_IDS,
@@ -123,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     root = Path(args.root or default_root())
+    if args.source is None:  # where downloads go, checked before anything is written
+        cache_dir()
     kwargs = {"source": args.source, "force": args.force}
     if args.dataset == "deepforest":
         kwargs |= {"extra_photos": args.extra_photos, "progress": not args.no_progress}

@@ -32,8 +32,17 @@ def default_root() -> Path:
 
 
 def cache_dir() -> Path:
-    """``$FEATAUG_CACHE``, else ``~/.cache/feataug``."""
-    return Path(os.environ.get("FEATAUG_CACHE") or Path.home() / ".cache" / "feataug")
+    """``$FEATAUG_CACHE``, else ``~/.cache/feataug``; a path that cannot be a folder (a file
+    stands in it, e.g. ``HOME`` is a file) is one :class:`DataError` line."""
+    try:
+        path = Path(os.environ.get("FEATAUG_CACHE") or Path.home() / ".cache" / "feataug")
+    except RuntimeError as e:  # no HOME and no user entry to find it
+        raise DataError(f"no download cache folder ({e}): set FEATAUG_CACHE") from None
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DataError(f"download cache {path}: {blocker} is not a folder; set FEATAUG_CACHE "
+                        "to a folder (or give --source)")
+    return path
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -71,7 +71,8 @@ def main(args: argparse.Namespace) -> int:
         raise StudyError(f"{args.grid}: {e}") from None
     print()
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}/ "
+    plots = "" if args.no_plots or not (out / "plots").is_dir() else f", {out / 'plots'}/"
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}{plots} "
           f"in {(time.perf_counter() - t0) / 60:.1f} min")
     failed = [r for r in records if r["status"] != "ok"]
     if failed:

@@ -162,6 +162,10 @@ def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root:
     _need(isinstance(base, str) and base, bwhere, "no base config (`base:` in the grid or block)")
     config_file = (grid_dir / base) if not Path(base).is_absolute() else Path(base)
     _need(config_file.is_file(), bwhere, f"base config {config_file} not found")
+    try:  # a fault of the file itself is no combination's: skip_invalid does not apply
+        _base_cfg(str(config_file))
+    except ConfigError as e:
+        raise StudyError(f"{bwhere}: {e}") from None
     common = {**_mapping(top.get("overrides"), where, "overrides"),
               **_mapping(block.get("overrides"), bwhere, "overrides")}
     variants = _mapping(block.get("variants"), bwhere, "variants") or {"": {}}
@@ -289,6 +293,10 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
     text = path.read_text()
     try:
         top = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        line = "" if e.problem_mark is None else f" at line {e.problem_mark.line + 1}"
+        raise StudyError(f"{where}: YAML tag refused{line} ({e.problem}): a grid is plain YAML, "
+                         "nothing in it is constructed or run") from None
     except yaml.YAMLError as e:
         raise StudyError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     top = _mapping(top, where, "the grid")

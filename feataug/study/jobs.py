@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.utils.io import atomic_write_text
+from pretrain.utils.lock import run_lock
 
 from .grid import Grid, Run, StudyError, _digest_cfg
 from .report import METRICS, write_reports
@@ -81,9 +82,14 @@ def finished(job: Job, digest: str) -> dict | None:
 
 def execute(job: Job, runner: Callable[[Job], dict], digest: str | None = None) -> dict:
     """Run one job; returns its record. A success is stored in ``result.json`` (atomically,
-    last); a failure is returned with ``status`` failed and its traceback in ``error.txt``."""
+    last); a failure is returned with ``status`` failed and its traceback in ``error.txt``.
+    The job's folder is locked for the run: a job that another process runs is refused."""
+    with run_lock(job.output_dir, "feataug study", key="study job folder"):
+        return _execute(job, runner, digest)
+
+
+def _execute(job: Job, runner: Callable[[Job], dict], digest: str | None) -> dict:
     folder = Path(job.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     digest = digest or job.digest()
     record = dict(run=job.run.name, seed=job.seed, digest=digest)
     atomic_write_text(folder / JOB, json.dumps(record, indent=2) + "\n")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..build import build_model, check_cfg
 from ..checkpoint import (
+    check_data_paths,
     check_output_dir,
     check_resume_config,
     load_checkpoint,
@@ -37,7 +38,7 @@ from ..checkpoint import (
 )
 from ..data import ResumableSampler, build_dataset, collate, worker_init
 from ..device_aug import augment
-from ..errors import DataError, TrainingError
+from ..errors import ConfigError, DataError, TrainingError
 from ..evaluation import build_knn_sets
 from ..solver import base_lr, build_optimizer, check_solver, lr_factor, set_lr, use_step_kernels
 from ..transforms import normalize
@@ -52,6 +53,7 @@ from ..utils.dist import (
 )
 from ..utils.env import seed_all
 from ..utils.io import atomic_write_text
+from ..utils.lock import run_lock
 from ..utils.logger import setup_logging
 from .hooks import Metrics, StepWindow, knn_hook, plot_curves
 from .launch import (
@@ -71,14 +73,17 @@ def train(cfg, resume: bool = False) -> dict:
 
     Returns a summary: ``iter``, ``epoch``, ``loss`` (last logged), ``knn_top1`` (last, or
     None), ``knn_top1_init`` (the untrained trunk), ``skipped_images``, ``output_dir`` and
-    ``model`` (the trained, unwrapped module). Raises a ``FeatAugError`` subclass on bad input.
+    ``model`` (the trained, unwrapped module). Raises a ``FeatAugError`` subclass on bad input,
+    and on Ctrl-C a ``KeyboardInterrupt`` whose message says where the run stopped.
     """
     check_cfg(cfg)
     out = Path(cfg.OUTPUT_DIR)
+    last_path = out / "last.pth"
     check_output_dir(out, resume)
+    check_data_paths(cfg)
     device, created_pg = init_distributed(cfg)
     det_before = set_determinism(cfg.DETERMINISTIC)
-    metrics = bar = None
+    metrics = bar = held = it = None
     try:
         rank, world, main = get_rank(), get_world_size(), is_main_process()
         batch = check_solver(cfg, world)
@@ -106,13 +111,12 @@ def train(cfg, resume: bool = False) -> dict:
         warmup = min(round(cfg.SOLVER.WARMUP_EPOCHS * ipe), total)
         steps = tuple(round(e * ipe) for e in cfg.SOLVER.STEPS)
 
-        # outputs: only once the data is usable and the folder may be written
-        last_path = out / "last.pth"
+        # outputs: only once the data is usable and the folder is this run's alone
+        held = _lock_output(out, resume, main, device)
         ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
         if ckpt is not None:
             check_resume_config(ckpt, cfg, last_path)
         if main:
-            out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(out)
         setup_logging(["pretrain"], out / "log.txt", main=main)
         if cfg.KNN.PERIOD > 0 and knn_sets is None:
@@ -238,6 +242,8 @@ def train(cfg, resume: bool = False) -> dict:
         return dict(iter=it, epoch=it // ipe, loss=last_loss, knn_top1=knn_top1,
                     knn_top1_init=knn_init, skipped_images=len(skipped), output_dir=str(out),
                     model=model)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted(it, last_path)) from None
     finally:
         if metrics is not None:
             metrics.close()
@@ -246,6 +252,34 @@ def train(cfg, resume: bool = False) -> dict:
         torch.use_deterministic_algorithms(det_before)
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
+        if held is not None:
+            held.close()
+
+
+def _lock_output(out: Path, resume: bool, main: bool, device: torch.device) -> ExitStack:
+    """Rank 0 takes OUTPUT_DIR's lock (held until the returned stack closes) and checks again,
+    under it, that no other run has filled the folder meanwhile; every rank raises when rank 0
+    was refused, so none waits for it in a collective."""
+    held, refusal = ExitStack(), None
+    if main:
+        try:
+            held.enter_context(run_lock(out, "feataug pretrain"))
+            check_output_dir(out, resume)
+        except ConfigError as e:
+            held.close()
+            refusal = e
+    if any_across_ranks(refusal is not None, device):
+        raise refusal or ConfigError(f"OUTPUT_DIR {out}: refused by rank 0")
+    return held
+
+
+def _interrupted(it: int | None, last_path: Path) -> str:
+    """Where an interrupted run stopped and the iteration of the checkpoint on disk."""
+    where = "interrupted before training" if it is None else f"interrupted at iteration {it}"
+    if not last_path.is_file():
+        return f"{where}; no checkpoint yet"
+    saved = load_checkpoint(last_path)["iter"]
+    return f"{where}; {last_path} (iteration {saved}) is intact; --resume continues"
 
 
 def _same_graph_every_step(model) -> bool:

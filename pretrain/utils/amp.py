@@ -5,14 +5,17 @@ configs); detection configs switch AMP with Detectron2's ``SOLVER.AMP.ENABLED`` 
 ``bfloat16`` or ``float16`` in ``SOLVER.AMP.PRECISION``.
 
 ``auto``: on CUDA bfloat16 where the GPU supports it, else float16 (with a GradScaler); on a
-CPU bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX), else full precision,
-because emulated bfloat16 runs several times slower than float32 (a 3x3 convolution measured
-20-30x slower on an AMD EPYC without those instructions).
+CPU bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX) and oneDNN may use
+those instructions (``ONEDNN_MAX_CPU_ISA``, which emulates an older CPU, not below
+AVX512_CORE_BF16), else full precision, because emulated bfloat16 runs several times slower
+than float32 (a 3x3 convolution measured 20-30x slower on an AMD EPYC without those
+instructions, or with ``ONEDNN_MAX_CPU_ISA=AVX2``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -21,9 +24,17 @@ from ..errors import ConfigError
 PRECISIONS = ("auto", "off", "bfloat16", "float16")
 
 
+# oneDNN's ISA caps below AVX512_CORE_BF16: under them its bfloat16 kernels are emulated.
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16; Linux only)."""
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16; Linux only) and
+    oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA`` or ``DNNL_MAX_CPU_ISA``) lets it."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if isa.upper() in _NO_BF16_ISAS:
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = {w for line in f if line.startswith("flags") for w in line.split()}

@@ -1,4 +1,5 @@
-"""Atomic file output: a reader sees the old file or the new one, never half of one."""
+"""File output: atomic (a reader sees the old file or the new one, never half of one), and
+checked before any work (:func:`check_output`: never an input, never a file unasked)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from ..errors import ConfigError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -48,11 +51,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_open(path, "w") as f:
-        f.write(text)
+    """``text`` as UTF-8, whatever the locale."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:  # Ctrl-C inside torch.save surfaces as its zip writer's failure
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
+def check_output(path: str | os.PathLike, *, inputs: dict[str, Any] | None = None,
+                 overwrite: bool = False, flag: str = "", error: type[Exception] | None = None
+                 ) -> None:
+    """Refuse, before any work, an output file that could not be written or would lose data:
+    a folder; one of ``inputs`` (label -> path, e.g. ``{"--checkpoint": c}``), under any
+    spelling or link; an existing file (or link) without ``overwrite``; a path whose folder is a
+    file or cannot be written. ``flag`` prefixes the path in the message (``--output F: ...``);
+    ``error``: the exception class (default :class:`~pretrain.errors.ConfigError`)."""
+    error, dst = error or ConfigError, Path(path)
+    name = f"{flag} {dst}" if flag else str(dst)
+    if dst.is_dir():
+        raise error(f"{name}: is a folder; give the output file's name")
+    for label, src in (inputs or {}).items():
+        if src and dst.exists() and Path(src).exists() and os.path.samefile(src, dst):
+            raise error(f"{name}: the output is the {label} file {src}; give another name")
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise error(f"{name}: exists; use --overwrite to replace it")
+    folder = next(p for p in dst.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise error(f"{name}: cannot write: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error(f"{name}: cannot write: no write permission in {folder}")
