@@ -128,9 +128,7 @@ _C.SOLVER.FIX_PRED_LR = False  # SimSiam: predictor keeps the base lr
 # auto | off | bfloat16 | float16. auto: bfloat16 on CUDA (float16 + GradScaler where bf16 is
 # missing); on a CPU bfloat16 only with native support (else off). See pretrain/utils/amp.py.
 _C.SOLVER.AMP = "auto"
-# Channels-last weights and batches (tensor cores; on a CPU, faster in bf16). On the CPU the 3x3
-# convolutions with output maps of at most 3x3 stay NCHW, their weight gradient one matrix product
-# (pretrain.engine.launch.to_channels_last, pretrain.utils.tiny_conv).
+# Channels-last weights and batches (tensor cores; on a CPU, faster in bf16 for most layers).
 _C.SOLVER.CHANNELS_LAST = False
 # torch.compile the encoders (trunks, projectors, predictors; FA and the loss stay eager). The
 # first steps take longer while it compiles; parameter names and checkpoints are unchanged.

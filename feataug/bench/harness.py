@@ -70,11 +70,8 @@ PROFILES = {
                     coco_images=5000, coco_repeats=3, detect_iters=3, pretrain_repeats=21),
 }
 # ResNet-18 MoCo v2 at 64 px, batch 64, a 4096-key queue: a step a 2-core CPU runs in about 1 s.
-# Ours runs with the engine's speed keys where they measured faster on such a CPU (2-core AMD
-# EPYC with native bf16, 2 threads, idle): SOLVER.CHANNELS_LAST, 0.80-0.83 of lightly's step
-# (0.83-0.87 before layer4's 2x2-map convolutions took their weight gradient as one product,
-# 0.88-0.91 before they stayed NCHW) against 0.99-1.03 without (mostly
-# max-pooling, slow in NCHW bf16); SOLVER.COMPILE gave 0.92 on top of it and costs a minute of
+# Ours runs with the engine's speed keys that are faster on a CPU with native bf16:
+# SOLVER.CHANNELS_LAST (max-pooling is slow in NCHW bf16); SOLVER.COMPILE costs a minute of
 # compiling per model, so it stays off. Lightly's step is its example's, as published (NCHW).
 PRETRAIN = dict(backbone="resnet18", image_size=64, batch=64, queue=4096, hidden=512, dim=128,
                 momentum=0.99, temperature=0.2, lr=0.03, weight_decay=1e-4, compile=False,

@@ -90,13 +90,13 @@ def _our_step(cfg, device: str = "cpu") -> Callable:
     the device, zero_grad, backward, the SGD step (foreach / fused), ``after_step``."""
 
     from pretrain.build import build_model
-    from pretrain.engine.launch import compile_encoders, to_channels_last
+    from pretrain.engine.launch import compile_encoders
     from pretrain.solver import build_optimizer
 
     model = build_model(cfg).to(device)
     channels_last = cfg.SOLVER.CHANNELS_LAST
     if channels_last:
-        to_channels_last(model, cfg.DATA.IMAGE_SIZE, torch.device(device))
+        model.to(memory_format=torch.channels_last)
     if cfg.SOLVER.COMPILE:
         compile_encoders(model)
     optimizer = build_optimizer(cfg, model)

@@ -1,5 +1,5 @@
 """Where and how a run executes: its device, its process group (``torchrun``'s env://), DDP
-wrapping, determinism, where the views are augmented, torch.compile and the memory layout."""
+wrapping, determinism, where the views are augmented, torch.compile."""
 
 from __future__ import annotations
 
@@ -87,60 +87,4 @@ def compile_encoders(model: torch.nn.Module) -> torch.nn.Module:
     for name, child in model.named_children():
         if name != "fa":
             child.compile()
-    return model
-
-
-# 3x3 convolutions whose output map has at most this many pixels become TinyMapConv2d on the CPU.
-CPU_NCHW_MAX_PIXELS = 9
-
-
-def to_channels_last(model: torch.nn.Module, image_size: int, device: torch.device
-                     ) -> torch.nn.Module:
-    """``SOLVER.CHANNELS_LAST``: the model in channels-last memory format, in place, except, on
-    the CPU, the trunks' 3x3 convolutions whose output map at ``image_size`` px is at most 3x3:
-    those become :class:`~pretrain.utils.tiny_conv.TinyMapConv2d` (the same weight Parameter,
-    NCHW; input taken as NCHW; the weight gradient as one matrix product); the next
-    convolution's channels-last weight turns the activations back. Parameter names, values and
-    results are unchanged (up to rounding).
-
-    Why: oneDNN's channels-last 3x3 convolutions are slower than NCHW on tiny maps, and its
-    weight gradient there is slower than an im2col product. Measured with torch 2.14.1 on a
-    2-core AVX-512-BF16 CPU, bf16 autocast, forward + backward, batch 64, 512 -> 512 channels:
-    channels-last takes 1.18x NCHW's time at 2x2, 1.15x at 3x3, 1.03x at 4x4; ResNet-18's
-    layer4 at 64 px (2x2 maps) took 0.93x the all-channels-last time in NCHW, ResNet-50's 1.02x
-    (its 1x1 convolutions, faster channels-last, dominate). With the weight gradient as a
-    product, the bench's whole MoCo v2 R18 step at 64 px took 0.948 of the time it took with
-    oneDNN's NCHW convolutions there (median of 28 interleaved rounds, quartiles 0.88-1.01).
-    GPUs keep every convolution channels-last.
-
-    Output sizes come from a forward of a copy of each trunk on the ``meta`` device: no
-    arithmetic, nothing of the model touched.
-    """
-    import copy
-
-    from torchvision.models import ResNet
-
-    from ..utils.tiny_conv import TinyMapConv2d
-
-    model.to(memory_format=torch.channels_last)
-    if device.type != "cpu":
-        return model
-    pixels: dict[int, int] = {}  # id of a probe's conv -> pixels of its output map
-
-    def record(conv, inputs, out):
-        pixels[id(conv)] = out.shape[-2] * out.shape[-1]
-
-    for trunk in [m for m in model.modules() if isinstance(m, ResNet)]:
-        probe = copy.deepcopy(trunk).to("meta").eval()
-        convs = [(name, m, p) for (name, m), p in zip(trunk.named_modules(), probe.modules(),
-                                                      strict=True)
-                 if type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3)]
-        for _, _, p in convs:
-            p.register_forward_hook(record)
-        with torch.no_grad():
-            probe(torch.empty(1, 3, image_size, image_size, device="meta"))
-        for name, m, p in convs:
-            if pixels[id(p)] <= CPU_NCHW_MAX_PIXELS:
-                parent, _, attr = name.rpartition(".")
-                setattr(trunk.get_submodule(parent), attr, TinyMapConv2d.from_conv(m))
     return model

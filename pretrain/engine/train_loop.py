@@ -61,7 +61,6 @@ from .launch import (
     compile_encoders,
     init_distributed,
     set_determinism,
-    to_channels_last,
     wrap_ddp,
 )
 
@@ -127,7 +126,7 @@ def train(cfg, resume: bool = False) -> dict:
         seed_all(cfg.SEED)
         model = build_model(cfg).to(device)
         if cfg.SOLVER.CHANNELS_LAST:
-            to_channels_last(model, cfg.DATA.IMAGE_SIZE, device)
+            model.to(memory_format=torch.channels_last)
         if world > 1 and (cfg.MODEL.METHOD != "moco" or not cfg.MODEL.MOCO.SHUFFLE_BN):
             if device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
