@@ -28,33 +28,44 @@ def catalog():
 
 
 def tree_hashes(*paths) -> dict[str, str]:
-    """sha256 of every file under ``paths`` (files or folders), links followed; missing paths
-    map to ``"<absent>"``, so a file that appears is a change too."""
+    """sha256 of every file under ``paths`` (files or folders), links followed, and ``"<folder>"``
+    for every folder there (``"<other>"`` for anything else, such as a dangling link); missing
+    paths map to ``"<absent>"``, so a file or folder that appears is a change too."""
     import hashlib
     from pathlib import Path
 
+    def entry(p: Path) -> str:
+        if p.is_file():
+            return hashlib.sha256(p.read_bytes()).hexdigest()
+        return "<folder>" if p.is_dir() else "<other>"
+
     out = {}
     for root in map(Path, paths):
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) \
-            if root.exists() else []
         if not root.exists():
             out[str(root)] = "<absent>"
-        for p in files:
-            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            continue
+        out[str(root)] = entry(root)
+        if root.is_dir():
+            for p in sorted(root.rglob("*")):
+                out[str(p)] = entry(p)
     return out
 
 
-def refused(capsys, argv: list[str], *, keep=(), code: int = 2) -> str:
+def refused(capsys, argv: list, *, keep=(), code: int = 2, out: str | None = None) -> str:
     """Run ``feataug ARGV`` in this process; assert exit status ``code``, exactly one stderr line
-    ``feataug COMMAND: error: ...``, and that every file under ``keep`` (paths) is unchanged,
-    including that no file appeared there. Returns the error line."""
+    ``feataug COMMAND: error: ...``, and that every file and folder under ``keep`` (paths) is
+    unchanged, including that none appeared there; with ``out`` (e.g. ``""``), that stdout is
+    exactly ``out``. Returns the error line."""
     from feataug import cli
 
     before = tree_hashes(*keep)
     capsys.readouterr()
     rc = cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert rc == code, (rc, err)
     assert len(err) == 1 and err[0].startswith(f"feataug {argv[0]}: error: "), err
     assert tree_hashes(*keep) == before
+    if out is not None:
+        assert captured.out == out, captured.out
     return err[0]

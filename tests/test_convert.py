@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import refused
 from torch import nn
 
 from feataug import cli
@@ -466,14 +467,9 @@ def _refused(tmp_path: Path, capsys, ckpt, *extra: str, name: str = "in.pth") ->
     elif ckpt is not None:
         torch.save(ckpt, src)
     dst = tmp_path / "out.pkl"
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert cli.main(["convert", str(src), str(dst), *extra]) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("feataug convert: error: "), captured.err
+    line = refused(capsys, ["convert", src, dst, *extra], keep=[tmp_path])  # no leftovers
     assert not dst.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary leftovers
-    return lines[0]
+    return line
 
 
 @pytest.fixture
@@ -559,8 +555,8 @@ def test_refuses_unreadable_or_non_checkpoint(content, message, tmp_path, capsys
 def test_refuses_output_without_pkl(tmp_path, capsys, r18_state):
     src = tmp_path / "tv.pth"
     torch.save(r18_state, src)
-    assert cli.main(["convert", str(src), str(tmp_path / "out.pth")]) == 2
-    assert "must end with .pkl" in capsys.readouterr().err
+    assert "must end with .pkl" in refused(capsys, ["convert", src, tmp_path / "out.pth"],
+                                           keep=[tmp_path])
     assert not (tmp_path / "out.pth").exists()
 
 

@@ -14,20 +14,18 @@ from pathlib import Path
 import pytest
 from conftest import refused
 
-from feataug import cli
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMANDS = ["pretrain", pytest.param("detect", marks=pytest.mark.detectron2)]
 
 
-def _run(command: str, config: Path, capsys) -> str:
+def _refused(command: str, config: Path, capsys, keep) -> str:
+    """``feataug COMMAND --config-file CONFIG`` refused (conftest.refused), naming the config."""
     if command == "detect":
         pytest.importorskip("detectron2")
-    assert cli.main([command, "--config-file", str(config)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"feataug {command}: error: {config}: "), err
-    return err[0]
+    line = refused(capsys, [command, "--config-file", config], keep=keep)
+    assert line.startswith(f"feataug {command}: error: {config}: "), line
+    return line
 
 
 def _payload(marker: Path) -> str:
@@ -44,7 +42,7 @@ def test_a_python_tag_is_refused_not_run(command, in_base, tmp_path, capsys):
     if in_base:
         config = tmp_path / "child.yaml"
         config.write_text("_BASE_: evil.yaml\n")
-    line = _run(command, config, capsys)
+    line = _refused(command, config, capsys, keep=[tmp_path])
     assert "YAML tag refused at line 1" in line and "python/object/apply" in line
     assert ("of " + str(evil)) in line if in_base else " of " not in line
     assert not marker.exists()
@@ -68,7 +66,7 @@ def test_a_bad_config_file_is_one_line(command, name, text, message, tmp_path, c
     monkeypatch.chdir(tmp_path)  # a .py config that ran would write ./ran
     config = tmp_path / name
     config.write_text(text)
-    assert message in _run(command, config, capsys)
+    assert message in _refused(command, config, capsys, keep=[tmp_path])
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 

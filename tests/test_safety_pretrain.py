@@ -7,7 +7,6 @@ appears.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import refused
+from conftest import refused, tree_hashes
 from test_engine import SMALL, TINY, _env, _images, _pretrain
 
 from feataug import cli
@@ -29,16 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_ITERS", "1"]
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_error_line(capsys, command: str = "pretrain") -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith(f"feataug {command}: error: ")
-    return err[0]
+def _refused(capsys, data, out, *opts, keep) -> str:
+    """``feataug pretrain`` of ``data`` into ``out`` refused (conftest.refused)."""
+    return refused(capsys, ["pretrain", "--config-file", TINY, "DATA.ROOT", data,
+                            "OUTPUT_DIR", out, *SMALL, *RUN, *opts], keep=keep)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +55,9 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_a_fresh_run_never_replaces_another(finished_run, tmp_path, capsys):
     data, src = finished_run
     out = _copy(src, tmp_path / "o")
-    before = _hashes(out)
-    assert _pretrain(data, out, *RUN) == 2
-    line = _one_error_line(capsys)
+    line = _refused(capsys, data, out, keep=[out])
     assert f"OUTPUT_DIR {out} already holds a run (last.pth, metrics.jsonl)" in line
     assert "use --resume" in line
-    assert _hashes(out) == before
 
 
 @pytest.mark.parametrize("change", [["FA.OP", "noise"], ["MODEL.MOCO.T", "0.1"]])
@@ -75,13 +65,11 @@ def test_resume_refuses_another_config_and_touches_nothing(finished_run, tmp_pat
                                                            change):
     data, src = finished_run
     out = _copy(src, tmp_path / "o")
-    before = _hashes(out)
-    assert cli.main(["pretrain", "--config-file", TINY, "--resume", "DATA.ROOT", str(data),
-                     "OUTPUT_DIR", str(out), *SMALL, *RUN, *change]) == 2
-    line = _one_error_line(capsys)
+    # keep: config.yaml is not rewritten either
+    line = refused(capsys, ["pretrain", "--config-file", TINY, "--resume", "DATA.ROOT", data,
+                            "OUTPUT_DIR", out, *SMALL, *RUN, *change], keep=[out])
     assert f"{out / 'last.pth'} was written with another config" in line
     assert f"{change[0]} " in line  # names the key that differs
-    assert _hashes(out) == before  # config.yaml is not rewritten either
 
 
 def test_resume_may_change_where_and_how_a_run_is_watched(finished_run, tmp_path):
@@ -111,23 +99,21 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
     data = _images(tmp_path / "d", 8)
     out = tmp_path / "o"
     out.write_text("precious")
-    assert _pretrain(data, out, *RUN) == 2
-    assert f"OUTPUT_DIR {out}: exists and is not a folder" in _one_error_line(capsys)
+    assert f"OUTPUT_DIR {out}: exists and is not a folder" in _refused(capsys, data, out,
+                                                                         keep=[tmp_path])
     assert out.read_text() == "precious"
 
 
 def test_queue_smaller_than_the_batch_is_a_config_error(tmp_path, capsys):
     data = _images(tmp_path / "d", 8)
-    assert _pretrain(data, tmp_path / "o", *RUN, "MODEL.MOCO.K", "2") == 2
-    line = _one_error_line(capsys)
+    line = _refused(capsys, data, tmp_path / "o", "MODEL.MOCO.K", "2", keep=[tmp_path])
     assert "MODEL.MOCO.K 2 is smaller than the global batch SOLVER.BATCH_SIZE 4" in line
     assert not (tmp_path / "o").exists()
 
 
 def test_a_bad_override_is_blamed_on_the_override(tmp_path, capsys):
-    assert cli.main(["pretrain", "--config-file", TINY, "OUTPUT_DIR", str(tmp_path / "o"),
-                     "SOLVER.MAX_ITER", "many"]) == 2
-    line = _one_error_line(capsys)
+    line = refused(capsys, ["pretrain", "--config-file", TINY, "OUTPUT_DIR", tmp_path / "o",
+                            "SOLVER.MAX_ITER", "many"], keep=[tmp_path])
     assert "command-line override SOLVER.MAX_ITER many" in line
     assert "tiny_moco_fa_r18.yaml" not in line
 
@@ -152,19 +138,14 @@ def test_crafted_checkpoints_are_refused_not_executed(finished_run, tmp_path, ca
     ckpt = torch.load(out / "last.pth", weights_only=True)
     ckpt["extra"] = _Marker(marker)
     torch.save(ckpt, out / "last.pth", _use_new_zipfile_serialization=not legacy)
-    before = _hashes(out)
     if command == "resume":
-        rc = cli.main(["pretrain", "--config-file", TINY, "--resume", "DATA.ROOT", str(data),
-                       "OUTPUT_DIR", str(out), *SMALL, *RUN])
-        name = "pretrain"
+        argv = ["pretrain", "--config-file", TINY, "--resume", "DATA.ROOT", data,
+                "OUTPUT_DIR", out, *SMALL, *RUN]
     else:
-        rc = cli.main(["lincls", "--checkpoint", str(out / "last.pth"), "LINCLS.EPOCHS", "1"])
-        name = "lincls"
-    assert rc == 2
-    line = _one_error_line(capsys, name)
+        argv = ["lincls", "--checkpoint", out / "last.pth", "LINCLS.EPOCHS", "1"]
+    line = refused(capsys, argv, keep=[tmp_path])  # out, and no marker beside it
     assert f"{out / 'last.pth'}: refused to load: its pickle names posix.system" in line
     assert not marker.exists()
-    assert _hashes(out) == before
 
 
 @pytest.mark.parametrize("key, value, words", [
@@ -179,17 +160,11 @@ def test_a_checkpoint_with_fields_of_the_wrong_type_is_one_line(finished_run, tm
     ckpt = torch.load(src / "last.pth", weights_only=True)
     ckpt[key] = value
     torch.save(ckpt, tmp_path / "bad.pth")
-    assert cli.main(["lincls", "--checkpoint", str(tmp_path / "bad.pth")]) == 2
-    line = _one_error_line(capsys, "lincls")
+    line = refused(capsys, ["lincls", "--checkpoint", tmp_path / "bad.pth"], keep=[tmp_path])
     assert f"{tmp_path / 'bad.pth'}: " in line and words in line, line
 
 
 # ----------------------------------------------------------------------------- where a run writes
-def _refused(capsys, data, out, *opts, keep) -> str:
-    return refused(capsys, ["pretrain", "--config-file", TINY, "DATA.ROOT", data,
-                            "OUTPUT_DIR", out, *SMALL, *RUN, *opts], keep=keep)
-
-
 @pytest.mark.parametrize("case", ["out in data", "out in data via a link", "out in knn",
                                   "data in out", "data in a finished run", "data in a locked run"])
 def test_image_folders_never_hold_a_runs_files(finished_run, tmp_path, capsys, case):
@@ -283,12 +258,13 @@ def test_ctrl_c_is_one_line_and_leaves_an_intact_checkpoint(tmp_path):
 def test_flags_after_the_overrides_are_flags(finished_run, tmp_path):
     data, src = finished_run
     out = _copy(src, tmp_path / "o")
-    before = _hashes(out)
+    before = tree_hashes(out)
     # without --resume taking effect, this run would be refused: the folder holds a run
     assert cli.main(["pretrain", "--config-file", TINY, "DATA.ROOT", str(data), "OUTPUT_DIR",
                      str(out), *SMALL, "SOLVER.MAX_ITER", "2", "--resume"]) == 0
     assert load_checkpoint(out / "last.pth")["iter"] == 2
-    assert _hashes(out)["metrics.jsonl"] == before["metrics.jsonl"]
+    metrics = str(out / "metrics.jsonl")
+    assert tree_hashes(out)[metrics] == before[metrics]
 
 
 def test_detect_flags_after_the_overrides_are_flags_with_their_values():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import hashlib
 import os
 import pathlib
 import pickle
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import refused, tree_hashes
 
 from feataug import cli
 from pretrain.utils import safe_load
@@ -40,15 +40,6 @@ class Payload:
         if self.kind == "builtins.exec":
             return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
         return pathlib.Path.touch, (pathlib.Path(self.marker),)
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file (and '/' for every folder) under ``root``."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        key = str(p.relative_to(root))
-        out[key] = "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def save(obj, path: Path, kind: str) -> Path:
@@ -73,18 +64,16 @@ def moco(state, **extra) -> dict:
 
 
 def convert(tmp_path: Path, capsys, *args: str) -> tuple[int, list[str], str]:
+    """Run `feataug convert` (expected to succeed); its exit status, stderr lines and stdout."""
     rc = cli.main(["convert", *map(str, args)])
     captured = capsys.readouterr()
     return rc, captured.err.strip().splitlines(), captured.out
 
 
-def refused(tmp_path: Path, capsys, *args: str) -> str:
-    """Run `feataug convert`, expect exit 2, one line, and no file changed; return the line."""
-    before = snapshot(tmp_path)
-    rc, err, out = convert(tmp_path, capsys, *args)
-    assert rc == 2 and len(err) == 1 and err[0].startswith("feataug convert: error: "), err
-    assert out == "" and snapshot(tmp_path) == before
-    return err[0]
+def convert_refused(tmp_path: Path, capsys, *args) -> str:
+    """`feataug convert ARGS` refused (conftest.refused): nothing printed on stdout and nothing
+    under ``tmp_path`` changed; returns the line."""
+    return refused(capsys, ["convert", *args], keep=[tmp_path], out="")
 
 
 # ----------------------------------------------------------------------------- code execution
@@ -106,7 +95,7 @@ def test_convert_keeps_payloads_inert(payload, kind, tmp_path, capsys, r18_state
     marker = tmp_path / "MARKER"
     clean = save(moco(r18_state), tmp_path / "clean.pth", kind)
     dirty = save(moco(r18_state, hook=Payload(payload, marker)), tmp_path / "dirty.pth", kind)
-    digest = hashlib.sha256(dirty.read_bytes()).hexdigest()
+    digest = tree_hashes(dirty)
     assert convert(tmp_path, capsys, clean, tmp_path / "clean.pkl")[0] == 0
     rc, err, out = convert(tmp_path, capsys, dirty, tmp_path / "dirty.pkl")
     assert rc == 0 and err == [] and not marker.exists()
@@ -114,7 +103,7 @@ def test_convert_keeps_payloads_inert(payload, kind, tmp_path, capsys, r18_state
         payload, payload
     )
     assert f"kept as inert placeholders (not imported, not called): {name}" in out
-    assert hashlib.sha256(dirty.read_bytes()).hexdigest() == digest
+    assert tree_hashes(dirty) == digest
     with open(tmp_path / "clean.pkl", "rb") as a, open(tmp_path / "dirty.pkl", "rb") as b:
         want, got = pickle.load(a)["model"], pickle.load(b)["model"]
     assert want.keys() == got.keys()
@@ -127,7 +116,7 @@ def test_convert_refuses_a_payload_as_the_checkpoint(payload, kind, tmp_path, ca
     """The whole file is a payload (plain pickles included): one line, nothing runs."""
     marker = tmp_path / "MARKER"
     src = save(Payload(payload, marker), tmp_path / "in.pth", kind)
-    line = refused(tmp_path, capsys, src, tmp_path / "out.pkl")
+    line = convert_refused(tmp_path, capsys, src, tmp_path / "out.pkl")
     assert str(src) in line and not marker.exists()
     if kind != "plain":
         assert "not a checkpoint (the top level is a" in line
@@ -142,7 +131,7 @@ def test_convert_reads_a_plain_pickle_safely(tmp_path, capsys, r18_state):
     weights saved by torch."""
     plain = tmp_path / "x.pth"
     plain.write_bytes(pickle.dumps({"a": 1, "epoch": 3}))
-    line = refused(tmp_path, capsys, plain, tmp_path / "x.pkl")
+    line = convert_refused(tmp_path, capsys, plain, tmp_path / "x.pkl")
     assert line.endswith(f"{plain}: a plain pickle with no model weights (keys: a, epoch)")
     arrays = {k: v.numpy() for k, v in moco(r18_state)["state_dict"].items()}
     save({"state_dict": arrays}, tmp_path / "np.pth", "plain")
@@ -213,7 +202,7 @@ def test_real_checkpoint_extras_still_load(tmp_path):
 def test_torchscript_archive_is_not_handed_to_the_jit(tmp_path, capsys):
     src = tmp_path / "scripted.pth"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), src)
-    line = refused(tmp_path, capsys, src, tmp_path / "out.pkl")
+    line = convert_refused(tmp_path, capsys, src, tmp_path / "out.pkl")
     assert f"{src}: a TorchScript archive" in line
 
 
@@ -237,7 +226,7 @@ def _same_file_variants(tmp_path: Path, src: Path) -> dict[str, Path]:
 def test_convert_never_writes_over_its_input(variant, overwrite, tmp_path, capsys, r18_state):
     src = save(moco(r18_state), tmp_path / "in.pkl", "zip")  # a torch file named .pkl
     dst = _same_file_variants(tmp_path, src)[variant]
-    line = refused(tmp_path, capsys, src, dst, *(["--overwrite"] if overwrite else []))
+    line = convert_refused(tmp_path, capsys, src, dst, *(["--overwrite"] if overwrite else []))
     assert f"{dst}: the output is the input file {src}" in line
 
 
@@ -245,10 +234,10 @@ def test_convert_replaces_an_existing_output_only_with_overwrite(tmp_path, capsy
     src = save(moco(r18_state), tmp_path / "in.pth", "zip")
     dst = tmp_path / "out.pkl"
     dst.write_bytes(b"earlier weights")
-    assert f"{dst}: exists; use --overwrite" in refused(tmp_path, capsys, src, dst)
-    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert f"{dst}: exists; use --overwrite" in convert_refused(tmp_path, capsys, src, dst)
+    before = tree_hashes(src)
     rc, err, _ = convert(tmp_path, capsys, src, dst, "--overwrite")
-    assert rc == 0 and err == [] and hashlib.sha256(src.read_bytes()).hexdigest() == before
+    assert rc == 0 and err == [] and tree_hashes(src) == before
     with open(dst, "rb") as f:
         assert len(pickle.load(f)["model"]) == 100  # ResNet-18 trunk: 62 conv/BN weights + stats
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pth", "out.pkl"]
@@ -272,7 +261,7 @@ def test_convert_replaces_an_existing_output_only_with_overwrite(tmp_path, capsy
 def test_convert_unwritable_output(make, words, tmp_path, capsys, r18_state):
     src = save(moco(r18_state), tmp_path / "in.pth", "zip")
     dst = make(tmp_path)
-    line = refused(tmp_path, capsys, src, dst)
+    line = convert_refused(tmp_path, capsys, src, dst)
     assert str(dst) in line and words in line
 
 
@@ -283,6 +272,6 @@ def test_convert_read_only_folder(tmp_path, capsys, r18_state):
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        assert "no write permission" in refused(tmp_path, capsys, src, folder / "out.pkl")
+        assert "no write permission" in convert_refused(tmp_path, capsys, src, folder / "out.pkl")
     finally:
         folder.chmod(0o755)

@@ -23,10 +23,10 @@ pytestmark = [pytest.mark.detectron2, pytest.mark.usefixtures("one_thread")]
 
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import refused  # noqa: E402
 from detect_data import make_coco, make_voc  # noqa: E402
-from test_safety_transfer import Payload, snapshot  # noqa: E402
+from test_safety_transfer import Payload  # noqa: E402
 
-from feataug import cli  # noqa: E402
 from transfer import convert, detect  # noqa: E402
 from transfer.weights import checkpointer_class  # noqa: E402
 
@@ -70,14 +70,12 @@ def _argv(tmp_path: Path, *extra, config=TINY) -> list:
     ]  # fmt: skip
 
 
-def refused(tmp_path: Path, capsys, argv) -> str:
-    before = snapshot(tmp_path)
-    assert cli.main(["detect", *map(str, argv)]) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("feataug detect: error: "), captured.err
-    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
-    return err[0]
+def detect_refused(tmp_path: Path, capsys, argv) -> str:
+    """`feataug detect ARGV` refused (conftest.refused) with nothing under ``tmp_path`` changed
+    and no OUTPUT_DIR; returns the line."""
+    line = refused(capsys, ["detect", *argv], keep=[tmp_path])
+    assert not (tmp_path / "out").exists()
+    return line
 
 
 # ------------------------------------------------------------------------- weights that run code
@@ -98,7 +96,7 @@ def test_weights_with_a_payload_are_refused(payload, suffix, tmp_path, capsys, c
     else:
         data["model"] = {k: torch.from_numpy(v) for k, v in data["model"].items()}
         torch.save(data, bad)
-    line = refused(tmp_path, capsys, _argv(tmp_path, "MODEL.WEIGHTS", bad))
+    line = detect_refused(tmp_path, capsys, _argv(tmp_path, "MODEL.WEIGHTS", bad))
     names = {"os.system": "posix.system", "pathlib.Path.touch": "pathlib.Path.touch"}
     if suffix == ".pth" and payload == "pathlib.Path.touch":
         names[payload] = "builtins.getattr"  # torch.save's protocol 2 reaches it by getattr
@@ -153,7 +151,7 @@ def test_weights_that_do_not_fit_are_refused(
 ):
     files = dict(weights, cut=_c4_missing_res5(weights, tmp_path) if "cut" in extra else None)
     extra = [files.get(a, a) for a in extra]
-    line = refused(tmp_path, capsys, _argv(tmp_path, *extra, config=config))
+    line = detect_refused(tmp_path, capsys, _argv(tmp_path, *extra, config=config))
     assert words in line, line
 
 
@@ -201,20 +199,16 @@ def test_run_detection_from_scratch_flag(tmp_path, catalog, weights):
 )  # fmt: skip
 def test_weights_that_are_not_weights(setup_file, words, tmp_path, capsys, catalog):
     path = setup_file(tmp_path)
-    assert words in refused(tmp_path, capsys, _argv(tmp_path, "MODEL.WEIGHTS", path))
+    assert words in detect_refused(tmp_path, capsys, _argv(tmp_path, "MODEL.WEIGHTS", path))
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys, catalog, weights):
     argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
     (tmp_path / "out").write_text("results of last week")
-    before = snapshot(tmp_path)
-    assert cli.main(["detect", *map(str, argv)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"OUTPUT_DIR {tmp_path / 'out'}: exists and is not a folder" in err[0]
-    assert snapshot(tmp_path) == before
+    line = refused(capsys, ["detect", *argv], keep=[tmp_path])
+    assert f"OUTPUT_DIR {tmp_path / 'out'}: exists and is not a folder" in line
     argv[argv.index(tmp_path / "out")] = tmp_path / "out" / "sub"
-    assert cli.main(["detect", *map(str, argv)]) == 2
-    assert "cannot be created" in capsys.readouterr().err and snapshot(tmp_path) == before
+    assert "cannot be created" in refused(capsys, ["detect", *argv], keep=[tmp_path])
 
 
 def test_a_fresh_run_never_replaces_an_earlier_one(tmp_path, capsys, catalog, weights):
@@ -223,12 +217,9 @@ def test_a_fresh_run_never_replaces_an_earlier_one(tmp_path, capsys, catalog, we
     (out / "model_final.pth").write_bytes(b"last week's model")
     (out / "trial0" / "eval_results.json").write_text('{"bbox": {"AP": 41.0}}')
     argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
-    before = snapshot(tmp_path)
-    assert cli.main(["detect", *map(str, argv)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and (f"OUTPUT_DIR {out} already holds a run (model_final.pth, "
-                              "trial0/eval_results.json): use --resume") in err[0], err
-    assert snapshot(tmp_path) == before
+    line = refused(capsys, ["detect", *argv], keep=[tmp_path])
+    assert (f"OUTPUT_DIR {out} already holds a run (model_final.pth, "
+            "trial0/eval_results.json): use --resume") in line, line
 
 
 # ------------------------------------------------------------------------- resumed checkpoints
@@ -289,15 +280,12 @@ def test_resuming_needs_exactly_the_model_in_the_checkpoint(trials, tmp_path, ca
     folder.mkdir(parents=True)
     torch.save({"model": state, "iteration": 4}, folder / "model_0000004.pth")
     (folder / "last_checkpoint").write_text("model_0000004.pth")
-    before = snapshot(tmp_path)
-    capsys.readouterr()
-    assert cli.main(["detect", "--resume", *map(str, argv)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(
+    # keep: refused before provenance, config or log were written
+    line = refused(capsys, ["detect", "--resume", *argv], keep=[tmp_path])
+    assert line.startswith(
         f"feataug detect: error: {folder / 'model_0000004.pth'}: does not fit the model ({key} "
         f"(shape {(n + 1, d)} in the file, {(n, d)} in the model), an.extra.tensor (not in the "
-        "model)): --resume continues a run of this config"), err
-    assert snapshot(tmp_path) == before  # refused before provenance, config or log were written
+        "model)): --resume continues a run of this config"), line
     torch.save(good, folder / "model_0000004.pth")  # positive control: its own model resumes
     assert detect.setup(_parse(["--resume", *argv])).MODEL.WEIGHTS == str(weights["r18"])
     (folder / "last_checkpoint").write_text("model_0000009.pth")
@@ -307,7 +295,7 @@ def test_resuming_needs_exactly_the_model_in_the_checkpoint(trials, tmp_path, ca
 
 def test_eval_only_never_writes_into_a_run(tmp_path, capsys, catalog, weights):
     argv = _argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])
-    assert "--eval-only with --resume would evaluate into the run's own folder" in refused(
+    assert "--eval-only with --resume would evaluate into the run's own folder" in detect_refused(
         tmp_path, capsys, ["--eval-only", "--resume", *argv])
 
 
@@ -338,7 +326,7 @@ def test_register_coco_refuses_repeated_ids(section, tmp_path, capsys, catalog):
     entry, words = REPEATS[section]
     bad = tmp_path / "coco" / "bad.json"
     bad.write_text(json.dumps({**good, section: [*good[section], entry(good)]}))
-    assert refused(tmp_path, capsys, _coco_argv(tmp_path, bad)).endswith(f"{bad}: {words}")
+    assert detect_refused(tmp_path, capsys, _coco_argv(tmp_path, bad)).endswith(f"{bad}: {words}")
     cfg = detect.setup(_parse(_coco_argv(tmp_path, path)))
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2 and not (tmp_path / "out").exists()
 
@@ -347,7 +335,7 @@ def test_register_coco_refuses_missing_image_files(tmp_path, capsys, catalog):
     path = make_coco(tmp_path / "coco", "syn", n_images=3)
     for name in ("syn_001.jpg", "syn_002.jpg"):
         (tmp_path / "coco" / "images" / name).unlink()
-    line = refused(tmp_path, capsys, _coco_argv(tmp_path, path))
+    line = detect_refused(tmp_path, capsys, _coco_argv(tmp_path, path))
     assert line.endswith(f"{tmp_path / 'coco' / 'images' / 'syn_001.jpg'}: image file not found "
                          f"(2 of the 3 images of {path} are missing)")
 
@@ -366,9 +354,9 @@ def test_config_values_of_the_wrong_type_are_refused_at_load(key, value, words, 
                                                              catalog):
     """Refused when the config is read (Detectron2 would fail after building the model, with
     OUTPUT_DIR created), naming the override; in a file, naming the file."""
-    line = refused(tmp_path, capsys, [*_argv(tmp_path, "--from-scratch"), key, value])
+    line = detect_refused(tmp_path, capsys, [*_argv(tmp_path, "--from-scratch"), key, value])
     assert f"error: command-line override {key} {value}: {key} {words}" in line
     config = tmp_path / "steps.yaml"
     config.write_text(f"_BASE_: {TINY}\nSOLVER:\n  STEPS: [10, [20]]\n")
-    line = refused(tmp_path, capsys, _argv(tmp_path, "--from-scratch", config=config))
+    line = detect_refused(tmp_path, capsys, _argv(tmp_path, "--from-scratch", config=config))
     assert f"error: {config}: SOLVER.STEPS must be a flat list of integers" in line
