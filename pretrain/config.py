@@ -203,11 +203,7 @@ def merge_config_file(cfg: CN, path: str | Path) -> None:
     except ConfigError:
         raise
     except yaml.constructor.ConstructorError as e:
-        mark = e.problem_mark
-        at = "" if mark is None else f" at line {mark.line + 1}" + (
-            "" if str(mark.name) == str(path) else f" of {mark.name}")
-        raise ConfigError(f"{path}: YAML tag refused{at} ({e.problem}): a config is plain "
-                          "YAML, nothing in it is constructed or run") from None
+        raise ConfigError(yaml_tag_refused(path, e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {reason(e)}") from None
     except OSError as e:  # the file or a _BASE_ that is not there or cannot be read
@@ -215,6 +211,16 @@ def merge_config_file(cfg: CN, path: str | Path) -> None:
         raise ConfigError(f"{path}: {base}{e.strerror or reason(e)}") from None
     except _MERGE_ERRORS as e:
         raise ConfigError(f"{path}: {reason(e)}") from None
+
+
+def yaml_tag_refused(path, e, what: str = "config") -> str:
+    """The one line for a YAML tag that safe loading refused (``e``, a ``ConstructorError``) in
+    ``path``, naming the line and, when the tag sits in another file (a ``_BASE_``), that file."""
+    mark = e.problem_mark
+    other = mark is not None and str(mark.name) not in (str(path), "<unicode string>")
+    at = "" if mark is None else f" at line {mark.line + 1}" + (f" of {mark.name}" if other else "")
+    return (f"{path}: YAML tag refused{at} ({e.problem}): a {what} is plain YAML, nothing in it "
+            "is constructed or run")
 
 
 def _check_bases(path: Path) -> None:

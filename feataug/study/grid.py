@@ -281,25 +281,29 @@ def _detection_spec(spec, grid_dir: Path, data_root: str, where: str) -> dict:
     return out
 
 
-def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
-    """Read, expand and validate a study grid; raises StudyError naming the file and problem."""
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` as plain YAML: a tag is refused, never constructed."""
     import yaml
 
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        from pretrain.config import yaml_tag_refused
+
+        raise StudyError(yaml_tag_refused(where, e, "grid")) from None
+    except yaml.YAMLError as e:
+        raise StudyError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
+    """Read, expand and validate a study grid; raises StudyError naming the file and problem."""
     from feataug.data import PREPARERS, default_root
 
     path = Path(path)
     where = str(path)
     _need(path.is_file(), where, "no such grid file")
     text = path.read_text()
-    try:
-        top = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as e:
-        line = "" if e.problem_mark is None else f" at line {e.problem_mark.line + 1}"
-        raise StudyError(f"{where}: YAML tag refused{line} ({e.problem}): a grid is plain YAML, "
-                         "nothing in it is constructed or run") from None
-    except yaml.YAMLError as e:
-        raise StudyError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    top = _mapping(top, where, "the grid")
+    top = _mapping(_parse_yaml(text, where), where, "the grid")
     unknown = set(top) - GRID_KEYS
     _need(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
     blocks = top.get("blocks")
