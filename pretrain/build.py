@@ -10,6 +10,10 @@ A method is an ``nn.Module`` built as ``cls(cfg)`` with this interface (the engi
   ``progress`` = iteration / iterations (the FA schedule reads it), and after every optimizer
   step with the progress reached (momentum updates).
 - ``backbone_spec() -> {"name": MODEL.BACKBONE, "stem": MODEL.STEM}`` (the checkpoint's ``arch``).
+- ``same_graph_every_step() -> bool``: whether every trainable parameter takes part in every
+  step (DDP's ``static_graph``; False e.g. while a scheduled FA term is still off).
+- ``compile_parts() -> list[nn.Module]``: what ``SOLVER.COMPILE`` compiles (the encoders; the
+  loss, FA and momentum updates stay eager).
 
 The implementations register themselves when ``pretrain`` is imported (its ``__init__``).
 """
@@ -50,6 +54,12 @@ class SSLMethod(nn.Module):
 
     def fa_active(self) -> bool:
         return self.fa is not None and self.fa.active
+
+    def same_graph_every_step(self) -> bool:
+        return self.fa is None or self.fa.same_graph_every_step()
+
+    def compile_parts(self) -> list[nn.Module]:
+        return [child for child in self.children() if child is not self.fa]
 
 
 def check_cfg(cfg) -> None:

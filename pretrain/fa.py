@@ -421,6 +421,11 @@ class FeatureAugmentation(nn.Module):
     def active(self) -> bool:
         return self.factor() > 0
 
+    def same_graph_every_step(self) -> bool:
+        """False when the schedule leaves FA's own trainable parameters unused in some steps."""
+        scheduled = self.start > 0 or self.ramp > 0
+        return not (scheduled and any(p.requires_grad for p in self.parameters()))
+
     def combine(self, loss_ssl: torch.Tensor, loss_fa: torch.Tensor) -> torch.Tensor:
         s = self.factor()
         if self.mode == "replace":  # at s = 1 the plain term is only logged: no backward through it

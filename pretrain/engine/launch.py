@@ -81,10 +81,9 @@ def aug_device(cfg, device: torch.device) -> torch.device | None:
 
 
 def compile_encoders(model: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile`` every part of the method but FA, in place (``nn.Module.compile``: the
-    parameter names, hence the checkpoints, are unchanged); the loss and the momentum update
-    in the method's own ``forward`` stay eager."""
-    for name, child in model.named_children():
-        if name != "fa":
-            child.compile()
+    """``torch.compile`` the parts the method names (``compile_parts``), in place
+    (``nn.Module.compile``: the parameter names, hence the checkpoints, are unchanged); the
+    loss and the momentum update in the method's own ``forward`` stay eager."""
+    for part in model.compile_parts():
+        part.compile()
     return model

@@ -148,7 +148,7 @@ def train(cfg, resume: bool = False) -> dict:
             logger.info(f"--resume: no {last_path} yet, starting from scratch")
         if main:  # the config of the run that now owns the folder
             atomic_write_text(out / "config.yaml", cfg.dump())
-        ddp_model = wrap_ddp(model, device, static=_same_graph_every_step(model)) if world > 1 \
+        ddp_model = wrap_ddp(model, device, static=model.same_graph_every_step()) if world > 1 \
             else model
         metrics = Metrics(out, start_iter, main, cfg.TENSORBOARD)
         logger.info(f"{cfg.MODEL.METHOD} {cfg.MODEL.BACKBONE}: {len(dataset)} images, "
@@ -279,13 +279,6 @@ def _interrupted(it: int | None, last_path: Path) -> str:
         return f"{where}; no checkpoint yet"
     saved = load_checkpoint(last_path)["iter"]
     return f"{where}; {last_path} (iteration {saved}) is intact; --resume continues"
-
-
-def _same_graph_every_step(model) -> bool:
-    """False when FA has parameters that the schedule leaves unused in some steps."""
-    fa = getattr(model, "fa", None)
-    scheduled = fa is not None and (fa.start > 0 or fa.ramp > 0)
-    return not (scheduled and any(p.requires_grad for p in fa.parameters()))
 
 
 def _last_good(last_path: Path, iteration: int) -> str:
