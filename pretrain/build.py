@@ -32,7 +32,10 @@ METHOD_REGISTRY.__doc__ = "Pretraining methods, by MODEL.METHOD name; built as `
 
 
 class SSLMethod(nn.Module):
-    """The interface's defaults: one parameter group, the backbone spec, FA progress."""
+    """The interface's defaults: one parameter group, the backbone spec, FA progress.
+    ``FA_BRANCH``: the ``pretrain.fa`` branch class the method builds when FA.ENABLED."""
+
+    FA_BRANCH: type | None = None
 
     def __init__(self, cfg):
         super().__init__()
@@ -71,7 +74,7 @@ def check_cfg(cfg) -> None:
         )
     if cfg.MODEL.STEM not in STEMS:
         raise ConfigError(f"MODEL.STEM '{cfg.MODEL.STEM}' is not one of: {', '.join(STEMS)}")
-    check_fa_cfg(cfg)
+    check_fa_cfg(cfg, METHOD_REGISTRY.get(cfg.MODEL.METHOD).FA_BRANCH)
 
 
 def build_model(cfg) -> nn.Module:

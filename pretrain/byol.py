@@ -8,7 +8,7 @@ online trunk + projector, no gradient) gives z'_i. Loss, symmetrised as in the p
 After every optimizer step (``after_step``): ξ ← τ ξ + (1 − τ) θ with
 τ = 1 − (1 − τ_base)(cos(π k/K) + 1)/2, τ_base = MODEL.BYOL.BASE_MOMENTUM, k/K = progress.
 
-FA (see ``pretrain/fa.py``): ``PredictorFA`` gives augmented predictions p̃_i paired with the
+FA (see ``pretrain/fa/``): ``PredictorFA`` gives augmented predictions p̃_i paired with the
 other view's target z'; the positive z⁺ is the target network's feature of the other view.
 ``loss_fa = ℓ(p̃1, z'2) + ℓ(p̃2, z'1)`` over the FA.NUM copies (soft or augmented targets where
 the operator makes them), combined with ``loss_ssl`` by FA.LOSS_MODE.
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .backbone import build_backbone
 from .build import METHOD_REGISTRY, SSLMethod
-from .fa import PredictorFA, fa_dim
+from .fa import PredictorFA, SiameseInputs, SiameseView, build_fa, fa_dim
 from .heads import byol_mlp
 from .losses import regression_loss
 from .momentum import cosine_momentum, ema_update_
@@ -35,6 +35,8 @@ from .utils.registry import register_as
 class BYOL(SSLMethod):
     """BYOL + FA. ``param_groups`` puts biases and BN parameters in a group without weight decay
     and marked ``lars_exclude`` (the paper excludes them from both weight decay and LARS)."""
+
+    FA_BRANCH = PredictorFA
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -53,7 +55,8 @@ class BYOL(SSLMethod):
 
         if cfg.FA.ENABLED:
             make_predictor = lambda: byol_mlp(dim, pred_hidden, dim)  # noqa: E731
-            self.fa = PredictorFA(cfg, fa_dim(cfg, feat_dim, dim), make_predictor)
+            self.fa = build_fa(cfg, PredictorFA, fa_dim(cfg, feat_dim, dim),
+                               make_predictor=make_predictor)
 
     def param_groups(self) -> list[dict]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -86,9 +89,9 @@ class BYOL(SSLMethod):
             ht1, ht2 = self.backbone_t(x1), self.backbone_t(x2)  # [N, F]
             zt1, zt2 = self.projector_t(ht1), self.projector_t(ht2)  # [N, C]
         if self.fa_active():  # p̃ of each view, paired with the other view's target
-            branch = (self.projector, self.predictor)
-            pairs = (self.fa((h1, z1, p1), (ht2, zt2), zt2, *branch)
-                     + self.fa((h2, z2, p2), (ht1, zt1), zt1, *branch))
+            pairs = self.fa(SiameseInputs((SiameseView(h1, z1, p1, ht2, zt2, zt2),
+                                           SiameseView(h2, z2, p2, ht1, zt1, zt1)),
+                                          self.projector, self.predictor))
 
         with float32(x1):
             loss_ssl = regression_loss(p1, zt2) + regression_loss(p2, zt1)

@@ -9,8 +9,9 @@ MODEL.MOCO.SHUFFLE_BN, the key batch is shuffled across processes so BN cannot c
 process, MODEL.MOCO.SPLIT_BN = s does the same on one device: every BN of both trunks normalises
 s sub-batches separately and the key batch is shuffled before the key encoder.
 
-FA: ``pretrain.fa.ContrastiveFA`` computes the InfoNCE of the augmented problem from (q, k, the
-queue, the pooled features) and combines it with the plain one (FA.LOSS_MODE). Augmented
+FA: MoCo hands ``pretrain.fa.ContrastiveFA`` what it has (``ContrastiveInputs``: q, k, the
+queue, T, the plain logits, the pooled features, its projector as a function); the branch returns
+the InfoNCE of the augmented problem, combined with the plain one by FA.LOSS_MODE. Augmented
 features are never enqueued: only k is.
 """
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from .backbone import build_backbone
 from .build import METHOD_REGISTRY, SSLMethod
 from .errors import ConfigError
-from .fa import ContrastiveFA, fa_dim
+from .fa import ContrastiveFA, ContrastiveInputs, build_fa, fa_dim
 from .heads import moco_projector
 from .losses import info_nce
 from .momentum import ema_update_
@@ -79,6 +80,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
 class MoCo(SSLMethod):
     """MoCo v2 + FA. ``forward(x1, x2)``: x1 the query view, x2 the key view."""
 
+    FA_BRANCH = ContrastiveFA
+
     def __init__(self, cfg):
         super().__init__(cfg)
         mc = cfg.MODEL
@@ -100,7 +103,7 @@ class MoCo(SSLMethod):
         self.register_buffer("queue", F.normalize(torch.randn(self.K, dim), dim=1))  # [K, C]
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         if cfg.FA.ENABLED:
-            self.fa = ContrastiveFA(cfg, fa_dim(cfg, feat_dim, dim))
+            self.fa = build_fa(cfg, ContrastiveFA, fa_dim(cfg, feat_dim, dim))
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x1)  # [N, F]
@@ -116,9 +119,9 @@ class MoCo(SSLMethod):
             loss_ssl, logits = info_nce(q, k, queue, self.T)
             out = {"loss_ssl": loss_ssl, "loss": loss_ssl,
                    "acc": (logits.argmax(1) == 0).float().mean().detach() * 100}
-            if self.fa_active():  # every FA decision is in pretrain/fa.py
-                out["loss_fa"] = self.fa(q, k, queue, self.T, h.float(), h_k.float(),
-                                         self.projector, logits)
+            if self.fa_active():  # every FA decision is in pretrain/fa/
+                out["loss_fa"] = self.fa(ContrastiveInputs(q, k, queue, self.T, logits, h.float(),
+                                                           h_k.float(), self.projector))
                 out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])
         self._dequeue_and_enqueue(k)
         return out

@@ -5,7 +5,7 @@ z_i = f(x_i), p_i = h(z_i). Loss, with stop-gradient on the targets:
 
     L = ½ D(p1, sg(z2)) + ½ D(p2, sg(z1)),   D(p, z) = − (p / ‖p‖) · (z / ‖z‖)
 
-FA (see ``pretrain/fa.py``): ``PredictorFA`` turns each view into augmented predictions p̃_i
+FA (see ``pretrain/fa/``): ``PredictorFA`` turns each view into augmented predictions p̃_i
 (FA.ARCH / FA.POSITION), paired with the other view's target; the positive z⁺ of view 1 is view 2's
 own feature (SimSiam is its own target network). ``loss_fa = ½ D(p̃1, sg(z2)) + ½ D(p̃2, sg(z1))``
 over the FA.NUM copies (soft or augmented targets where the operator makes them), combined with
@@ -18,7 +18,7 @@ import torch
 
 from .backbone import build_backbone
 from .build import METHOD_REGISTRY, SSLMethod
-from .fa import PredictorFA, fa_dim
+from .fa import PredictorFA, SiameseInputs, SiameseView, build_fa, fa_dim
 from .heads import simsiam_predictor, simsiam_projector
 from .losses import negative_cosine
 from .utils.amp import float32
@@ -28,6 +28,8 @@ from .utils.registry import register_as
 @register_as(METHOD_REGISTRY, "simsiam")
 class SimSiam(SSLMethod):
     """SimSiam + FA. Predictor (and the FA branch's own predictor) form the ``fix_lr`` group."""
+
+    FA_BRANCH = PredictorFA
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -41,7 +43,8 @@ class SimSiam(SSLMethod):
         self.predictor = simsiam_predictor(dim, pred_hidden)
         if cfg.FA.ENABLED:
             make_predictor = lambda: simsiam_predictor(dim, pred_hidden)  # noqa: E731
-            self.fa = PredictorFA(cfg, fa_dim(cfg, feat_dim, dim), make_predictor)
+            self.fa = build_fa(cfg, PredictorFA, fa_dim(cfg, feat_dim, dim),
+                               make_predictor=make_predictor)
 
     def param_groups(self) -> list[dict]:
         pred = list(self.predictor.parameters())
@@ -56,9 +59,9 @@ class SimSiam(SSLMethod):
         z1, z2 = self.projector(h1), self.projector(h2)  # [N, C]
         p1, p2 = self.predictor(z1), self.predictor(z2)  # [N, C]
         if self.fa_active():  # p̃ of each view, paired with the other view's target
-            branch = (self.projector, self.predictor)
-            pairs = (self.fa((h1, z1, p1), (h2.detach(), z2.detach()), z2.detach(), *branch)
-                     + self.fa((h2, z2, p2), (h1.detach(), z1.detach()), z1.detach(), *branch))
+            v1 = SiameseView(h1, z1, p1, h2.detach(), z2.detach(), z2.detach())
+            v2 = SiameseView(h2, z2, p2, h1.detach(), z1.detach(), z1.detach())
+            pairs = self.fa(SiameseInputs((v1, v2), self.projector, self.predictor))
 
         with float32(x1):
             loss_ssl = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
