@@ -1,160 +1,226 @@
-"""What watches a run: ``metrics.jsonl`` and TensorBoard, the step window that averages logged
-values (kept on the device between log lines), the kNN monitor and the loss plot. Rank 0 writes;
-the other ranks only take part in the collective calls."""
+"""The hooks of a pretraining run: what happens around each step (``trainer.HookBase``).
+
+``train_loop.PretrainTrainer.build_hooks`` registers them in this order, and the order matters:
+
+1. ``LRScheduler``        before_step: the step's learning rate.
+2. ``NonFiniteLossGuard`` after_step, at log lines and checkpoints: reads the step window (the
+                          one place the host waits for the device) and stops the run on a
+                          non-finite loss, before anything below logs or saves it.
+3. ``MetricsWriter``      before_train: opens ``metrics.jsonl``; after_step, at log lines: writes
+                          the window's means; after_train: closes, plots ``curves.png``.
+4. ``Checkpointer``       after_step, at checkpoints: refuses non-finite weights, then writes
+                          ``last.pth`` (and ``checkpoint_EPOCH.pth``).
+5. ``KnnMonitor``         before_train: the untrained trunk; after_step, every ``KNN.PERIOD``
+                          epochs and at the end: kNN top-1 (rank 0; writes through 3).
+6. ``ProgressBar``        rank 0's tqdm bar.
+
+The RNG state saved by 4 is the one after the step and its log line, and 5 draws no random
+numbers, so a resumed run draws what an uninterrupted one draws. Every rank runs every hook, so
+the collective calls inside them (``any_across_ranks``, ``all_gather_object``) come in the same
+order on all ranks.
+
+What the hooks use of the trainer (``PretrainTrainer``): ``cfg``, ``model`` (the method,
+unwrapped), ``optimizer``, ``scaler``, ``device``, ``out``, ``ipe`` (iterations per epoch),
+``epoch`` (of the step just taken), ``skipped`` (unreadable image indices), ``window``
+(``StepWindow``), ``log_due()`` / ``save_due()`` (the schedule), ``last_good()``; they report
+back through ``window_values``, ``last_record``, ``last_saved``, ``knn_top1`` and
+``knn_top1_init``.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
-from pathlib import Path
 
 import torch
 
-from ..utils.dist import barrier, get_world_size, is_main_process, unwrap
-from ..utils.io import atomic_open, atomic_write_text
+from ..checkpoint import save_run
+from ..errors import TrainingError
+from ..evaluation import evaluate_knn
+from ..solver import lr_factor, set_lr
+from ..utils.dist import (
+    all_gather_object,
+    any_across_ranks,
+    barrier,
+    get_world_size,
+    is_main_process,
+)
+from .metrics import Metrics, StepWindow, plot_curves
+from .trainer import HookBase
+
+__all__ = ["Checkpointer", "KnnMonitor", "LRScheduler", "Metrics", "MetricsWriter",
+           "NonFiniteLossGuard", "ProgressBar", "StepWindow", "plot_curves"]
+
+logger = logging.getLogger("pretrain")
 
 
-class Metrics:
-    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars, rank 0."""
+class LRScheduler(HookBase):
+    """Sets every step's learning rate before it runs: ``base_lr`` times ``solver.lr_factor``
+    (linear warm-up over ``warmup`` iterations, then cosine or step decay); parameter groups
+    marked ``fix_lr`` keep ``base_lr``."""
 
-    def __init__(self, output_dir: Path, start_iter: int, enabled: bool, tensorboard: bool):
-        self.path = output_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.file = self.tb = None
-        if not enabled:
+    def __init__(self, base_lr: float, warmup: int, schedule: str, steps: tuple[int, ...],
+                 gamma: float) -> None:
+        self.base_lr, self.warmup, self.schedule = base_lr, warmup, schedule
+        self.steps, self.gamma = steps, gamma
+
+    def before_step(self) -> None:
+        t = self.trainer
+        set_lr(t.optimizer, self.base_lr, lr_factor(t.iter, t.max_iter, self.warmup,
+                                                    self.schedule, self.steps, self.gamma))
+
+
+class NonFiniteLossGuard(HookBase):
+    """Reads the step window at every log line and checkpoint, and raises ``TrainingError`` on
+    every rank when any rank's loss was NaN or infinite at any step since the last read (the
+    message names the first such step and the last good checkpoint).
+
+    The steps between two reads never wait for the device, so a NaN is found at the next read,
+    not at its step; the hooks after this one use the values it read (``window_values``), so a
+    log line or checkpoint due at that read is never written."""
+
+    def after_step(self) -> None:
+        t = self.trainer
+        t.window_values = None
+        if not (t.log_due() or t.save_due()):
             return
-        kept = []
-        if start_iter > 0 and self.path.exists():  # drop what a killed run logged after its checkpoint
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["iter"] <= start_iter:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    continue
-        atomic_write_text(self.path, "".join(kept))
-        self.file = open(self.path, "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        losses, _ = t.window_values = t.window.read()  # the one place the host waits
+        bad = t.window.first_non_finite(losses)  # (iteration, value) or None
+        if any_across_ranks(bad is not None, t.device):
+            it, value = min(b for b in all_gather_object(bad) if b is not None)
+            raise TrainingError(f"loss is {value} at iteration {it} (epoch {(it - 1) // t.ipe}); "
+                                f"stopped, {t.last_good()}")
 
-            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=start_iter or None)
+
+class MetricsWriter(HookBase):
+    """``metrics.jsonl`` (and TensorBoard): one record every ``LOG_PERIOD`` iterations and at
+    the end, the means of the window ``NonFiniteLossGuard`` read; ``curves.png`` once the run
+    has completed. Other hooks write their records through ``write`` (e.g. kNN)."""
+
+    def __init__(self, tensorboard: bool) -> None:
+        self.tensorboard = tensorboard
+        self.metrics: Metrics | None = None
+
+    def before_train(self) -> None:
+        t = self.trainer
+        # on resume, drops what a killed run logged after its checkpoint
+        self.metrics = Metrics(t.out, t.start_iter, is_main_process(), self.tensorboard)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if not t.log_due():
+            return
+        t.skipped = set().union(*all_gather_object(t.skipped))
+        losses, sums = t.window_values
+        record = t.window.summarize(losses, sums, t.iter, t.epoch, t.optimizer, len(t.skipped))
+        self.write(record)
+        t.last_record = record
 
     def write(self, record: dict, prefix: str = "train") -> None:
-        if not self.enabled:
+        self.metrics.write(record, prefix)
+
+    def after_train(self) -> None:
+        if self.metrics is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("iter", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, record["iter"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-        self.file = self.tb = None
+        self.metrics.close()
+        if self.trainer.completed and is_main_process():
+            plot_curves(self.metrics.path, self.trainer.out / "curves.png")
 
 
-def plot_curves(metrics_path: Path, out_png: Path) -> None:
-    """Loss (and kNN top-1 when present) against iteration, from metrics.jsonl."""
-    import matplotlib
+class Checkpointer(HookBase):
+    """At every epoch end, every ``CHECKPOINT_ITERS`` iterations and at the end: ``last.pth``
+    with every rank's RNG state, and a copy ``checkpoint_EPOCH.pth`` at the end of every
+    ``period``-th epoch. Non-finite weights stop the run instead: a good checkpoint is never
+    replaced by one holding NaNs.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``sampler``: the data-order state stored in the checkpoint (``checkpoint`` module)."""
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    loss = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
-    knn = [(r["iter"], r["knn_top1"]) for r in rows if "knn_top1" in r]
-    if not loss:
-        return
-    fig, axes = plt.subplots(1, 2 if knn else 1, figsize=(10 if knn else 5.5, 3.8), squeeze=False)
-    ax = axes[0][0]
-    ax.plot(*zip(*loss, strict=True), lw=1.2)
-    ax.set(xlabel="iteration", ylabel="loss", title="pretraining loss")
-    ax.grid(alpha=0.3)
-    if knn:
-        ax = axes[0][1]
-        ax.plot(*zip(*knn, strict=True), "o-")
-        ax.set(xlabel="iteration", ylabel="top-1 (%)", title="weighted kNN")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(out_png, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    def __init__(self, sampler: dict, period: int) -> None:
+        self.sampler, self.period = sampler, max(period, 1)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if not t.save_due():
+            return
+        done_epochs = t.iter // t.ipe
+        numbered = t.iter % t.ipe == 0 and done_epochs % self.period == 0
+        if any_across_ranks(not _finite_weights(t.model), t.device):
+            raise TrainingError(f"weights became non-finite at iteration {t.iter} (epoch "
+                                f"{t.epoch}); stopped, {t.last_good()}")
+        state = dict(cfg=t.cfg, model=t.model, optimizer=t.optimizer, scaler=t.scaler, out=t.out,
+                     sampler=self.sampler)
+        t.skipped = save_run(state, t.iter, done_epochs, t.skipped, numbered)
+        t.last_saved = t.iter
 
 
-class StepWindow:
-    """What the steps between two log lines leave, kept where it was computed: the losses and the
-    other 0-dim outputs stay on the device (no step waits for the device), host seconds are
-    summed. ``read`` brings the values over in one copy, at a log line or a checkpoint."""
-
-    def __init__(self):
-        self.clear()
-
-    def clear(self) -> None:
-        self.iters: list[int] = []
-        self.losses: list[torch.Tensor] = []
-        self.sums: dict[str, torch.Tensor | float] = {}
-        self.data_time = self.time = 0.0
-
-    def add(self, it: int, outputs: dict, data_time: float, step_time: float) -> None:
-        """Iteration ``it`` (1-based) and its outputs: ``loss`` kept per step, the others summed."""
-        self.iters.append(it)
-        self.losses.append(outputs["loss"].detach())
-        self.data_time += data_time
-        self.time += step_time
-        for k, v in outputs.items():
-            if k != "loss" and (not torch.is_tensor(v) or v.numel() == 1):
-                v = v.detach().float() if torch.is_tensor(v) else float(v)
-                self.sums[k] = self.sums.get(k, 0.0) + v
-
-    def read(self) -> tuple[list[float], dict[str, float]]:
-        """(losses, sums) as Python floats. The wait for the device is added to ``time``: with
-        asynchronous kernels it is the work of the steps in this window."""
-        start = time.perf_counter()
-        keys = list(self.sums)
-        values = self.losses + [torch.as_tensor(self.sums[k]) for k in keys]
-        if values:
-            host = torch.stack([v.float().reshape(()).to(values[0].device) for v in values]).tolist()
-        else:
-            host = []
-        self.time += time.perf_counter() - start
-        n = len(self.losses)
-        return host[:n], dict(zip(keys, host[n:], strict=True))
-
-    def first_non_finite(self, losses: list[float]) -> tuple[int, float] | None:
-        """(iteration, value) of the first loss that is NaN or infinite, else None."""
-        return next(((i, v) for i, v in zip(self.iters, losses, strict=True)
-                     if not math.isfinite(v)), None)
-
-    def summarize(self, losses: list[float], sums: dict[str, float], it: int, epoch: int,
-                  optimizer, skipped: int) -> dict:
-        """The metrics.jsonl record of the window (means over its steps); clears it."""
-        n = len(losses)
-        record = {"iter": it, "epoch": epoch,
-                  "lr": next(g["lr"] for g in optimizer.param_groups if not g.get("fix_lr")),
-                  "loss": round(sum(losses) / n, 8), "data_time": round(self.data_time / n, 6),
-                  "time": round(self.time / n, 6)}
-        record.update({k: round(v / n, 8) for k, v in sums.items()})
-        record["skipped_images"] = skipped
-        self.clear()
-        return record
+@torch.no_grad()
+def _finite_weights(model: torch.nn.Module) -> bool:
+    """All parameters finite: max |w| per tensor (NaN propagates), one read-back."""
+    peaks = torch._foreach_norm(list(model.parameters()), float("inf"))
+    return bool(torch.isfinite(torch.stack(peaks)).all())
 
 
-def knn_hook(cfg, model, knn_sets, device, it: int, epoch: int, metrics: Metrics) -> float | None:
-    """kNN top-1 of the trunk on rank 0 (the other ranks wait)."""
-    from ..evaluation import evaluate_knn
+class KnnMonitor(HookBase):
+    """Weighted-kNN top-1 of the trunk (``evaluation.evaluate_knn``) on rank 0, the other ranks
+    waiting: at iteration 0 when ``at_start`` (the same trunk untrained, what pretraining has to
+    beat; a fresh run only), at the end of every ``period``-th epoch and at the end. Evaluating
+    draws no random numbers, so it does not change the run."""
 
-    acc = None
-    if is_main_process():
-        acc = evaluate_knn(unwrap(model).backbone, *knn_sets, device, k=cfg.KNN.K, t=cfg.KNN.T,
-                           batch_size=max(cfg.SOLVER.BATCH_SIZE // get_world_size(), 64),
-                           num_workers=cfg.DATALOADER.NUM_WORKERS,
-                           channels_last=cfg.SOLVER.CHANNELS_LAST)
-        metrics.write({"iter": it, "epoch": epoch, "knn_top1": round(acc, 4)}, "knn")
-        logging.getLogger("pretrain").info(f"iteration {it}: kNN top-1 {acc:.2f}%")
-    barrier()
-    return acc
+    def __init__(self, knn_sets: tuple, writer: MetricsWriter, period: int,
+                 at_start: bool) -> None:
+        self.knn_sets, self.writer = knn_sets, writer
+        self.period, self.at_start = period, at_start
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if t.start_iter == 0 and self.at_start:
+            t.knn_top1_init = self.evaluate(0, 0)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        epoch_end = t.iter % t.ipe == 0
+        if (epoch_end and (t.iter // t.ipe) % self.period == 0) or t.iter == t.max_iter:
+            t.knn_top1 = self.evaluate(t.iter, t.epoch)
+
+    def evaluate(self, it: int, epoch: int) -> float | None:
+        """Top-1 in percent on rank 0 (None on the others), logged and written to metrics."""
+        t, cfg = self.trainer, self.trainer.cfg
+        acc = None
+        if is_main_process():
+            acc = evaluate_knn(t.model.backbone, *self.knn_sets, t.device, k=cfg.KNN.K,
+                               t=cfg.KNN.T,
+                               batch_size=max(cfg.SOLVER.BATCH_SIZE // get_world_size(), 64),
+                               num_workers=cfg.DATALOADER.NUM_WORKERS,
+                               channels_last=cfg.SOLVER.CHANNELS_LAST)
+            self.writer.write({"iter": it, "epoch": epoch, "knn_top1": round(acc, 4)}, "knn")
+            logger.info(f"iteration {it}: kNN top-1 {acc:.2f}%")
+        barrier()
+        return acc
+
+
+class ProgressBar(HookBase):
+    """A tqdm bar on rank 0: one tick per step, the last log line's loss and lr beside it."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def before_train(self) -> None:
+        if is_main_process():
+            from tqdm import tqdm
+
+            t = self.trainer
+            self.bar = tqdm(total=t.max_iter, initial=t.start_iter, desc="pretrain",
+                            dynamic_ncols=True, mininterval=1.0)
+
+    def after_step(self) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        t = self.trainer
+        if t.log_due() and t.last_record is not None:
+            self.bar.set_postfix(loss=f"{t.last_record['loss']:.4f}",
+                                 lr=f"{t.last_record['lr']:.3g}")
+
+    def after_train(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
