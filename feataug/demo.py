@@ -145,13 +145,14 @@ def fine_tune(config: str, out: Path, weights: Path | None, opts: list[str], see
     ``bbox`` results."""
     import torch
 
-    from transfer.detect import run_detection
+    from transfer.detect import DetectOptions, run_detection
 
     opts = [*opts, "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(weights or ""), "SEED", str(seed),
             "DATASETS.AUTO_NUM_CLASSES", "True",
             "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"]
-    results = run_detection(_config_path(config), opts, trials=seeds, quiet=not verbose,
-                            from_scratch=weights is None, resume=True, **register)
+    results = run_detection(DetectOptions(_config_path(config), tuple(opts), trials=seeds,
+                                          quiet=not verbose, from_scratch=weights is None,
+                                          resume=True, **register))
     return [t["results"].get("bbox", {}) for t in results["trials"]]
 
 

@@ -42,13 +42,11 @@ def predict(cfg, bgr_image):
     evaluators do; its ``Instances`` on the CPU. The weights are checked and read as
     ``--eval-only`` reads them (``transfer.weights``: the whole model must load; nothing from the
     file runs), not by the predictor's own loader."""
-    import argparse
-
     from detectron2.engine import DefaultPredictor
 
     from transfer.weights import check_weights, checkpointer_class
 
-    check_weights(cfg, argparse.Namespace(eval_only=True, from_scratch=False, resume=False))
+    check_weights(cfg, eval_only=True, from_scratch=False)
     bare = cfg.clone()
     bare.defrost()
     bare.MODEL.WEIGHTS = ""  # the predictor loads nothing itself

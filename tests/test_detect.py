@@ -60,6 +60,11 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+def _options(argv) -> detect.DetectOptions:
+    """The options `feataug detect ARGV` runs with."""
+    return detect.DetectOptions.from_args(_parse(argv))
+
+
 @pytest.fixture(scope="module")
 def r18_weights(tmp_path_factory):
     """A torchvision ResNet-18 (random, with non-trivial BN statistics) and its conversion."""
@@ -532,7 +537,7 @@ def test_detect_cli_errors(tmp_path, catalog, capsys, monkeypatch):
         "DATASETS.CLASS_NAMES_FILE",
         str(names),
     ]
-    cfg = detect.setup(_parse(argv))
+    cfg = detect.setup(_options(argv))
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
     assert MetadataCatalog.get("tr").thing_classes == ["red box", "blue ellipse", "green star"]
     # a problem found when the records are read (at setup, before the model): exit 2, one line

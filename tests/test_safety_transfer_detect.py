@@ -54,10 +54,11 @@ def weights(tmp_path_factory):
     return out
 
 
-def _parse(argv) -> argparse.Namespace:
+def _options(argv) -> detect.DetectOptions:
+    """The options `feataug detect ARGV` runs with."""
     parser = argparse.ArgumentParser()
     detect.add_arguments(parser)
-    return parser.parse_args([str(a) for a in argv])
+    return detect.DetectOptions.from_args(parser.parse_args([str(a) for a in argv]))
 
 
 def _argv(tmp_path: Path, *extra, config=TINY) -> list:
@@ -162,7 +163,7 @@ def test_weights_that_do_not_fit_are_refused(
 )
 def test_weights_that_fit_pass_setup(extra, config, tmp_path, catalog, weights):
     extra = [weights.get(a, a) for a in extra]
-    cfg = detect.setup(_parse(_argv(tmp_path, *extra, config=config)))
+    cfg = detect.setup(_options(_argv(tmp_path, *extra, config=config)))
     assert cfg.MODEL.WEIGHTS == (str(extra[1]) if len(extra) == 2 else "")
 
 
@@ -269,7 +270,7 @@ def test_resuming_needs_exactly_the_model_in_the_checkpoint(trials, tmp_path, ca
 
     argv = [*(["--trials", str(trials)] if trials else []),
             *_argv(tmp_path, "MODEL.WEIGHTS", weights["r18"])]
-    model = build_model(detect.setup(_parse(argv)))
+    model = build_model(detect.setup(_options(argv)))
     state = model.state_dict()
     key = "roi_heads.box_predictor.cls_score.weight"
     n, d = state[key].shape
@@ -287,10 +288,10 @@ def test_resuming_needs_exactly_the_model_in_the_checkpoint(trials, tmp_path, ca
         f"(shape {(n + 1, d)} in the file, {(n, d)} in the model), an.extra.tensor (not in the "
         "model)): --resume continues a run of this config"), line
     torch.save(good, folder / "model_0000004.pth")  # positive control: its own model resumes
-    assert detect.setup(_parse(["--resume", *argv])).MODEL.WEIGHTS == str(weights["r18"])
+    assert detect.setup(_options(["--resume", *argv])).MODEL.WEIGHTS == str(weights["r18"])
     (folder / "last_checkpoint").write_text("model_0000009.pth")
     with pytest.raises(detect.DetectError, match="names 'model_0000009.pth', which is not in"):
-        detect.setup(_parse(["--resume", *argv]))
+        detect.setup(_options(["--resume", *argv]))
 
 
 def test_eval_only_never_writes_into_a_run(tmp_path, capsys, catalog, weights):
@@ -327,7 +328,7 @@ def test_register_coco_refuses_repeated_ids(section, tmp_path, capsys, catalog):
     bad = tmp_path / "coco" / "bad.json"
     bad.write_text(json.dumps({**good, section: [*good[section], entry(good)]}))
     assert detect_refused(tmp_path, capsys, _coco_argv(tmp_path, bad)).endswith(f"{bad}: {words}")
-    cfg = detect.setup(_parse(_coco_argv(tmp_path, path)))
+    cfg = detect.setup(_options(_coco_argv(tmp_path, path)))
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2 and not (tmp_path / "out").exists()
 
 

@@ -34,7 +34,7 @@ from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.structures import BoxMode
 
 from pretrain.errors import FeatAugError, reason
-from transfer.coco_eval import COCOEvalError, check_gt
+from transfer.coco_checks import COCOEvalError, check_gt
 from transfer.voc import DatasetError, parse_voc_xml
 
 __all__ = [

@@ -7,14 +7,17 @@ import logging
 from collections import OrderedDict, defaultdict
 
 import numpy as np
-import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import PascalVOCDetectionEvaluator
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.pascal_voc_evaluation import voc_ap
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from transfer.coco_evaluator import FastCOCOEvaluator
+
 __all__ = ["VOCEvaluator", "build_coco_evaluator", "voc_average_precisions"]
+
+logger = logging.getLogger(__name__)
 
 
 def voc_average_precisions(
@@ -75,15 +78,17 @@ def voc_average_precisions(
     return aps
 
 
-class VOCEvaluator(PascalVOCDetectionEvaluator):
-    """Detectron2's PASCAL VOC evaluator, with ground truth taken from the dataset's records.
+class VOCEvaluator(DatasetEvaluator):
+    """PASCAL VOC AP as Detectron2's ``PascalVOCDetectionEvaluator`` computes it, with ground
+    truth taken from the dataset's records.
 
     Detectron2's version re-reads every XML and calls ``int()`` on coordinates and on
     ``<difficult>``, so float coordinates or an empty ``<difficult/>`` (common in exported
-    annotations) crash it. This one collects predictions exactly as Detectron2 does and evaluates
-    them against ``DatasetCatalog.get(name)`` (see ``transfer.datasets.load_voc``, which keeps the
-    ``difficult`` flags), with the same matching rules and ``voc_ap``. On integer VOC data the
-    numbers equal Detectron2's.
+    annotations) crash it. This one collects predictions as Detectron2's does (one line per
+    detection, ``"image_id score xmin ymin xmax ymax"`` in VOC's 1-based units, rounded the same
+    way) and evaluates them against ``DatasetCatalog.get(name)`` (see
+    ``transfer.datasets.load_voc``, which keeps the ``difficult`` flags), with the same matching
+    rules and ``voc_ap``. On integer VOC data the numbers equal Detectron2's.
 
     Returns ``{"bbox": {"AP", "AP50", "AP75"}}`` in percent: AP averages IoU 0.50:0.95; the 2007
     11-point AP when the metadata's ``year`` is 2007, area under the PR curve otherwise. Classes
@@ -92,18 +97,31 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
 
     def __init__(self, dataset_name: str):
         meta = MetadataCatalog.get(dataset_name)
-        self._dataset_name = dataset_name
-        self._class_names = meta.thing_classes
-        self._is_2007 = getattr(meta, "year", 2012) == 2007
-        self._cpu_device = torch.device("cpu")
-        self._logger = logging.getLogger(__name__)
+        self.dataset_name = dataset_name
+        self.class_names = meta.thing_classes
+        self.is_2007 = getattr(meta, "year", 2012) == 2007
+        self.predictions: dict[int, list[str]] = defaultdict(list)  # class id -> lines
 
-    def _ground_truth(self):
+    def reset(self):
+        self.predictions = defaultdict(list)
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs, strict=True):
+            instances = out["instances"].to("cpu")
+            boxes = instances.pred_boxes.tensor.numpy()
+            scores = instances.scores.tolist()
+            classes = instances.pred_classes.tolist()
+            for (xmin, ymin, xmax, ymax), score, cls in zip(boxes, scores, classes, strict=True):
+                # VOC units: the inverse of the loader's -1 on xmin / ymin
+                self.predictions[cls].append(f"{inp['image_id']} {score:.3f} {xmin + 1:.1f} "
+                                             f"{ymin + 1:.1f} {xmax:.1f} {ymax:.1f}")
+
+    def ground_truth(self):
         """Per class: ({image_id: (G, 4) VOC-unit boxes}, {image_id: (G,) difficult})."""
-        boxes = [defaultdict(list) for _ in self._class_names]
-        difficult = [defaultdict(list) for _ in self._class_names]
+        boxes = [defaultdict(list) for _ in self.class_names]
+        difficult = [defaultdict(list) for _ in self.class_names]
         image_ids = []
-        for record in DatasetCatalog.get(self._dataset_name):
+        for record in DatasetCatalog.get(self.dataset_name):
             image_id = record["image_id"]
             image_ids.append(image_id)
             for ann in record.get("annotations", []):
@@ -113,39 +131,39 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
                 boxes[c][image_id].append([box[0] + 1.0, box[1] + 1.0, box[2], box[3]])
                 difficult[c][image_id].append(bool(ann.get("difficult", False)))
         out = []
-        for c in range(len(self._class_names)):
+        for c in range(len(self.class_names)):
             b = {i: np.array(boxes[c][i], dtype=np.float64).reshape(-1, 4) for i in image_ids}
             d = {i: np.array(difficult[c][i], dtype=bool) for i in image_ids}
             out.append((b, d))
         return out
 
     def evaluate(self):
-        all_predictions = comm.gather(self._predictions, dst=0)
+        all_predictions = comm.gather(self.predictions, dst=0)
         if not comm.is_main_process():
             return None
         lines = defaultdict(list)
         for per_rank in all_predictions:
             for cls_id, cls_lines in per_rank.items():
                 lines[cls_id].extend(cls_lines)
-        self._logger.info(
-            f"Evaluating {self._dataset_name} with the VOC{2007 if self._is_2007 else 2012} AP "
+        logger.info(
+            f"Evaluating {self.dataset_name} with the VOC{2007 if self.is_2007 else 2012} AP "
             "(Python devkit rules, not the official Matlab code)"
         )
         aps = defaultdict(list)  # IoU threshold in percent -> AP of each class with ground truth
-        for cls_id, (gt_boxes, gt_difficult) in enumerate(self._ground_truth()):
+        for cls_id, (gt_boxes, gt_difficult) in enumerate(self.ground_truth()):
             detections = []
             for line in lines.get(cls_id, []):
                 image_id, score, *box = line.split(" ")
                 detections.append((image_id, float(score), np.array(box, dtype=np.float64)))
             thresholds = list(range(50, 100, 5))
             per_iou = voc_average_precisions(
-                detections, gt_boxes, gt_difficult, [t / 100.0 for t in thresholds], self._is_2007
+                detections, gt_boxes, gt_difficult, [t / 100.0 for t in thresholds], self.is_2007
             )
             for thresh, ap in zip(thresholds, per_iou, strict=True):
                 if not np.isnan(ap):
                     aps[thresh].append(ap * 100)
         if not aps:
-            self._logger.warning(f"{self._dataset_name}: no ground-truth boxes; AP is NaN")
+            logger.warning(f"{self.dataset_name}: no ground-truth boxes; AP is NaN")
             return OrderedDict(
                 bbox={"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
             )
@@ -160,8 +178,6 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
 
 
 def build_coco_evaluator(dataset_name: str, tasks: tuple[str, ...], output_dir: str | None):
-    """COCO evaluation backed by faster-coco-eval (``transfer.coco_eval.FastCOCOEvaluator``;
+    """COCO evaluation backed by faster-coco-eval (``transfer.coco_evaluator.FastCOCOEvaluator``;
     Detectron2's compiled COCOeval is not built here)."""
-    from transfer.coco_eval import FastCOCOEvaluator
-
     return FastCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_dir)

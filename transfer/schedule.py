@@ -56,10 +56,10 @@ def rescale_for_world_size(cfg, world_size: int):
     """
     from detectron2.engine import DefaultTrainer
 
-    from transfer.weights import _quiet
+    from transfer.weights import quiet_loggers
 
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
-    with _quiet("detectron2"):  # its own "Auto-scaling the config" line; ours says more
+    with quiet_loggers("detectron2"):  # its own "Auto-scaling the config" line; ours says more
         scaled = DefaultTrainer.auto_scale_workers(cfg, world_size)
     per_gpu = scaled.SOLVER.IMS_PER_BATCH / world_size
     per_text = f"{per_gpu:g} image(s) per process"

@@ -16,12 +16,12 @@ from pretrain.utils.io import atomic_open, atomic_write_text
 from pretrain.utils.stats import mean_std
 
 
-def _plain(obj):
+def plain(obj):
     """Evaluator output (OrderedDicts, numpy scalars) as JSON-ready values (NaN/inf -> None)."""
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, (float, np.floating, np.integer)) and not isinstance(obj, bool):
         v = float(obj)
         return v if math.isfinite(v) else None
@@ -126,7 +126,7 @@ def write_trials(output_dir: str | os.PathLike, trials: Sequence[Mapping],
     seeds = [t["seed"] for t in trials]
     doc = {"summary": summary, "trials": list(trials), "std": "sample (ddof=1)",
            "provenance": provenance}  # fmt: skip
-    atomic_write_text(Path(output_dir, "trials.json"), json.dumps(_plain(doc), indent=2))
+    atomic_write_text(Path(output_dir, "trials.json"), json.dumps(plain(doc), indent=2))
     atomic_write_text(Path(output_dir, "trials.md"), format_trials_markdown(summary, seeds))
     plot_trials(Path(output_dir, "trials.png"), summary, seeds)
     logging.getLogger("transfer.detect").info("trials:\n" + format_trials_markdown(summary, seeds))

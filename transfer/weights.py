@@ -2,23 +2,21 @@
 
 ``MODEL.WEIGHTS`` is read through ``pretrain.utils.safe_load`` (a Detectron2 ``.pkl`` with the
 numpy allow-list, other files with torch's) and loaded into the model built on the meta device
-(no memory) exactly as Detectron2 will load it. Training needs every ResNet trunk tensor from the
-file with its shape (``backbone.bottom_up.*`` in FPN models; in C4 models ``backbone.*`` and
-``roi_heads.res5.*`` except the added ``res5.norm``), ``--eval-only`` every model tensor. An
-empty ``MODEL.WEIGHTS`` (random initialization) needs ``--from-scratch``.
+(no memory) exactly as :class:`transfer.checkpoint.SafeCheckpointer` will load it. Training needs
+every ResNet trunk tensor from the file with its shape (``backbone.bottom_up.*`` in FPN models;
+in C4 models ``backbone.*`` and ``roi_heads.res5.*`` except the added ``res5.norm``),
+``--eval-only`` every model tensor. An empty ``MODEL.WEIGHTS`` (random initialization) needs
+``--from-scratch``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import logging
 import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import parse_qs
 
 import numpy as np
 
@@ -32,7 +30,8 @@ class DetectError(FeatAugError):
 
 
 def read_weights(path: str | Path) -> dict:
-    """What ``DetectionCheckpointer._load_file`` returns for ``path``, read safely.
+    """The checkpoint dict Detectron2's ``DetectionCheckpointer`` reads from ``path``, read
+    without running anything from the file.
 
     ``.pkl``: :func:`load_pickle`, then Detectron2's reading of it (a Detectron2 model-zoo dict
     with ``model`` and ``__author__`` as is; otherwise Caffe2 ``blobs`` without ``*_momentum``,
@@ -69,19 +68,23 @@ def read_weights(path: str | Path) -> dict:
     return data
 
 
-def check_weights(cfg, args: argparse.Namespace) -> None:
-    """``MODEL.WEIGHTS`` agrees with ``--from-scratch``, reads safely and fits the model."""
+def check_weights(cfg, *, eval_only: bool, from_scratch: bool, resume: bool = False,
+                  trials: int | None = None) -> None:
+    """``MODEL.WEIGHTS`` agrees with ``--from-scratch``, reads safely and fits the model (the
+    whole model for ``eval_only``); with ``resume``, also the checkpoints the run (or each of its
+    ``trials``) will resume from (:func:`check_resumed`). The arguments are ``feataug detect``'s
+    flags."""
     weights = cfg.MODEL.WEIGHTS
     if not weights:
-        if args.eval_only:
+        if eval_only:
             raise DetectError("--eval-only evaluates MODEL.WEIGHTS, which is empty")
-        if not args.from_scratch:
+        if not from_scratch:
             raise DetectError(
                 "MODEL.WEIGHTS is empty: the model would train from random initialization; "
                 "give weights (e.g. from feataug convert) or pass --from-scratch"
             )
         return
-    if args.from_scratch:
+    if from_scratch:
         raise DetectError(f"--from-scratch contradicts MODEL.WEIGHTS {weights}: drop one of them")
     local = weights
     if "://" in weights:
@@ -97,10 +100,10 @@ def check_weights(cfg, args: argparse.Namespace) -> None:
         data = read_weights(local)
     except UnsafeFileError as e:
         raise DetectError(f"MODEL.WEIGHTS {e}") from None
-    _check_fit(cfg, weights, data, complete=args.eval_only)
+    _check_fit(cfg, weights, data, complete=eval_only)
     _check_settings(cfg, weights, data)
-    if getattr(args, "resume", False):
-        check_resumed(cfg, getattr(args, "trials", None))
+    if resume:
+        check_resumed(cfg, trials)
 
 
 def check_resumed(cfg, trials: int | None) -> None:
@@ -173,7 +176,7 @@ _BLOCK = re.compile(r"(?:^|[._])res([2-5])[._](\d+)[._](conv[1-3]|branch2[a-c])"
 
 def _file_depth(keys) -> int | None:
     """ResNet depth of Detectron2- or Caffe2-named trunk keys, if they make a known ResNet."""
-    from transfer.convert import DEPTHS
+    from transfer.resnet_trunk import DEPTHS
 
     blocks, bottleneck = [0, 0, 0, 0], False
     for k in keys:
@@ -200,7 +203,7 @@ def _likely_cause(cfg, file_keys: Sequence[str], weights: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet(*names: str):
+def quiet_loggers(*names: str):
     """Silence these loggers and their children (their warnings on the trial load would
     otherwise reach stderr, or the log of an earlier run in this process)."""
     loggers = [logging.getLogger(n) for n in names]
@@ -216,7 +219,8 @@ def _quiet(*names: str):
 
 def misfit(result) -> list[str]:
     """What keeps a checkpoint from being exactly the model: each tensor of another shape, not
-    in the file, or not in the model (``_IncompatibleKeys`` of a Detectron2 load)."""
+    in the file, or not in the model (``result``: the incompatible keys of a load,
+    :class:`transfer.checkpoint.LoadResult`)."""
     shaped = {k for k, _, _ in result.incorrect_shapes}
     return ([f"{k} (shape {tuple(a)} in the file, {tuple(b)} in the model)"
              for k, a, b in result.incorrect_shapes]
@@ -225,7 +229,8 @@ def misfit(result) -> list[str]:
             + [f"{k} (not in the model)" for k in result.unexpected_keys])
 
 
-def _misfit_error(weights: str, bad: list[str]) -> DetectError:
+def misfit_error(weights: str, bad: list[str]) -> DetectError:
+    """The refusal of a checkpoint to resume from that is not exactly the model."""
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
     return DetectError(f"{weights}: does not fit the model ({', '.join(bad[:3])}{more}): --resume "
                        "continues a run of this config, and this checkpoint is of another model")
@@ -239,6 +244,7 @@ def _check_fit(cfg, weights: str, data: dict, complete: bool, exact: bool = Fals
     from detectron2.modeling import build_model
 
     import transfer.modeling  # noqa: F401  (registers the C4 heads the configs name)
+    from transfer.checkpoint import load_model_state
 
     file_keys = [str(k) for k in data["model"]]
     bad_type = next((k for k, v in data["model"].items() if not _tensor_like(v)), None)
@@ -250,20 +256,20 @@ def _check_fit(cfg, weights: str, data: dict, complete: bool, exact: bool = Fals
         )
     meta = cfg.clone()
     meta.MODEL.DEVICE = "meta"
-    with _quiet("detectron2", "fvcore"), warnings.catch_warnings():
+    with quiet_loggers("detectron2", "fvcore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch: copying into meta tensors is a no-op
         with torch.device("meta"):
             model = build_model(meta)
         checkpoint = {**data, "model": dict(data["model"])}
         try:
-            result = checkpointer_class()(model)._load_model(checkpoint)
+            result = load_model_state(model, checkpoint)
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. arrays of Python objects
             reason = " ".join(str(e).split())[:160]
             raise DetectError(f"{weights}: cannot be loaded into the model ({reason})") from None
     if exact:
         bad = misfit(result)
         if bad:
-            raise _misfit_error(weights, bad)
+            raise misfit_error(weights, bad)
         return
     keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     shapes = {k: (tuple(a), tuple(b)) for k, a, b in result.incorrect_shapes}
@@ -292,41 +298,9 @@ def _check_fit(cfg, weights: str, data: dict, complete: bool, exact: bool = Fals
     raise DetectError(f"{weights}: {what} ({listing}); {cause}")
 
 
-@functools.cache
-def checkpointer_class():
-    """Detectron2's ``DetectionCheckpointer`` reading weights through ``pretrain.utils.safe_load``."""
-    from detectron2.checkpoint import DetectionCheckpointer
+def checkpointer_class() -> type:
+    """:class:`transfer.checkpoint.SafeCheckpointer`, imported when asked for (it imports
+    Detectron2, which the checks above need only when they run)."""
+    from transfer.checkpoint import SafeCheckpointer
 
-    class SafeCheckpointer(DetectionCheckpointer):
-        """Every file through :func:`read_weights` (``.pkl``: the restricted unpickler; pycls
-        ``.pyth`` and other files: ``load_torch``, no placeholders): nothing from a weights file
-        runs. Detectron2's ``?matching_heuristics=True`` URL query is kept. With ``exact``
-        (resuming OUTPUT_DIR's own checkpoint; ``check_resumed`` checked it before the run), a
-        tensor the file lacks, one of another shape or one the model lacks is an error instead
-        of Detectron2's warning. Refusals raise :class:`DetectError`."""
-
-        exact = False
-
-        def _load_file(self, filename):
-            try:
-                data = read_weights(filename)
-            except UnsafeFileError as e:
-                raise DetectError(str(e)) from None
-            parsed = self._parsed_url_during_load
-            if parsed is not None and not filename.endswith((".pkl", ".pyth")):
-                queries = parse_qs(parsed.query)
-                if queries.pop("matching_heuristics", "False") == ["True"]:
-                    data["matching_heuristics"] = True
-                if queries:
-                    raise DetectError(f"{parsed.geturl()}: unsupported URL query {queries}")
-            return data
-
-        def _load_model(self, checkpoint):
-            result = super()._load_model(checkpoint)
-            bad = misfit(result) if self.exact else []
-            if bad:  # the path Detectron2's ``load`` is reading (set for the whole load)
-                raise _misfit_error(self._parsed_url_during_load.geturl(), bad)
-            return result
-
-    SafeCheckpointer.__module__ = __name__
     return SafeCheckpointer

@@ -195,7 +195,7 @@ def detection_metrics(spec: dict, checkpoint: Path | None, folder: Path, seed: i
     ``feataug detect``'s own training and evaluation; the mean over ``spec["trials"]`` seeds
     ``seed``, ``seed + 1``, ... Detectron2's log goes to ``folder/detect*/log.txt``."""
     from transfer.convert import convert
-    from transfer.detect import run_detection
+    from transfer.detect import DetectOptions, run_detection
 
     weights = ""
     if checkpoint is not None:
@@ -206,9 +206,10 @@ def detection_metrics(spec: dict, checkpoint: Path | None, folder: Path, seed: i
             "DATASETS.AUTO_NUM_CLASSES", "True", "MODEL.WEIGHTS", weights,
             "OUTPUT_DIR", str(folder / "detect"), "SEED", str(seed),
             *[str(x) for kv in spec["overrides"].items() for x in kv]]
-    results = run_detection(spec["config"], opts, trials=spec["trials"], quiet=True,
-                            from_scratch=checkpoint is None, resume=True,
-                            register_coco=[(names[0], *spec["train"]), (names[1], *spec["test"])])
+    results = run_detection(DetectOptions(
+        spec["config"], tuple(opts), trials=spec["trials"], quiet=True,
+        from_scratch=checkpoint is None, resume=True,
+        register_coco=((names[0], *spec["train"]), (names[1], *spec["test"]))))
     summary = results["summary"]
     return {"det_ap": summary["bbox/AP"]["mean"], "det_ap50": summary["bbox/AP50"]["mean"]}
 
