@@ -1,15 +1,15 @@
 """Batched photometric augmentation on the accelerator: the second half of a split view.
 
 ``augment(x, params)`` takes the stacked ``SplitView`` outputs — ``uint8`` crops [N, 3, S, S] on
-any device and their float64 parameter vectors [N, len(PARAMS)] (``pretrain.transforms``) — and
+any device and their float64 parameter vectors [N, len(PARAMS)] (``pretrain.split_view``) — and
 runs, per sample, colour jitter in its drawn order, grayscale, Gaussian blur, solarize and the
 flip: the ops and the order of the CPU pipeline. Plain torch; the parameter vectors are read on
 the host (leave them on the CPU), so no step waits on the device.
 
 Each op redoes, in exact integer or IEEE float arithmetic, what the OpenCV 5.0 kernel behind
-``pretrain.transforms`` computes (``make setup`` installs that version; measured on its x86-64
-wheel, whose colour conversions partly run on Intel IPP). Bounds against that kernel for the same
-parameters, checked by ``tests/test_device_aug.py`` and reported by ``bench_device_aug``:
+``pretrain.pixel_ops`` computes (``make setup`` installs that version; its x86-64 wheel runs the
+colour conversions partly on Intel IPP, which sets the hue bound). Bounds against that kernel for
+the same parameters, checked by ``tests/test_device_aug.py``:
 
 =========== ================================================= ============================
 op          formula (x uint8, f the factor, g the luma)        bound
@@ -28,22 +28,18 @@ flip        mirror left-right                                  exact
 
 (rne: round half to even then clip to [0, 255]; fma32: a * b + c rounded once to float32,
 done here in float64, where the product is exact.) Composed, a 1-LSB hue difference can grow
-through later jitter ops and the contrast mean; ``bench_device_aug`` reports the pipeline's max.
+through later jitter ops and the contrast mean: whole views stay within 3 LSB of the CPU
+pipeline's views (the same tests check it).
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain import transforms as T
-from pretrain.transforms import FACTORS, ORDER, P
+from .split_view import FACTORS, ORDER, PARAMS, P
 
 # OpenCV's RGB->HSV tables (hue in 1/256 turns, 12 fractional bits): round(255*2^12 / v) and
 # round(256*2^12 / (6 d)), 0 at 0.
@@ -93,7 +89,7 @@ def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def hue(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``h`` turns as ``transforms.adjust_hue`` does with OpenCV.
+    """Rotate the hue by ``h`` turns as ``pixel_ops.adjust_hue`` does with OpenCV.
 
     RGB2HSV_FULL (OpenCV's integer kernel): v = max, d = v - min, s = (d * SDIV[v] + 2^11) >> 12,
     hue = ((g - b | b - r + 2d | r - g + 4d) * HDIV[d] + 2^11) >> 12 (+256 when negative), in
@@ -190,7 +186,7 @@ def blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return ((out.int() + (1 << 15)) >> 16).clamp_(0, 255).to(torch.uint8)
 
 
-_JITTER: tuple[Callable, ...] = (brightness, contrast, saturation, hue)  # transforms' order indices
+_JITTER: tuple[Callable, ...] = (brightness, contrast, saturation, hue)  # pixel_ops' order indices
 
 
 # ----------------------------------------------------------------------------- batch
@@ -202,8 +198,8 @@ def augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"augment: crops must be uint8 [N, 3, H, W], got {x.dtype} "
                          f"{list(x.shape)}")
-    if params.shape != (x.shape[0], len(T.PARAMS)):
-        raise ValueError(f"augment: params must be [{x.shape[0]}, {len(T.PARAMS)}], "
+    if params.shape != (x.shape[0], len(PARAMS)):
+        raise ValueError(f"augment: params must be [{x.shape[0]}, {len(PARAMS)}], "
                          f"got {list(params.shape)}")
     p = params.detach().to("cpu", torch.float64)  # masks and blur kernels are built here
     pd = p.to(x.device)
@@ -225,103 +221,3 @@ def augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         if len(i):
             out[i] = op(out[i], *(a[i] for a in args))
     return out
-
-
-# ----------------------------------------------------------------------------- bench
-def textures(n: int, h: int = 350, w: int = 400, seed: int = 0) -> list[np.ndarray]:
-    """``n`` synthetic RGB uint8 [h, w, 3] images: smooth colour fields plus pixel noise, so every
-    op meets both flat regions and edges."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        field = torch.from_numpy(rng.uniform(0, 255, (1, 3, 6, 6))).float()
-        field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False)[0]
-        noise = torch.from_numpy(rng.normal(0, 25, (3, h, w))).float()
-        out.append((field + noise).round().clamp(0, 255).byte().permute(1, 2, 0).numpy().copy())
-    return out
-
-
-def _ops(size: int) -> dict[str, tuple[Callable, Callable, tuple[float, float]]]:
-    """name -> (OpenCV function(img, f), device function(x, f), range f is drawn from)."""
-    sigma = (0.1 * size / 224, 2.0 * size / 224)
-    return {
-        "brightness": (T.adjust_brightness, brightness, (0.6, 1.4)),
-        "contrast": (T.adjust_contrast, contrast, (0.6, 1.4)),
-        "saturation": (T.adjust_saturation, saturation, (0.6, 1.4)),
-        "hue": (T.adjust_hue, hue, (-0.1, 0.1)),
-        "gray": (lambda img, f: T.to_grayscale(img), lambda x, f: grayscale(x), (0, 0)),
-        "blur": (T.gaussian_blur, lambda x, s: blur(x, gaussian_kernels(s)), sigma),
-        "solarize": (lambda img, f: T.solarize(img, 128),
-                     lambda x, f: solarize(x, torch.full((len(x),), 128.0)), (0, 0)),
-        "flip": (lambda img, f: cv2.flip(img, 1), lambda x, f: flip(x), (0, 0)),
-    }
-
-
-def _max_lsb(a: torch.Tensor, b: torch.Tensor) -> int:
-    return int((a.int() - b.int()).abs().max())
-
-
-def _best(fn: Callable, repeats: int, sync: Callable = lambda: None) -> float:
-    """The fastest of ``repeats`` wall-clock runs of ``fn()``, in seconds."""
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def bench_device_aug(images: Sequence[np.ndarray] | None = None, size: int = 224,
-                     seeds: int = 4, seed: int = 0, device: str | torch.device = "cpu",
-                     repeats: int = 3) -> dict:
-    """Agreement of the device ops with OpenCV, and the CPU cost of the full vs the split path.
-
-    ``images``: RGB uint8 [H, W, 3] arrays (default: 8 ``textures`` of 350 x 400); each gives
-    ``seeds`` MoCo v2 and BYOL view pairs of ``size`` px. Returns
-    ``aug_device_vs_cpu_max_lsb``: {op: max |device - OpenCV|} for each op alone on the crops
-    (factors drawn from the pipeline's ranges, both ends included), and ``pipeline``: whole
-    views, ``augment`` of the split path vs the full CPU pipeline;
-    ``aug_cpu_ms_per_image_full`` / ``aug_cpu_ms_per_image_split``: ms per image (both views,
-    one thread, fastest of ``repeats``) of the full OpenCV pipeline and of the worker half (crop
-    + parameter draws);
-    ``aug_cpu_ms_per_image_photometric``: ``apply_photometric`` (the rest, on the CPU);
-    ``aug_device_ms_per_image``: ``augment`` on ``device`` per image (both views, batched).
-    """
-    images = list(images) if images is not None else textures(8, seed=seed)
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    pairs = {"moco": T.TwoViews(T.moco_v2_view(size), T.moco_v2_view(size)),
-             "byol": T.byol_views(size)}
-    keys = [(img, seed * 1_000_003 + i * seeds + s) for i, img in enumerate(images)
-            for s in range(seeds)]
-    full, split = [], []
-    t_full = t_split = 0.0
-    for views in pairs.values():
-        splitter = T.SplitTwoViews(views.view1, views.view2)
-        full += [v for img, k in keys for v in views(img, random.Random(k))]
-        split += [splitter(img, random.Random(k)) for img, k in keys]
-        t_full += _best(lambda views=views: [views(i, random.Random(k)) for i, k in keys], repeats)
-        t_split += _best(lambda sp=splitter: [sp(i, random.Random(k)) for i, k in keys], repeats)
-    crops = [c for c1, c2, _, _ in split for c in (c1, c2)]
-    params = [q for _, _, p1, p2 in split for q in (p1, p2)]
-    pairs_cp = list(zip(params, crops, strict=True))
-    t_photo = _best(lambda: [T.apply_photometric(q, c) for q, c in pairs_cp], repeats)
-    x, p = torch.stack(crops).to(device), torch.stack(params)
-    views_dev = augment(x, p)  # also the warm-up
-    t_dev = _best(lambda: augment(x, p), repeats, sync)
-    lsb = {"pipeline": _max_lsb(views_dev.cpu(), torch.stack(full))}
-    rng = random.Random(seed)
-    arrays = [np.ascontiguousarray(c.permute(1, 2, 0).numpy()) for c in crops]
-    for name, (cv_op, dev_op, (lo, hi)) in _ops(size).items():
-        f = [lo, hi] + [rng.uniform(lo, hi) for _ in range(len(arrays) - 2)]
-        ref = torch.stack([T.ToTensor()(cv_op(a, fi)) for a, fi in zip(arrays, f, strict=True)])
-        lsb[name] = _max_lsb(dev_op(x, torch.tensor(f, dtype=torch.float64)).cpu(), ref)
-    n = len(keys) * len(pairs)
-    return {"aug_device_vs_cpu_max_lsb": lsb,
-            "aug_cpu_ms_per_image_full": 1e3 * t_full / n,
-            "aug_cpu_ms_per_image_split": 1e3 * t_split / n,
-            "aug_cpu_ms_per_image_photometric": 1e3 * t_photo / n,
-            "aug_device_ms_per_image": 1e3 * t_dev / n,
-            "aug_device": str(device), "aug_images": len(images), "aug_size": size}

@@ -72,13 +72,12 @@ class SGD(torch.optim.SGD):
       gradient comes late (an FA generator that FA.START holds back, or a checkpoint written
       before it had one) would crash its first step.
     - Gradient and buffer are given the parameter's memory layout first. torch's fused CPU kernel
-      assumes the three share one: a channels-last weight with a contiguous buffer (a run
-      resumed with SOLVER.CHANNELS_LAST switched) stepped wrong by up to 1.2 on N(0, 1) values
-      in three steps (torch 2.14.1, measured).
+      assumes the three share one and steps wrong when they do not, as with a channels-last
+      weight and a contiguous buffer (a run resumed with SOLVER.CHANNELS_LAST switched).
     - The kernels get each parameter, gradient and buffer as contiguous views of their memory
       (:func:`_dense_views`). A channels-last weight [O, I, kh, kw] is a contiguous
       [O, kh, kw, I] block; the fused CPU kernel otherwise copies every such tensor to a
-      contiguous one and back, which for ResNet-18 took longer than the update itself.
+      contiguous one and back at each step, work as large as the update itself.
     """
 
     def __init__(self, params, **kw):
@@ -157,9 +156,9 @@ def base_lr(cfg) -> float:
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """:class:`SGD` or LARS over ``model.param_groups()``, every group at :func:`base_lr`.
 
-    Both update all tensors of a group in a few multi-tensor kernels: SGD ``fused`` when the
-    parameters live on CUDA or the CPU (on a 2-core CPU 2x faster than the per-tensor loop, which
-    is faster there than ``foreach``; the same numbers as the loop), ``foreach`` elsewhere (see
+    Both update all tensors of a group in a few multi-tensor kernels rather than one small kernel
+    per tensor: SGD ``fused`` when the parameters live on CUDA or the CPU (the fewest kernels;
+    the same numbers as the per-tensor loop), ``foreach`` elsewhere (see
     :func:`use_step_kernels`); LARS always with ``torch._foreach_*`` ops.
     """
     groups = unwrap(model).param_groups()

@@ -12,8 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import refused
 
-from feataug import bench, cli
+from feataug import bench
 
 # The keys other tools read (the table in feataug/bench/__init__.py), written out independently
 # of bench.KEYS.
@@ -26,6 +27,11 @@ DESIGN_KEYS = {
     "coco_eval_stats_max_abs_diff",
     "detect_iter_ratio_vs_detectron2",
 }
+
+
+# The device ops' documented bounds against OpenCV in LSB (pretrain/device_aug.py's table, which
+# tests/test_device_aug.py checks op by op): hue 1, every other op exact.
+DEVICE_OP_BOUND = {"hue": 1}
 
 
 def test_median_odd_even():
@@ -222,10 +228,7 @@ def _args(**kw):
 def test_main_rejects_bad_options_in_one_line(tmp_path, capsys, kw, message):
     kw.setdefault("out", str(tmp_path / "b.json"))
     argv = [a for k, v in kw.items() for a in (f"--{k}", v)]
-    assert cli.main(["bench", *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("feataug bench: error: ") and message in err[0]
-    assert list(tmp_path.iterdir()) == []
+    assert message in refused(capsys, ["bench", *argv], keep=[tmp_path])
 
 
 def test_bracketed_cancels_a_linear_drift():
@@ -295,7 +298,7 @@ def test_aug_device_section_on_small_photos(tmp_path):
 
     import cv2
 
-    from pretrain.device_aug import textures
+    from feataug.bench.aug import textures
 
     for i, img in enumerate(textures(2, 60, 70)):
         cv2.imwrite(str(tmp_path / f"{i}.png"), img)
@@ -307,6 +310,20 @@ def test_aug_device_section_on_small_photos(tmp_path):
     assert result["aug_device_vs_cpu_max_lsb"] == max(d["aug_device_vs_cpu_max_lsb"].values()) <= 3
     assert all(d[f"aug_cpu_ms_per_image_{k}"] > 0 for k in ("full", "split", "photometric"))
     assert result["goals"]["aug_device_vs_cpu_max_lsb"]["met"] is True
+
+
+def test_bench_reports_agreement_and_costs():
+    from feataug.bench.aug import bench_device_aug, textures
+
+    r = bench_device_aug(textures(2, 40, 48), size=32, seeds=2, repeats=1)
+    lsb = r["aug_device_vs_cpu_max_lsb"]
+    assert set(lsb) == {"pipeline", "brightness", "contrast", "saturation", "hue", "gray", "blur",
+                        "solarize", "flip"}
+    assert all(v <= DEVICE_OP_BOUND.get(k, 0) for k, v in lsb.items() if k != "pipeline")
+    assert lsb["pipeline"] <= 3
+    for key in ("full", "split", "photometric"):
+        assert r[f"aug_cpu_ms_per_image_{key}"] > 0
+    assert r["aug_device_ms_per_image"] > 0 and r["aug_device"] == "cpu"
 
 
 # ----------------------------------------------------------------------------- GPU run
@@ -327,8 +344,8 @@ def test_peak_table_and_mfu():
 def test_synthesized_jpegs_are_sized_and_reproducible(tmp_path):
     import cv2
 
-    from feataug.bench.gpu import synthesize_jpegs
-    from pretrain.device_aug import textures
+    from feataug.bench.aug import textures
+    from feataug.bench.jpegs import synthesize_jpegs
 
     photos = textures(2, 300, 500, seed=3)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -349,10 +366,8 @@ def test_gpu_run_without_cuda_fails_fast_in_one_line(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert cli.main(["bench", "--gpu", "--out", str(tmp_path / "g.json")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--gpu needs a CUDA GPU" in err[0] and "--dry-run" in err[0]
-    assert list(tmp_path.iterdir()) == []
+    line = refused(capsys, ["bench", "--gpu", "--out", tmp_path / "g.json"], keep=[tmp_path])
+    assert "--gpu needs a CUDA GPU" in line and "--dry-run" in line
 
 
 def test_gpu_dry_run_exercises_every_phase(tmp_path, capsys):
@@ -360,7 +375,7 @@ def test_gpu_dry_run_exercises_every_phase(tmp_path, capsys):
     and the markdown table written; the numbers are timings of toy sizes and are not checked."""
     import cv2
 
-    from pretrain.device_aug import textures
+    from feataug.bench.aug import textures
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -401,7 +416,7 @@ def test_gpu_run_keeps_going_past_a_failed_phase(tmp_path, capsys, monkeypatch):
     photos.mkdir()
     import cv2
 
-    from pretrain.device_aug import textures
+    from feataug.bench.aug import textures
 
     cv2.imwrite(str(photos / "0.png"), textures(1, 120, 160)[0])
     out = tmp_path / "g.json"
@@ -419,7 +434,7 @@ def test_jpegs_go_to_memory_only_where_they_fit(monkeypatch):
     import collections
     import shutil
 
-    from feataug.bench.gpu import memory_tmpdir
+    from feataug.bench.jpegs import memory_tmpdir
 
     if memory_tmpdir() is None:
         pytest.skip("no writable /dev/shm here")

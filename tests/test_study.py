@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import refused
 
 from feataug import study
 from feataug.cli import main as cli_main
@@ -162,9 +163,8 @@ def test_cli_dry_run_and_error_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "11 runs x 3 seeds" in out and "vs moco.base.strength=weak" in out
     bad = write_grid(tmp_path, "blocks: 3\n", "bad.yaml")
-    assert cli_main(["study", "--grid", str(bad)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"feataug study: error: {bad}: `blocks:` must be a non-empty list"]
+    line = refused(capsys, ["study", "--grid", bad], keep=[tmp_path])
+    assert line == f"feataug study: error: {bad}: `blocks:` must be a non-empty list"
 
 
 @pytest.mark.parametrize("in_grid", [False, True])
@@ -180,8 +180,7 @@ def test_a_yaml_tag_is_refused_as_a_tag(in_grid, tmp_path, capsys):
         path = tmp_path / "grid.yaml"
         path.write_text("base: evil.yaml\neval: {train: /nowhere/t, val: /nowhere/v}\n"
                         "blocks: [{name: a, axes: {SEED: [1, 2]}, skip_invalid: false}]\n")
-    assert cli_main(["study", "--grid", str(path), "--dry-run"]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    line = refused(capsys, ["study", "--grid", path, "--dry-run"], keep=[tmp_path])
     assert line.startswith(f"feataug study: error: {path}: ") and "YAML tag refused at line" in line
     assert "skip_invalid" not in line and not marker.exists()
 

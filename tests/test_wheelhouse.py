@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tree_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -118,7 +119,9 @@ def test_pack_refuses_a_source_package_that_is_not_pure_python(tmp_path, stubbed
 
 
 def test_main_reports_one_line(tmp_path, capsys):
+    before = tree_hashes(tmp_path)
     rc = wheelhouse.main(["--have", str(tmp_path / "none.txt"), "--out", str(tmp_path / "wh")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "none.txt: no such file" in err[0]
-    assert not (tmp_path / "wh").exists()
+    assert err[0].startswith("wheelhouse: error: ")
+    assert tree_hashes(tmp_path) == before  # no "wh" folder, nothing else either

@@ -7,9 +7,9 @@ configs); detection configs switch AMP with Detectron2's ``SOLVER.AMP.ENABLED`` 
 ``auto``: on CUDA bfloat16 where the GPU supports it, else float16 (with a GradScaler); on a
 CPU bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX) and oneDNN may use
 those instructions (``ONEDNN_MAX_CPU_ISA``, which emulates an older CPU, not below
-AVX512_CORE_BF16), else full precision, because emulated bfloat16 runs several times slower
-than float32 (a 3x3 convolution measured 20-30x slower on an AMD EPYC without those
-instructions, or with ``ONEDNN_MAX_CPU_ISA=AVX2``).
+AVX512_CORE_BF16), else full precision, because without those instructions (or with
+``ONEDNN_MAX_CPU_ISA=AVX2``) oneDNN emulates bfloat16, and convolutions then run many times
+slower than in float32.
 """
 
 from __future__ import annotations
