@@ -339,7 +339,7 @@ def _trees(out: Path, root: Path, prof: Profile, total: int, verbose: bool, seed
             "DATA.ROOT", str(voc / "unlabeled"), "DATA.FORMAT", "folder", "FA.ENABLED", "False",
             "SOLVER.MAX_ITER", str(prof.trees_pretrain_iters), "SOLVER.EPOCHS", "1000",
             "SOLVER.BATCH_SIZE", "32", "DATALOADER.NUM_WORKERS", "1",
-            "SOLVER.CHECKPOINT_PERIOD", "1000", "SEED", str(seed)], verbose)  # last.pth only (every 5 epochs: ~1 GB)
+            "SOLVER.CHECKPOINT_PERIOD", "0", "SEED", str(seed)], verbose)  # last.pth only (every 5 epochs: ~1 GB)
         weights = {"random init": None, "MoCo v2": convert(ckpt)}
         register = {"register_voc": [("demo_trees_train", voc, "train_tiles"),
                                      ("demo_trees_test", voc, "test_tiles")]}

@@ -3,7 +3,8 @@
 A method is an ``nn.Module`` built as ``cls(cfg)`` with this interface (the engine relies on it):
 
 - ``forward(x1, x2) -> dict[str, Tensor]``: ``"loss"`` (the scalar to backpropagate) and other
-  0-dim entries to log (``loss_ssl``, ``loss_fa`` when FA has its own term, ``acc`` for MoCo).
+  0-dim entries to log (``loss_ssl``, ``loss_fa`` when FA has its own term, ``acc`` for MoCo,
+  ``z_std``: ``pretrain.collapse.normalized_std`` of the view-1 projector output).
 - ``backbone``: the query / online ResNet trunk, torchvision parameter names.
 - ``param_groups() -> list[dict]``: ``{"params": [...]}`` plus optional keys (``fix_lr``).
 - ``before_step(progress)`` / ``after_step(progress)``: called before every forward with

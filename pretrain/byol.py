@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .backbone import build_backbone
 from .build import METHOD_REGISTRY, SSLMethod
+from .collapse import normalized_std
 from .fa import PredictorFA, SiameseInputs, SiameseView, build_fa, fa_dim
 from .heads import byol_mlp
 from .losses import regression_loss
@@ -95,7 +96,7 @@ class BYOL(SSLMethod):
 
         with float32(x1):
             loss_ssl = regression_loss(p1, zt2) + regression_loss(p2, zt1)
-            out = {"loss_ssl": loss_ssl, "loss": loss_ssl}
+            out = {"loss_ssl": loss_ssl, "loss": loss_ssl, "z_std": normalized_std(z1)}
             if self.fa_active():
                 out["loss_fa"] = sum(regression_loss(p, t, w) for p, t, w in pairs)
                 out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])

@@ -56,7 +56,8 @@ _C.FA = CN()
 _C.FA.ENABLED = False
 _C.FA.OP = "noise"  # identity | noise | dropout | extrapolate | interpolate | hardmix | generator
 _C.FA.POSITION = "projector"  # backbone | projector
-_C.FA.ARCH = "basic"  # basic | pre_predictor | post_predictor | separate_predictor
+_C.FA.ARCH = "basic"  # basic | pre_predictor | post_predictor | separate_predictor |
+#   parallel_predictor (FA on the target: the other view's projection, MoCo's key)
 _C.FA.STOP_GRAD = "none"  # none | input | all
 _C.FA.ROLE = "positive"  # MoCo: positive | negative | both
 _C.FA.NUM = 1  # augmented copies per sample
@@ -133,7 +134,9 @@ _C.SOLVER.CHANNELS_LAST = False
 # torch.compile the encoders (trunks, projectors, predictors; FA and the loss stay eager). The
 # first steps take longer while it compiles; parameter names and checkpoints are unchanged.
 _C.SOLVER.COMPILE = False
-_C.SOLVER.CHECKPOINT_PERIOD = 10  # epochs between numbered checkpoints (last.pth: every epoch)
+# Epochs between numbered copies checkpoint_EPOCH.pth of last.pth (last.pth itself is refreshed
+# every epoch); 0: none, last.pth alone (what `feataug study` jobs use unless the grid sets it).
+_C.SOLVER.CHECKPOINT_PERIOD = 10
 _C.SOLVER.CHECKPOINT_ITERS = 0  # >0: also refresh last.pth every N iterations
 
 # ----------------------------------------------------------------------------- monitoring

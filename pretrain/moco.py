@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .backbone import build_backbone
 from .build import METHOD_REGISTRY, SSLMethod
+from .collapse import normalized_std
 from .errors import ConfigError
 from .fa import ContrastiveFA, ContrastiveInputs, build_fa, fa_dim
 from .heads import moco_projector
@@ -118,7 +119,8 @@ class MoCo(SSLMethod):
             queue = self.queue.clone().detach()  # [K, C]; the enqueue below must not touch it
             loss_ssl, logits = info_nce(q, k, queue, self.T)
             out = {"loss_ssl": loss_ssl, "loss": loss_ssl,
-                   "acc": (logits.argmax(1) == 0).float().mean().detach() * 100}
+                   "acc": (logits.argmax(1) == 0).float().mean().detach() * 100,
+                   "z_std": normalized_std(q)}
             if self.fa_active():  # every FA decision is in pretrain/fa/
                 out["loss_fa"] = self.fa(ContrastiveInputs(q, k, queue, self.T, logits, h.float(),
                                                            h_k.float(), self.projector))

@@ -18,6 +18,7 @@ import torch
 
 from .backbone import build_backbone
 from .build import METHOD_REGISTRY, SSLMethod
+from .collapse import normalized_std
 from .fa import PredictorFA, SiameseInputs, SiameseView, build_fa, fa_dim
 from .heads import simsiam_predictor, simsiam_projector
 from .losses import negative_cosine
@@ -65,7 +66,7 @@ class SimSiam(SSLMethod):
 
         with float32(x1):
             loss_ssl = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
-            out = {"loss_ssl": loss_ssl, "loss": loss_ssl}
+            out = {"loss_ssl": loss_ssl, "loss": loss_ssl, "z_std": normalized_std(z1)}
             if self.fa_active():
                 out["loss_fa"] = 0.5 * sum(negative_cosine(p, t, w) for p, t, w in pairs)
                 out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])

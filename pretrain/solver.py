@@ -142,6 +142,9 @@ def check_solver(cfg, world_size: int) -> int:
                           f"{world_size} processes")
     if s.EPOCHS <= 0 and s.MAX_ITER <= 0:
         raise ConfigError("set SOLVER.EPOCHS or SOLVER.MAX_ITER to a positive number")
+    if s.CHECKPOINT_PERIOD < 0:
+        raise ConfigError(f"SOLVER.CHECKPOINT_PERIOD {s.CHECKPOINT_PERIOD} must be >= 0 (epochs "
+                          "between numbered checkpoints; 0: last.pth only)")
     if cfg.MODEL.METHOD == "moco" and cfg.MODEL.MOCO.K < s.BATCH_SIZE:
         raise ConfigError(f"MODEL.MOCO.K {cfg.MODEL.MOCO.K} is smaller than the global batch "
                           f"SOLVER.BATCH_SIZE {s.BATCH_SIZE}: the queue must hold one batch of keys")

@@ -149,8 +149,7 @@ def test_no_function_is_over_80_lines():
 
 # ----------------------------------------------------------------------------- FA operators
 def _fa_sources() -> list[Path]:
-    single = ROOT / "pretrain" / "fa.py"
-    return ([single] if single.is_file() else []) + _modules("pretrain/fa")
+    return _modules("pretrain/fa")
 
 
 def _identifier(node: ast.AST) -> str | None:

@@ -257,7 +257,7 @@ def test_bracketed_cancels_a_linear_drift():
 
 # ----------------------------------------------------------------------------- FA contenders
 def test_fa_contenders_are_every_operator_and_the_ft_recipe():
-    """Every FA.OP of pretrain/fa.py, at the projector (hardmix with the negative role it needs),
+    """Every FA.OP of pretrain/fa/, at the projector (hardmix with the negative role it needs),
     plus the published Feature Transformation recipe; every contender's config is valid."""
     from feataug.bench.harness import FA_CONTENDERS
     from feataug.bench.pretrain_step import _pretrain_cfg

@@ -97,6 +97,15 @@ def test_tiny_run_writes_checkpoint_schema_and_metrics(tmp_path, method):
         assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
+def test_checkpoint_period_0_keeps_last_pth_alone(tmp_path):
+    """SOLVER.CHECKPOINT_PERIOD 0: two completed epochs, no numbered copy (it once acted as 1)."""
+    data, out = _images(tmp_path / "d", 8), tmp_path / "o"  # batch 4: 2 iterations per epoch
+    assert _pretrain(data, out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "0") == 0
+    assert sorted(p.name for p in out.glob("*.pth")) == ["last.pth"]
+    ckpt = load_checkpoint(out / "last.pth")
+    assert (ckpt["iter"], ckpt["epoch"]) == (4, 2)
+
+
 # ----------------------------------------------------------------------------- kill and resume
 KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -280,7 +289,8 @@ def test_the_host_reads_the_device_only_at_log_lines_and_checkpoints(tmp_path, m
     assert all(math.isfinite(r["loss"]) and r["time"] >= r["data_time"] >= 0 for r in rows)
 
 
-@pytest.mark.parametrize("case", ["empty", "key", "file", "batch", "method", "aug", "aug_cuda"])
+@pytest.mark.parametrize("case", ["empty", "key", "file", "batch", "method", "aug", "aug_cuda",
+                                  "period"])
 def test_user_errors_are_one_line(tmp_path, capsys, case):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -290,7 +300,8 @@ def test_user_errors_are_one_line(tmp_path, capsys, case):
             "batch": ["DATA.ROOT", str(_images(tmp_path / "d", 3))],
             "method": ["DATA.ROOT", str(empty), "MODEL.METHOD", "simclr"],
             "aug": ["DATA.ROOT", str(empty), "DATA.AUG_DEVICE", "gpu"],
-            "aug_cuda": ["DATA.ROOT", str(empty), "DATA.AUG_DEVICE", "cuda"]}[case]
+            "aug_cuda": ["DATA.ROOT", str(empty), "DATA.AUG_DEVICE", "cuda"],
+            "period": ["DATA.ROOT", str(empty), "SOLVER.CHECKPOINT_PERIOD", "-1"]}[case]
     if case != "file":
         args = ["--config-file", TINY, "OUTPUT_DIR", str(tmp_path / "o"), *SMALL, *args]
     assert cli.main(["pretrain", *args]) == 2
@@ -300,7 +311,8 @@ def test_user_errors_are_one_line(tmp_path, capsys, case):
             "file": "nope.yaml: no such config file", "batch": "fewer than one batch",
             "method": "MODEL.METHOD 'simclr'",
             "aug": "DATA.AUG_DEVICE 'gpu' is not one of: auto, cpu, cuda, cpu_split",
-            "aug_cuda": "DATA.AUG_DEVICE cuda needs a CUDA training device"}[case] in err[0]
+            "aug_cuda": "DATA.AUG_DEVICE cuda needs a CUDA training device",
+            "period": "SOLVER.CHECKPOINT_PERIOD -1 must be >= 0"}[case] in err[0]
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 

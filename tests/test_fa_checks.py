@@ -24,3 +24,12 @@ def test_fa_config_refusals_name_the_key():
     with pytest.raises(ConfigError, match="FA.QUEUE_MIX"):
         check_cfg(fa_cfg("simsiam", arch="pre_predictor", queue_mix=True))
 
+
+
+def test_a_method_without_an_fa_branch_is_refused_when_fa_is_on():
+    from pretrain.errors import ConfigError
+    from pretrain.fa import check_fa_cfg
+
+    check_fa_cfg(fa_cfg("moco", enabled=False), None)  # FA off: nothing to wire
+    with pytest.raises(ConfigError, match="MODEL.METHOD moco has no FA branch"):
+        check_fa_cfg(fa_cfg("moco", op="noise"), None)

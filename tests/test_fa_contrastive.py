@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from fa_helpers import (
     fa_cfg,
+    fa_term_grads,
     moco_by_hand,
     role_terms_by_hand,
 )
@@ -121,3 +122,21 @@ def test_hardmix_reusing_the_plain_logits_is_the_same_infonce():
     torch.testing.assert_close(q_new.grad, q_ref.grad, atol=1e-12, rtol=0)
     assert ref > info_nce(q0, k, queue, 0.2)[0]  # the mixes are real extra negatives
 
+
+
+def test_parallel_predictor_is_infonce_of_the_plain_query_against_the_augmented_key(monkeypatch):
+    """MoCo's parallel_predictor: InfoNCE(q, λ k + (1 − λ) q, queue), λ fixed by hand."""
+    monkeypatch.setattr(fa.base, "beta", lambda alpha, n, like: torch.full((n, 1), 0.25))
+    model = build(fa_cfg("moco", op="extrapolate", arch="parallel_predictor",
+                         loss_mode="replace"))
+    x1, x2 = views()
+    q, k, queue = moco_by_hand(model, x1, x2)
+    out = model(x1, x2)
+    lam = 1.25
+    k_hat = lam * k + (1 - lam) * q
+    logits = torch.cat([(q * k_hat).sum(1, keepdim=True), q @ queue.t()], dim=1) / model.T
+    expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out["loss_fa"], expected)
+    gen = build(fa_cfg("moco", op="generator", arch="parallel_predictor"))
+    reached = fa_term_grads(gen, gen(x1, x2)["loss_fa"])
+    assert reached["fa"] and reached["backbone"]  # the generator learns through the key

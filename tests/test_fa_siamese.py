@@ -64,3 +64,54 @@ def test_siamese_two_sided_extrapolation_extrapolates_the_target(monkeypatch):
                    for z, t in ((z1, t2), (z2, t1)))
     torch.testing.assert_close(out["loss_fa"], expected)
 
+
+
+@pytest.mark.parametrize("method", ["simsiam", "byol"])
+def test_parallel_predictor_scores_the_plain_prediction_against_the_augmented_target(
+        method, monkeypatch):
+    """L_fa = Σ_v ℓ(p_v, λ t_v + (1 − λ) p_v) with t_v the other view's target and the
+    operator's positive the prediction (two-sided extrapolation, λ fixed by hand)."""
+    monkeypatch.setattr(fa.base, "beta", lambda alpha, n, like: torch.full((n, 1), 0.5))
+    model = build(fa_cfg(method, op="extrapolate", arch="parallel_predictor",
+                         loss_mode="replace"))
+    x1, x2 = views()
+    out = model(x1, x2)
+    with torch.no_grad():
+        z1, z2 = (model.projector(model.backbone(x)) for x in (x1, x2))
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        if method == "byol":
+            t1, t2 = (model.projector_t(model.backbone_t(x)) for x in (x1, x2))
+        else:
+            t1, t2 = z1, z2
+    lam = 1.5
+
+    def cos(p, t):
+        return F.cosine_similarity(p, lam * t + (1 - lam) * p).mean()
+
+    if method == "byol":  # ℓ = 2 − 2 cos, summed over the two views
+        expected = (2 - 2 * cos(p1, t2)) + (2 - 2 * cos(p2, t1))
+    else:  # D = −cos, averaged over the two views
+        expected = -0.5 * (cos(p1, t2) + cos(p2, t1))
+    torch.testing.assert_close(out["loss_fa"], expected)
+
+
+def test_parallel_predictor_with_identity_is_the_plain_loss_and_reaches_only_the_online_side():
+    model = build(fa_cfg("simsiam", op="identity", arch="parallel_predictor", num=2))
+    out = model(*views())
+    torch.testing.assert_close(out["loss_fa"], out["loss_ssl"])  # FA(t) = t, NUM copies
+    reached = fa_term_grads(model, out["loss_fa"])
+    assert reached["backbone"] and reached["predictor"] and not reached["fa"]
+
+
+def test_parallel_predictor_refusals_are_one_line():
+    from pretrain.build import check_cfg
+    from pretrain.errors import ConfigError
+
+    for method, fa_keys, match in (
+        ("simsiam", dict(op="noise", position="backbone"), "FA.POSITION projector"),
+        ("byol", dict(op="generator"), "FA.OP generator learns from the FA term"),
+        ("moco", dict(op="noise", role="negative"), "FA.ROLE 'negative' has no augmented query"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            check_cfg(fa_cfg(method, arch="parallel_predictor", **fa_keys))
+    check_cfg(fa_cfg("moco", op="generator", arch="parallel_predictor"))  # InfoNCE trains it

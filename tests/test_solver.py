@@ -1,8 +1,8 @@
 """``pretrain.solver``: the solver keys' checks, the lr arithmetic and what the SGD kernels get.
 
 Truths: the rules written out by hand (linear scaling, warm-up then cosine / step / constant),
-the tensors' own strides and storage, and torch's optimizer state after a round trip. The
-optimizers' update arithmetic against a per-tensor loop is in tests/test_engine.py.
+the tensors' own strides and storage, torch's optimizer state after a round trip, and the
+optimizers' update arithmetic against a per-tensor reference loop and torch's own SGD.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def _cfg(*opts):
     (["SOLVER.BATCH_SIZE", 0], "SOLVER.BATCH_SIZE 0 must be a positive multiple"),
     (["SOLVER.EPOCHS", 0, "SOLVER.MAX_ITER", 0], "set SOLVER.EPOCHS or SOLVER.MAX_ITER"),
     (["MODEL.MOCO.K", 128], "MODEL.MOCO.K 128 is smaller than the global batch"),
+    (["SOLVER.CHECKPOINT_PERIOD", -1], "SOLVER.CHECKPOINT_PERIOD -1 must be >= 0"),
 ])
 def test_check_solver_refuses_each_bad_key(opts, message):
     with pytest.raises(ConfigError) as e:
@@ -57,6 +58,7 @@ def test_check_solver_refuses_each_bad_key(opts, message):
 def test_check_solver_gives_the_per_process_batch():
     assert check_solver(_cfg(), world_size=4) == 64  # 256 over 4 processes
     assert check_solver(_cfg("SOLVER.EPOCHS", 0, "SOLVER.MAX_ITER", 5), world_size=1) == 256
+    assert check_solver(_cfg("SOLVER.CHECKPOINT_PERIOD", 0), world_size=1) == 256  # last.pth only
     # the queue bound is MoCo's alone: SimSiam has no queue
     assert check_solver(_cfg("MODEL.METHOD", "simsiam", "MODEL.MOCO.K", 128), world_size=2) == 128
 

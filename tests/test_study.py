@@ -17,6 +17,7 @@ from conftest import refused
 from feataug import study
 from feataug.cli import main as cli_main
 from feataug.study import Grid, Job, Run, StudyError
+from feataug.study import disk as study_disk
 from pretrain.evaluation import linear_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,15 +401,20 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
-def test_one_real_tiny_job(tmp_path):
-    """Pretrain two iterations on a tiny IDX set, then evaluate the trunk of last.pth."""
+def _idx_data(data: Path, n: int = 40) -> Path:
+    """``n`` 28x28 images of 4 classes (the class sets the brightness) as an IDX pair."""
     rng = np.random.default_rng(0)
-    labels = np.arange(40) % 4
-    images = (rng.integers(0, 60, (40, 28, 28)) + 50 * labels[:, None, None]).astype(np.uint8)
-    data = tmp_path / "data"
+    labels = np.arange(n) % 4
+    images = (rng.integers(0, 60, (n, 28, 28)) + 50 * labels[:, None, None]).astype(np.uint8)
     data.mkdir()
     _write_idx(data / "train-images-idx3-ubyte.gz", images)
     _write_idx(data / "train-labels-idx1-ubyte.gz", labels)
+    return data
+
+
+def test_one_real_tiny_job(tmp_path):
+    """Pretrain two iterations on a tiny IDX set, then evaluate the trunk of last.pth."""
+    data = _idx_data(tmp_path / "data")
     body = """
 random_init: true
 overrides:
@@ -443,6 +449,127 @@ blocks:
         for m in ("knn_top1", "linear_top1"):
             v = r["metrics"][m]
             assert 0.0 <= v <= 100.0 and (v * 8) == pytest.approx(round(v * 8))  # k / 8 val images
+
+
+# ----------------------------------------------------------------------------- checkpoints, disk
+def test_jobs_keep_last_pth_alone_unless_the_grid_asks_and_dry_run_sizes_it(tmp_path, capsys):
+    """Two real jobs of 2 epochs: the base config asks for a numbered copy every 2nd epoch,
+    which a study job drops (last.pth alone); a grid override SOLVER.CHECKPOINT_PERIOD 1 keeps
+    one per epoch. The --dry-run estimate equals each job's files on disk."""
+    data = _idx_data(tmp_path / "data", 16)  # batch 8: 2 iterations per epoch
+    base = tmp_path / "base.yaml"
+    base.write_text(f"_BASE_: {TINY}\nSOLVER: {{CHECKPOINT_PERIOD: 2}}\n")
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(f"""
+base: {base}
+random_init: true
+overrides: {{DATA.ROOT: {data}, DATA.FORMAT: idx, DATA.IMAGE_SIZE: 32, SOLVER.BATCH_SIZE: 8,
+             SOLVER.EPOCHS: 0, SOLVER.MAX_ITER: 4, MODEL.MOCO.K: 16, MODEL.PROJ_HIDDEN_DIM: 32,
+             MODEL.PROJ_DIM: 16, DATALOADER.NUM_WORKERS: 0, TENSORBOARD: false}}
+eval: {{train: {data}/train-images-idx3-ubyte.gz, val: {data}/train-images-idx3-ubyte.gz,
+        format: idx, knn_k: 5, linear: false}}
+blocks:
+  - name: moco
+    variants:
+      plain: {{FA.ENABLED: false}}
+      numbered: {{FA.ENABLED: false, SOLVER.CHECKPOINT_PERIOD: 1}}
+""")
+    out = tmp_path / "out"
+    assert cli_main(["study", "--grid", str(grid_file), "--seeds", "1", "--out", str(out),
+                     "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()  # a dry run writes nothing
+    grid = study.load_grid(grid_file)
+    records = study.run_study(grid, out, [0], echo=lambda s: None, plots=False)
+    assert [r["status"] for r in records] == ["ok"] * 3, records
+
+    def files(run: str) -> list[Path]:
+        return sorted((out / "runs" / run / "seed0").glob("*.pth"))
+
+    assert [p.name for p in files("moco.plain")] == ["last.pth"]
+    assert [p.name for p in files("moco.numbered")] == [
+        "checkpoint_0001.pth", "checkpoint_0002.pth", "last.pth"]
+    assert files("random-init") == []
+    rows = {r.run: r for r in study_disk.estimate(grid, out, [0])}
+    for run in ("moco.plain", "moco.numbered"):
+        real = (out / "runs" / run / "seed0" / "last.pth").stat().st_size
+        assert abs(rows[run].checkpoint - real) <= 0.001 * real, (rows[run].checkpoint, real)
+        assert rows[run].files == len(files(run))
+        assert rows[run].total == pytest.approx(sum(p.stat().st_size for p in files(run)),
+                                                rel=1e-3)
+    assert (rows["random-init"].total, rows["moco.numbered"].files) == (0, 3)
+    # the dry run printed those numbers, and their total
+    disk = printed[printed.index("disk (estimated)"):].splitlines()
+    size = study_disk.human(rows["moco.plain"].checkpoint)
+    assert [line.split()[0] for line in disk[1:4]] == ["random-init", "moco.plain",
+                                                       "moco.numbered"]
+    assert disk[1].endswith(" no checkpoint") and disk[2].endswith(f"{size} x 1 x 1 = {size}")
+    assert disk[3].endswith(f"{size} x 3 x 1 = {study_disk.human(rows['moco.numbered'].total)}")
+    total = study_disk.human(sum(r.total for r in rows.values()))
+    assert disk[4].startswith(f"  total {total} (+ up to {size} of temporaries")
+
+
+def test_dry_run_warns_when_the_disk_is_too_small(tmp_path, capsys, monkeypatch):
+    """Only a warning (exit 0): the estimate may be off, and disk may be freed meanwhile."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(study_disk.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 10**6))
+    path = write_grid(tmp_path, SMALL)
+    assert cli_main(["study", "--grid", str(path), "--seeds", "2", "--dry-run", "--out",
+                     str(tmp_path / "a" / "b")]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the study needs about ")
+    assert err[0].endswith(f"more than the 1.0 MB free on the file system of {tmp_path}")
+    assert "free: 1.0 MB on the file system of" in captured.out
+
+
+def test_checkpoint_size_is_the_same_from_a_real_build():
+    """Where a model cannot be built on the meta device, the estimate builds it for real."""
+    from pretrain.config import load_cfg
+
+    cfg = load_cfg(TINY, ["DEVICE", "cpu"])
+    on_meta = study_disk._measure(cfg)
+    real = study_disk._measure(cfg, meta=False)
+    assert on_meta == real > 10**7  # MoCo ResNet-18: two trunks and momentum buffers
+
+
+def test_study_default_keeps_the_digests_of_finished_jobs(tmp_path):
+    """A job trains with SOLVER.CHECKPOINT_PERIOD 0, yet its digest is the one it had when it
+    trained with the base config's 5 (before the study default): folders of studies finished
+    then stay finished. The digest formula below is the one those records were written with."""
+    import hashlib
+
+    from feataug.study.grid import _digest_cfg
+    from feataug.study.jobs import STUDY_DEFAULTS
+    from pretrain.config import RESUME_FREE_KEYS, load_cfg
+
+    # a default the study adds must be a key a run may change on resume (never what is trained)
+    assert all(key.startswith(RESUME_FREE_KEYS) for key, _ in STUDY_DEFAULTS)
+    grid = study.load_grid(write_grid(tmp_path, SMALL))
+    pinned = study.load_grid(write_grid(tmp_path, "overrides: {SOLVER.CHECKPOINT_PERIOD: 5}\n"
+                                        + SMALL, "pinned.yaml"))
+    out = tmp_path / "out"
+    for job, same in zip(study.make_jobs(grid, out, [0, 1]), study.make_jobs(pinned, out, [0, 1]),
+                         strict=True):
+        assert (job.cfg().SOLVER.CHECKPOINT_PERIOD, same.cfg().SOLVER.CHECKPOINT_PERIOD) == (0, 5)
+        assert job.digest() == same.digest()
+        before = load_cfg(job.run.config_file,
+                          job.run.opts() + ["OUTPUT_DIR", job.output_dir, "SEED", job.seed])
+        spec = dict(config=_digest_cfg(before), random_init=job.run.random_init, seed=job.seed,
+                    eval=job.eval)
+        old = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        assert job.digest() == old
+        folder = Path(job.output_dir)
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(
+            dict(run=job.run.name, seed=job.seed, digest=old, status="ok",
+                 metrics=fake_metrics(job.run.name, job.seed), wall_s=1.0)))
+    CALLS.clear()
+    records = study.run_study(grid, out, [0, 1], runner=fake_runner, echo=lambda s: None,
+                              plots=False)
+    assert CALLS == [] and len(records) == 2 * len(grid.runs)
 
 
 def test_parallel_jobs_write_the_same_records(tmp_path):

@@ -74,7 +74,11 @@ class CPUAutocastTrainer(SimpleTrainer):
         self.optimizer.zero_grad()
         losses.backward()
         self.after_backward()
-        self.write_metrics(loss_dict, data_time, self.iter)
+        try:  # as SimpleTrainer: a failure to record metrics is logged with its traceback
+            self.write_metrics(loss_dict, data_time, self.iter)
+        except Exception:
+            logger.exception("Exception in writing metrics: ")
+            raise
         self.optimizer.step()
 
 
@@ -164,6 +168,7 @@ class Trainer(DefaultTrainer):
         """
         TrainerBase.train(self, self.start_iter, self.max_iter)
         if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert self.eval_results, "No evaluation results obtained during training!"
             verify_results(self.cfg, self.eval_results)
         return self.eval_results
 

@@ -34,7 +34,7 @@ KEYS = tuple(GOALS)
 FA_OPS = ("identity", "noise", "dropout", "extrapolate", "interpolate", "generator", "hardmix")
 # FA contenders of the pretraining section: FA.* overrides (every operator at its defaults, at the
 # projector; hardmix makes negatives, so FA.ROLE negative), and the published Feature
-# Transformation recipe (pretrain/fa.py's docstring: extrapolated positives, mixed queue, its
+# Transformation recipe (pretrain/fa/__init__.py's docstring: extrapolated positives, mixed queue, its
 # loss replacing the plain one).
 FA_CONTENDERS: dict[str, tuple] = {
     **{op: ("FA.OP", op, "FA.ROLE", "negative" if op == "hardmix" else "positive")

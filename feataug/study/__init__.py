@@ -34,7 +34,9 @@ the block name, the variant name and ``key=value`` for each axis value it really
 The *matching baseline* of a run is the run with FA disabled whose resolved config is the same
 once the whole ``FA`` node is set aside (same method, backbone, DA, solver, ...).
 
-Every (run, seed k) trains in ``OUT/runs/<name>/seed<k>`` with ``SEED k``. ``job.json`` is written
+Every (run, seed k) trains in ``OUT/runs/<name>/seed<k>`` with ``SEED k`` and, unless the grid's
+overrides set it, ``SOLVER.CHECKPOINT_PERIOD 0``: ``last.pth`` alone, no numbered copies
+(``--dry-run`` prints the disk the study will use, ``disk``). ``job.json`` is written
 when a job starts and ``result.json`` (atomically) when its evaluation is done; a rerun skips jobs
 with a result and resumes the others from their ``last.pth``; a folder that holds a different
 config is refused. After every job ``OUT/results.csv`` (one row per run x seed) and

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pretrain.errors import FeatAugError
 
+from .disk import estimate, format_disk
 from .grid import Grid, StudyError, _fmt, load_grid
 from .jobs import run_study
 
@@ -24,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="jobs run side by side in worker processes, each with "
                         "cores/J threads (default: the grid's `jobs`, else 1)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the runs, their baselines and the study axes; run nothing")
+                        help="print the runs, their baselines, the study axes and the "
+                        "estimated disk use; run nothing")
     parser.add_argument("--no-plots", action="store_true", help="skip the bar charts")
 
 
@@ -52,8 +54,14 @@ def main(args: argparse.Namespace) -> int:
             raise StudyError(f"--jobs must be >= 1, got {args.jobs}")
         grid = load_grid(args.grid)
         seeds = list(range(args.seeds or grid.seeds))
+        out = Path(args.out or Path("output") / "study" / Path(args.grid).stem)
+        jobs = args.jobs or grid.jobs
         print(format_plan(grid, seeds))
         if args.dry_run:
+            text, warning = format_disk(estimate(grid, out, seeds), out, jobs)
+            print(text)
+            if warning:
+                print(warning, file=sys.stderr)
             return 0
         if grid.prepare:
             from feataug.data import PREPARERS, default_root
@@ -63,8 +71,10 @@ def main(args: argparse.Namespace) -> int:
                     PREPARERS[name](default_root())
                 except FeatAugError as e:
                     raise StudyError(f"{args.grid}: prepare {name}: {e}") from None
-        out = Path(args.out or Path("output") / "study" / Path(args.grid).stem)
-        records = run_study(grid, out, seeds, jobs=args.jobs or grid.jobs, plots=not args.no_plots)
+        _, warning = format_disk(estimate(grid, out, seeds, pending_only=True), out, jobs)
+        if warning:  # a warning only: the estimate may be off, the disk may be freed meanwhile
+            print(warning, file=sys.stderr)
+        records = run_study(grid, out, seeds, jobs=jobs, plots=not args.no_plots)
     except StudyError:
         raise
     except FeatAugError as e:  # refused by the pretraining code while expanding the grid

@@ -131,11 +131,14 @@ def _resolve(config_file: str, overrides: dict, where: str):
 
 
 def _check_model(cfg) -> None:
-    """ConfigError for a combination the pretraining code refuses (checked before any run)."""
+    """ConfigError for a combination the pretraining code refuses (checked before any run;
+    the solver as a study job runs it, in one process)."""
     from pretrain.build import check_cfg
+    from pretrain.solver import check_solver
     from pretrain.transforms import build_pretrain_transform
 
     check_cfg(cfg)
+    check_solver(cfg, world_size=1)
     try:
         build_pretrain_transform(cfg)
     except ValueError as e:
@@ -143,7 +146,11 @@ def _check_model(cfg) -> None:
 
 
 def _digest_cfg(cfg, drop_fa: bool = False) -> str:
-    """Canonical text of a config without OUTPUT_DIR and SEED (optionally without FA)."""
+    """Canonical text of a config without OUTPUT_DIR and SEED (optionally without FA).
+
+    A job's digest is taken of the config as the grid resolves it, before the study's own
+    defaults (``jobs.STUDY_DEFAULTS``) are added: those may change without touching the digests
+    of the job folders a study has already finished."""
     c = {k: v for k, v in cfg.items() if k not in ("OUTPUT_DIR", "SEED")}
     if drop_fa:
         del c["FA"]

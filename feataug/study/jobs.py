@@ -19,11 +19,16 @@ from typing import Any
 from pretrain.utils.io import atomic_write_text
 from pretrain.utils.lock import run_lock
 
-from .grid import Grid, Run, StudyError, _digest_cfg
+from .grid import Grid, Run, StudyError, _digest_cfg, _resolve
 from .report import METRICS, write_reports
 
 RESULT = "result.json"
 JOB = "job.json"
+# What a study job sets where the grid's overrides leave the key alone (the base config's value
+# is replaced): numbered checkpoints are off, so a job keeps its last.pth alone (64 epochs with
+# a copy every 5 took 1.7 GB per job). Resume-free keys only (``pretrain.config``): they are
+# kept out of the job digest, so a finished job stays finished whatever their value.
+STUDY_DEFAULTS = (("SOLVER.CHECKPOINT_PERIOD", 0),)
 
 
 @dataclass(frozen=True)
@@ -40,14 +45,26 @@ class Job:
         return f"{self.run.name} seed{self.seed}"
 
     def cfg(self):
-        """The frozen pretraining config of this job."""
-        from pretrain.config import load_cfg
+        """The frozen pretraining config this job trains: the grid's (``grid_cfg``) with
+        ``STUDY_DEFAULTS`` for the keys the grid's overrides do not set."""
+        return self._resolve(dict(STUDY_DEFAULTS))
 
-        return load_cfg(self.run.config_file,
-                        self.run.opts() + ["OUTPUT_DIR", self.output_dir, "SEED", self.seed])
+    def grid_cfg(self):
+        """The frozen config as the grid alone resolves it (base config <- overrides), the one
+        the job digest is taken of."""
+        return self._resolve({})
+
+    def _resolve(self, defaults: dict):
+        """base config <- ``defaults`` <- the run's overrides <- OUTPUT_DIR, SEED (the base file
+        is read once per process: ``grid._resolve``)."""
+        over = {**defaults, **dict(self.run.overrides), "OUTPUT_DIR": self.output_dir,
+                "SEED": self.seed}
+        return _resolve(self.run.config_file, over, self.label)
 
     def digest(self) -> str:
-        spec = dict(config=_digest_cfg(self.cfg()), random_init=self.run.random_init,
+        """What a job folder's records must match: the grid's config (not ``STUDY_DEFAULTS``,
+        so the folders of studies run before a default changed stay valid), seed, evaluation."""
+        spec = dict(config=_digest_cfg(self.grid_cfg()), random_init=self.run.random_init,
                     seed=self.seed, eval=self.eval)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -178,15 +195,17 @@ def _run_all(todo: list[Job], runner, jobs: int, digests: dict) -> Iterable[dict
             yield f.result()
 
 
-def _last_loss(metrics_path: Path) -> float | None:
-    loss = None
+def _last_logged(metrics_path: Path, keys: Sequence[str]) -> dict[str, float | None]:
+    """The last value of each of ``keys`` in a run's metrics.jsonl (None where never logged)."""
+    last: dict[str, float | None] = dict.fromkeys(keys)
     if metrics_path.is_file():
         for line in metrics_path.read_text().splitlines():
             try:
-                loss = json.loads(line).get("loss", loss)
+                record = json.loads(line)
             except ValueError:
                 continue
-    return loss
+            last.update({k: record[k] for k in keys if isinstance(record, dict) and k in record})
+    return last
 
 
 def detection_metrics(spec: dict, checkpoint: Path | None, folder: Path, seed: int) -> dict:
@@ -239,7 +258,7 @@ def pretrain_and_evaluate(job: Job) -> dict:
         last = Path(cfg.OUTPUT_DIR) / "last.pth"
         backbone = load_backbone(load_checkpoint(last), str(last))
         info = dict(iterations=summary["iter"],
-                    loss=_last_loss(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"))
+                    **_last_logged(Path(cfg.OUTPUT_DIR) / "metrics.jsonl", ("loss", "z_std")))
     t1 = time.perf_counter()
     result = evaluate_backbone(backbone, job.eval, cfg.DATA.IMAGE_SIZE, device)
     if job.eval.get("detection"):

@@ -17,7 +17,7 @@ from .grid import Grid, _safe
 # metric key -> label, in report order
 METRICS = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "det_ap": "detection AP",
            "det_ap50": "detection AP50"}
-EXTRA_COLUMNS = ("iterations", "loss", "pretrain_s", "eval_s", "cpu_s")
+EXTRA_COLUMNS = ("iterations", "loss", "z_std", "pretrain_s", "eval_s", "cpu_s")
 MAX_GROUPS = 12  # plots with more contexts than this show the mean over the other settings
 
 
@@ -97,6 +97,18 @@ def markdown_table(grid: Grid, rows: list[dict], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collapse_table(grid: Grid, records: Sequence[dict]) -> str:
+    """Per pretrained run: the collapse monitor ``z_std`` at the last logged step (mean ± std
+    over seeds), or "" where no job logged it."""
+    lines = ["| run | seeds | z_std |", "|---|---:|---:|"]
+    for run in grid.runs:
+        vals = [r["metrics"]["z_std"] for r in records if r["run"] == run.name
+                and r.get("status") == "ok" and r["metrics"].get("z_std") is not None]
+        if vals:
+            lines.append(f"| {run.name} | {len(vals)} | {format_pm(*mean_std(vals), 4)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _metrics_present(records: Iterable[dict]) -> list[str]:
     seen = {k for r in records if r.get("status") == "ok" for k in r["metrics"]}
     return [m for m in METRICS if m in seen]
@@ -137,6 +149,12 @@ def write_reports(grid: Grid, out: Path, records: Iterable[dict], seeds: Sequenc
             "same sign and |mean Δ| > 2 sd over ≥ 3 seeds; otherwise no effect is shown.", ""]
     for m in metrics:
         text += [f"## {METRICS.get(m, m)} (%)", "", markdown_table(grid, rows, m)]
+    if any(r.get("metrics", {}).get("z_std") is not None for r in records):
+        text += ["## Collapse monitor", "",
+                 "`z_std`: per-dimension std of the ℓ2-normalised projector output at the last "
+                 "logged step (MoCo: the query), ≈ 1/√d for d-dimensional features that are "
+                 "spread out, → 0 when the output collapses to one direction.", "",
+                 collapse_table(grid, records)]
     if not metrics:
         text.append("(no finished jobs yet)\n")
     if failed:

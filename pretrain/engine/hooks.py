@@ -9,7 +9,8 @@
 3. ``MetricsWriter``      before_train: opens ``metrics.jsonl``; after_step, at log lines: writes
                           the window's means; after_train: closes, plots ``curves.png``.
 4. ``Checkpointer``       after_step, at checkpoints: refuses non-finite weights, then writes
-                          ``last.pth`` (and ``checkpoint_EPOCH.pth``).
+                          ``last.pth`` (and ``checkpoint_EPOCH.pth`` unless
+                          ``SOLVER.CHECKPOINT_PERIOD`` is 0).
 5. ``KnnMonitor``         before_train: the untrained trunk; after_step, every ``KNN.PERIOD``
                           epochs and at the end: kNN top-1 (rank 0; writes through 3).
 6. ``ProgressBar``        rank 0's tqdm bar.
@@ -44,11 +45,11 @@ from ..utils.dist import (
     get_world_size,
     is_main_process,
 )
-from .metrics import Metrics, StepWindow, plot_curves
+from .metrics import Metrics, plot_curves
 from .trainer import HookBase
 
-__all__ = ["Checkpointer", "KnnMonitor", "LRScheduler", "Metrics", "MetricsWriter",
-           "NonFiniteLossGuard", "ProgressBar", "StepWindow", "plot_curves"]
+__all__ = ["Checkpointer", "KnnMonitor", "LRScheduler", "MetricsWriter", "NonFiniteLossGuard",
+           "ProgressBar"]
 
 logger = logging.getLogger("pretrain")
 
@@ -129,20 +130,22 @@ class MetricsWriter(HookBase):
 class Checkpointer(HookBase):
     """At every epoch end, every ``CHECKPOINT_ITERS`` iterations and at the end: ``last.pth``
     with every rank's RNG state, and a copy ``checkpoint_EPOCH.pth`` at the end of every
-    ``period``-th epoch. Non-finite weights stop the run instead: a good checkpoint is never
-    replaced by one holding NaNs.
+    ``period``-th epoch (``period`` 0: no copies, ``last.pth`` alone; a study's default, where
+    a numbered copy of every job would fill the disk). Non-finite weights stop the run instead:
+    a good checkpoint is never replaced by one holding NaNs.
 
     ``sampler``: the data-order state stored in the checkpoint (``checkpoint`` module)."""
 
     def __init__(self, sampler: dict, period: int) -> None:
-        self.sampler, self.period = sampler, max(period, 1)
+        self.sampler, self.period = sampler, period
 
     def after_step(self) -> None:
         t = self.trainer
         if not t.save_due():
             return
         done_epochs = t.iter // t.ipe
-        numbered = t.iter % t.ipe == 0 and done_epochs % self.period == 0
+        numbered = (self.period > 0 and t.iter % t.ipe == 0
+                    and done_epochs % self.period == 0)
         if any_across_ranks(not _finite_weights(t.model), t.device):
             raise TrainingError(f"weights became non-finite at iteration {t.iter} (epoch "
                                 f"{t.epoch}); stopped, {t.last_good()}")

@@ -37,7 +37,10 @@ class Augmented(NamedTuple):
 
 
 class _Operator(nn.Module):
-    """What both kinds share: ``from_config`` and ``check``."""
+    """What both kinds share: ``from_config``, ``check`` and ``LEARNED`` (the operator has
+    parameters that the FA term trains through its output)."""
+
+    LEARNED = False
 
     @classmethod
     def from_config(cls, cfg, dim: int) -> dict:

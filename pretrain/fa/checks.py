@@ -39,7 +39,8 @@ def check_fa_cfg(cfg, branch: type | None = None) -> None:
         raise ConfigError(f"FA.LOSS_WEIGHT {fa.LOSS_WEIGHT} has no effect with FA.LOSS_MODE "
                           "replace (the FA term replaces the base term): leave it at 1")
     if branch is None:
-        return
+        raise ConfigError(f"FA.ENABLED: MODEL.METHOD {cfg.MODEL.METHOD} has no FA branch "
+                          "(its class sets no FA_BRANCH)")
     branch.check(cfg)
     op_cls.check(cfg, branch)
     branch.check_op(cfg, op_cls)

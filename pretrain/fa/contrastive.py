@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..losses import info_nce, info_nce_from_logits
 from .branch import FABranch
 from .negatives import QueueMix
+from .siamese import FA_ARCH_REGISTRY
 
 ROLES = ("positive", "negative", "both")
 
@@ -46,33 +47,43 @@ class ContrastiveFA(FABranch):
     - ROLE negative: L_fa = InfoNCE(q, k⁺, negatives ∪ {q̃ of the other images}); a negative
       generator's h join every query's negatives instead (MoCHi).
     - ROLE both: the mean of the two.
+    - ARCH parallel_predictor (``target_side``): L_fa = InfoNCE(q, FA(k), negatives), the key
+      augmented with q as its positive, the query plain (``siamese.ParallelPredictor``).
     Augmented features are never enqueued: MoCo enqueues only k.
     """
 
     HAS_NEGATIVES = True
 
     def __init__(self, op, *, role: str = "positive", renorm: bool = False,
-                 queue_mix: QueueMix | None = None, **kw):
+                 queue_mix: QueueMix | None = None, target_side: bool = False, **kw):
         super().__init__(op, **kw)
         self.role, self.renorm, self.queue_mix = role, renorm, queue_mix
+        self.target_side = target_side
 
     @classmethod
     def from_config(cls, cfg, dim: int) -> dict:
         fa = cfg.FA
         return dict(super().from_config(cfg, dim), role=fa.ROLE, renorm=fa.RENORM,
-                    queue_mix=QueueMix(fa.QUEUE_ALPHA) if fa.QUEUE_MIX else None)
+                    queue_mix=QueueMix(fa.QUEUE_ALPHA) if fa.QUEUE_MIX else None,
+                    target_side=FA_ARCH_REGISTRY.get(fa.ARCH).TARGET_SIDE)
 
     @classmethod
     def check(cls, cfg) -> None:
-        if cfg.FA.ARCH != "basic":
+        arch = FA_ARCH_REGISTRY.get(cfg.FA.ARCH)
+        if not arch.CONTRASTIVE:
             raise ConfigError(f"FA.ARCH '{cfg.FA.ARCH}' needs a predictor; MODEL.METHOD "
-                              f"{cfg.MODEL.METHOD} has none (use basic)")
+                              f"{cfg.MODEL.METHOD} has none (use basic or parallel_predictor)")
+        arch.check(cfg, cls)
 
     def forward(self, x: ContrastiveInputs) -> torch.Tensor:
         negatives = self.queue_mix(x.queue) if self.queue_mix is not None else x.queue
-        extra = [g.similarities(x.q, x.queue, x.logits[:, 1:] * x.T) for g in self.generators]
+        # q·queue from the plain problem when the FA term scores the same negatives
+        plain = x.logits[:, 1:] * x.T if self.queue_mix is None else None
+        extra = [g.similarities(x.q, x.queue, plain) for g in self.generators]
         if self.augment is None:  # generated negatives only: ROLE negative (checked)
             return self._with_extra_negatives(x, negatives, extra)
+        if self.target_side:
+            return self._augmented_key_term(x, negatives)
         q_aug, k_aug, aug = self._augmented(x)
         terms = []
         if self.role in ("positive", "both"):
@@ -91,6 +102,13 @@ class ContrastiveFA(FABranch):
             q_aug = F.normalize(q_aug, dim=1)
             k_aug = None if k_aug is None else F.normalize(k_aug, dim=1)
         return q_aug, k_aug, aug
+
+    def _augmented_key_term(self, x: ContrastiveInputs, negatives) -> torch.Tensor:
+        """InfoNCE(q, FA(k), negatives), q repeated for the NUM copies of the key."""
+        aug = self.augment(x.k, x.q)
+        k_aug = F.normalize(aug.z, dim=1) if self.renorm else aug.z  # [NUM*N, C]
+        num = k_aug.shape[0] // x.q.shape[0]
+        return info_nce(x.q.repeat(num, 1), k_aug, negatives, x.T)[0]
 
     @staticmethod
     def _positive_term(x: ContrastiveInputs, negatives, q_aug, k_aug, aug) -> torch.Tensor:

@@ -182,6 +182,8 @@ class Generator(FeatureOp):
     ‖z̃ − z‖ < ρ‖z‖ (z̃ stays similar to z).
     """
 
+    LEARNED = True
+
     def __init__(self, dim: int, noise_dim: int = 64, hidden_dim: int = 512, bound: float = 0.1):
         super().__init__()
         self.noise_dim, self.bound = noise_dim, bound

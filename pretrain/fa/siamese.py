@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..utils.registry import Registry, lookup, register_as
-from .base import Augmented
+from .base import FA_REGISTRY, Augmented
 from .branch import FABranch
 
 FA_ARCH_REGISTRY = Registry("FA_ARCH")
@@ -44,27 +44,49 @@ class SiameseInputs(NamedTuple):
 
 
 class FAArch:
-    """An FA architecture: ``predictions(branch, view, heads) -> (p̃ [NUM*N, C], Augmented)``
-    for one view; ``heads`` has the method's ``project`` and ``predict``.
+    """An FA architecture: where FA sits relative to the predictor, for one view.
 
-    ``OWN_PREDICTOR``: the branch builds its own predictor (``branch.predictor``).
-    ``AUGMENTED_TARGET``: a two-sided operator's augmented positive replaces the target.
+    ``predictions(branch, view, heads) -> (p̃ [NUM*N, C], Augmented)``: the augmented
+    predictions (``heads`` has the method's ``project`` and ``predict``); ``pairs`` turns them into
+    what the method scores. ``OWN_PREDICTOR``: the branch builds its own predictor
+    (``branch.predictor``). ``AUGMENTED_TARGET``: a two-sided operator's augmented positive
+    replaces the target. ``TARGET_SIDE``: FA acts on the target, the prediction (MoCo: the
+    query) stays plain. ``CONTRASTIVE``: MoCo (no predictor) takes it too.
     """
 
     OWN_PREDICTOR = False
     AUGMENTED_TARGET = True
+    TARGET_SIDE = False
+    CONTRASTIVE = False
 
     @classmethod
-    def check(cls, cfg) -> None:
-        """Raise ConfigError for FA settings this architecture cannot run."""
+    def check(cls, cfg, branch: type) -> None:
+        """Raise ConfigError for FA settings this architecture cannot run in ``branch``."""
 
     def predictions(self, branch: PredictorFA, view: SiameseView, heads: SiameseInputs
                     ) -> tuple[torch.Tensor, Augmented]:
         raise NotImplementedError
 
+    def pairs(self, branch: PredictorFA, view: SiameseView, heads: SiameseInputs) -> list[Pair]:
+        """``[(p̃, target, weight)]``: the view's target repeated NUM times; with POSITION
+        projector and ``AUGMENTED_TARGET``, a two-sided operator's augmented target (a
+        constant); for a mixing operator, the targets of the sample and of its partner
+        weighted λ and 1 − λ (Un-Mix's soft target)."""
+        p_aug, aug = self.predictions(branch, view, heads)
+        num = p_aug.shape[0] // view.z.shape[0]
+        if aug.partner is not None:
+            lam = aug.lam.float()
+            return [(p_aug, view.target.repeat(num, 1), lam),
+                    (p_aug, view.target[aug.partner], 1 - lam)]
+        if aug.positive is not None and branch.position == "projector" and self.AUGMENTED_TARGET:
+            return [(p_aug, aug.positive.detach(), None)]
+        return [(p_aug, view.target.repeat(num, 1), None)]
+
 
 @register_as(FA_ARCH_REGISTRY, "basic")
 class Basic(FAArch):
+    CONTRASTIVE = True  # MoCo: FA on the query, q̃ against its key (FA.ROLE)
+
     """p̃ = FA(z) (backbone: projector(FA(h))), compared with the target directly: a
     predictor-free Siamese term, known to collapse — a negative control, not a candidate."""
 
@@ -90,7 +112,7 @@ class PostPredictor(FAArch):
     AUGMENTED_TARGET = False
 
     @classmethod
-    def check(cls, cfg):
+    def check(cls, cfg, branch):
         if cfg.FA.POSITION != "projector":
             raise ConfigError(
                 "FA.ARCH post_predictor acts on the predictor output: set FA.POSITION projector"
@@ -112,6 +134,50 @@ class SeparatePredictor(FAArch):
         return branch.predictor(x), aug
 
 
+@register_as(FA_ARCH_REGISTRY, "parallel_predictor")
+class ParallelPredictor(FAArch):
+    """FA and the predictor on different views: the prediction stays plain and FA acts on the
+    other view's projection, the target (MoCo: on the key), under stop-gradient.
+
+        SimSiam: L_fa = ½ D(p1, FA(sg(z2))) + ½ D(p2, FA(sg(z1)))
+        BYOL:    L_fa = ℓ(p1, FA(z′2)) + ℓ(p2, FA(z′1))      (z′: the target network's)
+        MoCo:    L_fa = InfoNCE(q, FA(k), negatives)          (q plain; FA.ROLE positive)
+
+    The operator's positive is what the target is scored against (p; MoCo: q): extrapolation
+    moves the target away from the prediction, λ t + (1 − λ) p. A mixing operator's target is
+    the mixed feature itself, λ t_i + (1 − λ) t_j (no soft target: the prediction is not mixed).
+    Needs POSITION projector (the target is a projection); in SimSiam / BYOL an operator with
+    parameters of its own (``generator``) is refused: the losses do not differentiate the
+    target, so they would never learn.
+
+    Source: the paper's "Parallel-predictor-FA, where FA and the predictor are applied to
+    different views"; only a summary of the paper was available, so this is our reading of it.
+    """
+
+    AUGMENTED_TARGET = False
+    TARGET_SIDE = True
+    CONTRASTIVE = True
+
+    @classmethod
+    def check(cls, cfg, branch):
+        fa = cfg.FA
+        if fa.POSITION != "projector":
+            raise ConfigError("FA.ARCH parallel_predictor augments the target, a projection: set "
+                              "FA.POSITION projector")
+        if branch.HAS_NEGATIVES and fa.ROLE != "positive":
+            raise ConfigError(f"FA.ARCH parallel_predictor augments the key: FA.ROLE '{fa.ROLE}' "
+                              "has no augmented query to use (use positive)")
+        if not branch.HAS_NEGATIVES and FA_REGISTRY.get(fa.OP).LEARNED:
+            raise ConfigError(f"FA.OP {fa.OP} learns from the FA term through its output; with "
+                              "FA.ARCH parallel_predictor that is the target, which the loss "
+                              f"does not differentiate in MODEL.METHOD {cfg.MODEL.METHOD}")
+
+    def pairs(self, branch, view, heads):
+        aug = branch.augment(view.target, view.p)  # FA(sg(z⁺)), the prediction as its positive
+        num = aug.z.shape[0] // view.p.shape[0]
+        return [(view.p.repeat(num, 1), aug.z.detach(), None)]
+
+
 class PredictorFA(FABranch):
     """The FA branch of SimSiam / BYOL: augmented predictions p̃ of each view, paired with the
     other view's target; the method scores the pairs with its own loss.
@@ -123,11 +189,10 @@ class PredictorFA(FABranch):
     | separate_predictor  | pred_fa(FA(z))     | pred_fa(projector(FA(h)))  |
     | post_predictor      | FA(p)              | (refused)                  |
 
-    ``forward`` returns the pairs ``[(p̃, target, weight)]``: target the view's target repeated
-    NUM times — or, with POSITION projector and an architecture with ``AUGMENTED_TARGET``, a
-    two-sided operator's augmented target (a constant) — or, for a mixing operator, the targets
-    of the sample and of its partner weighted λ and 1 − λ (Un-Mix's soft target). View 1's pairs
-    come first.
+    | parallel_predictor  | (p, FA(sg(z⁺)))    | (refused)                  |
+
+    ``forward`` returns the pairs ``[(p̃, target, weight)]`` of both views (view 1's first), as
+    the architecture's ``pairs`` makes them.
     """
 
     def __init__(self, op, *, arch: FAArch, make_predictor: Callable[[], nn.Module] | None = None,
@@ -152,18 +217,7 @@ class PredictorFA(FABranch):
             )
         if fa.QUEUE_MIX:
             raise ConfigError(f"FA.QUEUE_MIX mixes MoCo's queue; MODEL.METHOD {method} has none")
-        FA_ARCH_REGISTRY.get(fa.ARCH).check(cfg)
+        FA_ARCH_REGISTRY.get(fa.ARCH).check(cfg, cls)
 
     def forward(self, x: SiameseInputs) -> list[Pair]:
-        return [pair for view in x.views for pair in self._pairs(view, x)]
-
-    def _pairs(self, view: SiameseView, heads: SiameseInputs) -> list[Pair]:
-        p_aug, aug = self.arch.predictions(self, view, heads)
-        num = p_aug.shape[0] // view.z.shape[0]
-        if aug.partner is not None:
-            lam = aug.lam.float()
-            return [(p_aug, view.target.repeat(num, 1), lam),
-                    (p_aug, view.target[aug.partner], 1 - lam)]
-        if aug.positive is not None and self.position == "projector" and self.arch.AUGMENTED_TARGET:
-            return [(p_aug, aug.positive.detach(), None)]
-        return [(p_aug, view.target.repeat(num, 1), None)]
+        return [pair for view in x.views for pair in self.arch.pairs(self, view, x)]

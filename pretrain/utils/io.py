@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -55,15 +57,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block raises ``KeyboardInterrupt`` once the block is done.
+
+    torch.save's writer calls back into Python; a KeyboardInterrupt raised inside those calls
+    can surface as a RuntimeError or be dropped by the writer, and the interrupt is lost. Only
+    the main thread receives SIGINT, and only Python's own handler is replaced.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` into ``path`` atomically; a Ctrl-C during the write takes effect after it."""
     import torch
 
-    try:
+    with sigint_deferred():
         atomic_write(path, lambda f: torch.save(obj, f))
-    except RuntimeError as e:  # Ctrl-C inside torch.save surfaces as its zip writer's failure
-        if isinstance(e.__context__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
-        raise
 
 
 def check_output(path: str | os.PathLike, *, inputs: dict[str, Any] | None = None,
