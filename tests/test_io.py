@@ -12,6 +12,15 @@ import torch
 from pretrain.utils.io import atomic_torch_save, sigint_deferred
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test (a shell's background job starts with SIGINT
+    ignored, and then Python installs none), the previous disposition restored after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 class _CtrlCWhilePickled:
     """Sends this process SIGINT while torch.save pickles it; reads back as the int 7."""
 
@@ -39,3 +48,10 @@ def test_without_ctrl_c_nothing_is_raised_and_an_error_inside_wins():
         os.kill(os.getpid(), signal.SIGINT)
         raise ValueError("the block's own error")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. `nohup feataug pretrain &`
+    with sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

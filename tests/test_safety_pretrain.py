@@ -226,6 +226,12 @@ def test_an_output_dir_in_a_read_only_folder_is_one_line(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
+def _ctrl_c_as_in_a_terminal() -> None:
+    """The child's SIGINT as a terminal gives it: a shell runs background jobs (as a CI runner
+    may run this suite) with SIGINT ignored, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_and_leaves_an_intact_checkpoint(tmp_path):
     data, out = _images(tmp_path / "d", 8), tmp_path / "o"
     env = {**_env(), "TQDM_DISABLE": "1"}
@@ -234,7 +240,7 @@ def test_ctrl_c_is_one_line_and_leaves_an_intact_checkpoint(tmp_path):
             [sys.executable, "-m", "feataug", "pretrain", "--config-file", TINY, "DATA.ROOT",
              str(data), "OUTPUT_DIR", str(out), *SMALL, "SOLVER.MAX_ITER", "100000",
              "SOLVER.CHECKPOINT_ITERS", "1"], env=env, stdout=log, stderr=subprocess.PIPE,
-            text=True)
+            text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
         try:
             deadline = time.monotonic() + 240
             while not (out / "metrics.jsonl").is_file() or \
