@@ -258,7 +258,8 @@ def test_bracketed_cancels_a_linear_drift():
 # ----------------------------------------------------------------------------- FA contenders
 def test_fa_contenders_are_every_operator_and_the_ft_recipe():
     """Every FA.OP of pretrain/fa/, at the projector (hardmix with the negative role it needs),
-    plus the published Feature Transformation recipe; every contender's config is valid."""
+    plus the published Feature Transformation recipe and FA on the key (parallel_predictor);
+    every contender's config is valid."""
     from feataug.bench.harness import FA_CONTENDERS
     from feataug.bench.pretrain_step import _pretrain_cfg
     from pretrain.build import check_cfg
@@ -266,13 +267,15 @@ def test_fa_contenders_are_every_operator_and_the_ft_recipe():
 
     ops = {"identity", "noise", "dropout", "extrapolate", "interpolate", "generator", "hardmix"}
     assert {name for name, _ in FA_REGISTRY} == ops
-    assert set(FA_CONTENDERS) == ops | {"ft_recipe"}
+    assert set(FA_CONTENDERS) == ops | {"ft_recipe", "parallel_predictor"}
+    recipes = {"ft_recipe": "extrapolate", "parallel_predictor": "noise"}
     for name, fa in FA_CONTENDERS.items():
         cfg = _pretrain_cfg(fa)
         check_cfg(cfg)
         assert cfg.FA.ENABLED and cfg.FA.POSITION == "projector"
-        assert cfg.FA.OP == (name if name != "ft_recipe" else "extrapolate")
+        assert cfg.FA.OP == recipes.get(name, name)
         assert cfg.FA.ROLE == ("negative" if name == "hardmix" else "positive")
+        assert cfg.FA.ARCH == ("parallel_predictor" if name == "parallel_predictor" else "basic")
     ft = _pretrain_cfg(FA_CONTENDERS["ft_recipe"])
     assert (ft.FA.QUEUE_MIX, ft.FA.LOSS_MODE, ft.FA.BOTH_SIDES, ft.FA.LAMBDA_PER) == (
         True, "replace", True, "batch")

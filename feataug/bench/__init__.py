@@ -5,10 +5,11 @@ are interleaved (A B A B ...) so that load changes on a shared machine hit both,
 the median, over the repeats, of the ratio of each adjacent pair. Lightly's pretraining step runs
 between two measurements of our plain step and is compared with their mean (``bracketed``).
 
-FA's cost (the seven operators and the Feature Transformation recipe) is measured on one model
-that FA.START switches on and off, so nothing but FA differs: FA's seconds are the paired
-difference of the *head* (projectors, loss, FA, their backward, the SGD step; the trunks replaced
-by fixed features, since their forward and backward do not change with FA), and
+FA's cost (the seven operators, the Feature Transformation recipe and FA on the key,
+``parallel_predictor``) is measured on one model that FA.START switches on and off, so nothing
+but FA differs: FA's seconds are the paired difference of the *head* (projectors, loss, FA, their
+backward, the SGD step; the trunks replaced by fixed features, since their forward and backward
+do not change with FA), and
 ``fa_overhead`` = 1 + those seconds / the whole FA-off step. On 2 CPU cores the whole step's own
 noise (identity, which adds one InfoNCE term: 0.95–1.03 between runs) is as large as the 3 %
 being tested; the whole-step ratios are kept beside it (``end_to_end_ratios``) as a check.

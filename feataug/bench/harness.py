@@ -40,6 +40,8 @@ FA_CONTENDERS: dict[str, tuple] = {
     **{op: ("FA.OP", op, "FA.ROLE", "negative" if op == "hardmix" else "positive")
        for op in FA_OPS},
     "ft_recipe": ("FA.OP", "extrapolate", "FA.QUEUE_MIX", True, "FA.LOSS_MODE", "replace"),
+    # FA on the key, the query plain (FA.ARCH parallel_predictor), with the noise operator
+    "parallel_predictor": ("FA.OP", "noise", "FA.ARCH", "parallel_predictor"),
 }
 DETECT_CONFIG = CONFIGS / "detection" / "tiny_faster_R18_FPN.yaml"
 
