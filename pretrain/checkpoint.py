@@ -42,7 +42,7 @@ from .config import config_differences, load_cfg
 from .errors import CheckpointError, ConfigError
 from .utils.dist import all_gather_object, is_main_process, unwrap
 from .utils.env import seed_all
-from .utils.io import atomic_torch_save, atomic_write
+from .utils.io import atomic_torch_save, atomic_write, check_output_folder
 from .utils.lock import LOCK_NAME
 from .utils.safe_load import UnsafeFileError, load_torch
 
@@ -148,13 +148,7 @@ def check_output_dir(out: Path, resume: bool) -> None:
     """Refuse an OUTPUT_DIR that is not a folder or cannot be created or written, or one that
     holds another run's checkpoints or metrics unless resuming it: a fresh run never replaces
     them. A folder with only a lock file (``pretrain.utils.lock``) holds no run."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"OUTPUT_DIR {out}: exists and is not a folder")
-    folder = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise ConfigError(f"OUTPUT_DIR {out}: cannot be created, {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"OUTPUT_DIR {out}: no write permission in {folder}")
+    check_output_folder(out, ConfigError)
     if resume or not out.is_dir():
         return
     held = sorted(p.name for pattern in ("last.pth", "checkpoint_*.pth", "metrics.jsonl")

@@ -7,11 +7,11 @@ classes, evaluators), the weights are read safely and must fit the model
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
 
+from pretrain.utils.io import check_output_folder
 from transfer.options import DetectOptions
 from transfer.schedule import check_schedule
 from transfer.weights import DetectError, check_weights
@@ -119,13 +119,7 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
     """A folder that can be written, and never one holding an earlier run unless resuming it
     (a fresh run would replace its checkpoints and results)."""
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise DetectError(f"OUTPUT_DIR {out}: exists and is not a folder")
-    folder = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise DetectError(f"OUTPUT_DIR {out}: cannot be created, {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DetectError(f"OUTPUT_DIR {out}: no write permission in {folder}")
+    check_output_folder(out, DetectError)
     if resume or not out.is_dir():
         return
     held = sorted({str(p.relative_to(out)) for pattern in RUN_FILES
