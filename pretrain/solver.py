@@ -151,6 +151,14 @@ def check_solver(cfg, world_size: int) -> int:
     return s.BATCH_SIZE // world_size
 
 
+def total_iterations(cfg, iters_per_epoch: int) -> int:
+    """The run's iterations: ``SOLVER.EPOCHS`` epochs of ``iters_per_epoch`` (else
+    ``SOLVER.MAX_ITER``), capped by ``SOLVER.MAX_ITER`` when that is set too."""
+    s = cfg.SOLVER
+    total = iters_per_epoch * s.EPOCHS if s.EPOCHS > 0 else s.MAX_ITER
+    return min(total, s.MAX_ITER) if s.MAX_ITER > 0 else total
+
+
 def base_lr(cfg) -> float:
     """``SOLVER.BASE_LR`` x ``SOLVER.BATCH_SIZE`` / 256."""
     return cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256

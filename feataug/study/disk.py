@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.solver import total_iterations
+from pretrain.utils.io import nearest_existing
+
 from .grid import Grid
 from .jobs import RESULT, Job, make_jobs
 
@@ -190,10 +193,7 @@ def checkpoint_files(cfg) -> int | None:
         if images is None:
             return None
         ipe = max(images // s.BATCH_SIZE, 1)  # (fewer images than one batch: the run refuses)
-        total = ipe * s.EPOCHS if s.EPOCHS > 0 else s.MAX_ITER  # as train_loop._build_data
-        if s.MAX_ITER > 0:
-            total = min(total, s.MAX_ITER)
-        epochs = total // ipe
+        epochs = total_iterations(cfg, ipe) // ipe
     return 1 + epochs // s.CHECKPOINT_PERIOD
 
 
@@ -218,9 +218,7 @@ def estimate(grid: Grid, out: str | Path, seeds: Sequence[int],
 
 def free_bytes(out: str | Path) -> tuple[int, Path]:
     """Free bytes of the file system ``out`` will be on, and the existing folder asked."""
-    folder = Path(out).absolute()
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_existing(out)
     return shutil.disk_usage(folder).free, folder
 
 

@@ -25,8 +25,8 @@ from .report import METRICS, write_reports
 RESULT = "result.json"
 JOB = "job.json"
 # What a study job sets where the grid's overrides leave the key alone (the base config's value
-# is replaced): numbered checkpoints are off, so a job keeps its last.pth alone (64 epochs with
-# a copy every 5 took 1.7 GB per job). Resume-free keys only (``pretrain.config``): they are
+# is replaced): numbered checkpoints are off, so a job keeps its last.pth alone (a grid of many
+# jobs would otherwise fill the disk). Resume-free keys only (``pretrain.config``): they are
 # kept out of the job digest, so a finished job stays finished whatever their value.
 STUDY_DEFAULTS = (("SOLVER.CHECKPOINT_PERIOD", 0),)
 

@@ -52,7 +52,13 @@ from ..data import ResumableSampler, build_dataset, collate, worker_init
 from ..device_aug import augment
 from ..errors import ConfigError, DataError
 from ..evaluation import build_knn_sets
-from ..solver import base_lr, build_optimizer, check_solver, use_step_kernels
+from ..solver import (
+    base_lr,
+    build_optimizer,
+    check_solver,
+    total_iterations,
+    use_step_kernels,
+)
 from ..transforms import normalize
 from ..utils.amp import amp_dtype
 from ..utils.dist import any_across_ranks, get_rank, get_world_size, is_main_process
@@ -176,10 +182,7 @@ class PretrainTrainer(TrainerBase):
             generator=torch.Generator(),  # the loader never draws from the global RNG
         )
         self.knn_sets = build_knn_sets(cfg) if cfg.KNN.PERIOD > 0 else None
-        total = self.ipe * cfg.SOLVER.EPOCHS if cfg.SOLVER.EPOCHS > 0 else cfg.SOLVER.MAX_ITER
-        if cfg.SOLVER.MAX_ITER > 0:
-            total = min(total, cfg.SOLVER.MAX_ITER)
-        self.max_iter = total
+        self.max_iter = total_iterations(cfg, self.ipe)
 
     def _build_model(self) -> None:
         """The method (the same initial weights on every rank), optimizer and GradScaler."""

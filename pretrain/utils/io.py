@@ -87,12 +87,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` (absolute) if it exists, else its nearest existing parent."""
+    path = Path(path).absolute()
+    return path if path.exists() else next(p for p in path.parents if p.exists())
+
+
 def check_output_folder(out: Path, error: type[Exception]) -> None:
     """Refuse an OUTPUT_DIR ``out`` that is not a folder, or that cannot be created or written
     (checked on ``out`` or its nearest existing parent), with ``error`` and one line."""
     if out.exists() and not out.is_dir():
         raise error(f"OUTPUT_DIR {out}: exists and is not a folder")
-    folder = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    folder = out if out.exists() else nearest_existing(out)
     if not folder.is_dir():
         raise error(f"OUTPUT_DIR {out}: cannot be created, {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
