@@ -98,6 +98,6 @@ class BYOL(SSLMethod):
             loss_ssl = regression_loss(p1, zt2) + regression_loss(p2, zt1)
             out = {"loss_ssl": loss_ssl, "loss": loss_ssl, "z_std": normalized_std(z1)}
             if self.fa_active():
-                out["loss_fa"] = sum(regression_loss(p, t, w) for p, t, w in pairs)
+                out["loss_fa"] = sum(regression_loss(*pair) for pair in pairs)
                 out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])
         return out

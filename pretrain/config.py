@@ -57,7 +57,8 @@ _C.FA.ENABLED = False
 _C.FA.OP = "noise"  # identity | noise | dropout | extrapolate | interpolate | hardmix | generator
 _C.FA.POSITION = "projector"  # backbone | projector
 _C.FA.ARCH = "basic"  # basic | pre_predictor | post_predictor | separate_predictor |
-#   parallel_predictor (FA on the target: the other view's projection, MoCo's key)
+#   parallel_predictor (FA on the target: the other view's projection, MoCo's key) |
+#   parallel_predictor_grad (the same without stop-gradient: the online projection, with gradient)
 _C.FA.STOP_GRAD = "none"  # none | input | all
 _C.FA.ROLE = "positive"  # MoCo: positive | negative | both
 _C.FA.NUM = 1  # augmented copies per sample

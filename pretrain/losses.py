@@ -52,19 +52,21 @@ def _mean(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor
     return (per_sample if weight is None else weight * per_sample).mean()
 
 
-def negative_cosine(p: torch.Tensor, z: torch.Tensor,
-                    weight: torch.Tensor | None = None) -> torch.Tensor:
-    """D(p, sg(z)) = − mean_i w_i cos(p_i, z_i) (w = 1 by default); z gets no gradient.
+def negative_cosine(p: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None,
+                    target_grad: bool = False) -> torch.Tensor:
+    """D(p, sg(z)) = − mean_i w_i cos(p_i, z_i) (w = 1 by default); z gets no gradient unless
+    ``target_grad`` (FA.ARCH parallel_predictor_grad; SimSiam's D always stops it).
     p, z: [N, C]; weight: [N]."""
     p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.detach().float(), dim=1)
+    z = F.normalize((z if target_grad else z.detach()).float(), dim=1)
     return _mean(-torch.einsum("nc,nc->n", p, z), weight)  # [N] -> scalar
 
 
-def regression_loss(p: torch.Tensor, z: torch.Tensor,
-                    weight: torch.Tensor | None = None) -> torch.Tensor:
+def regression_loss(p: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None,
+                    target_grad: bool = False) -> torch.Tensor:
     """mean_i w_i ‖p_i/‖p_i‖ − z_i/‖z_i‖‖² = mean_i w_i (2 − 2 cos(p_i, z_i)); z gets no
-    gradient. p, z: [N, C]; weight: [N]."""
+    gradient unless ``target_grad`` (FA.ARCH parallel_predictor_grad; BYOL's loss always stops
+    it). p, z: [N, C]; weight: [N]."""
     p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.detach().float(), dim=1)
+    z = F.normalize((z if target_grad else z.detach()).float(), dim=1)
     return _mean(2 - 2 * torch.einsum("nc,nc->n", p, z), weight)  # [N] -> scalar

@@ -122,8 +122,10 @@ class MoCo(SSLMethod):
                    "acc": (logits.argmax(1) == 0).float().mean().detach() * 100,
                    "z_std": normalized_std(q)}
             if self.fa_active():  # every FA decision is in pretrain/fa/
+                online_key = lambda: F.normalize(  # noqa: E731
+                    self.projector(self.backbone(x2)).float(), dim=1)
                 out["loss_fa"] = self.fa(ContrastiveInputs(q, k, queue, self.T, logits, h.float(),
-                                                           h_k.float(), self.projector))
+                                                           h_k.float(), self.projector, online_key))
                 out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])
         self._dequeue_and_enqueue(k)
         return out

@@ -68,6 +68,6 @@ class SimSiam(SSLMethod):
             loss_ssl = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
             out = {"loss_ssl": loss_ssl, "loss": loss_ssl, "z_std": normalized_std(z1)}
             if self.fa_active():
-                out["loss_fa"] = 0.5 * sum(negative_cosine(p, t, w) for p, t, w in pairs)
+                out["loss_fa"] = 0.5 * sum(negative_cosine(*pair) for pair in pairs)
                 out["loss"] = self.fa.combine(loss_ssl, out["loss_fa"])
         return out

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from fa_helpers import (
+    assert_grads_match,
     fa_cfg,
     fa_term_grads,
     moco_by_hand,
@@ -140,3 +143,32 @@ def test_parallel_predictor_is_infonce_of_the_plain_query_against_the_augmented_
     gen = build(fa_cfg("moco", op="generator", arch="parallel_predictor"))
     reached = fa_term_grads(gen, gen(x1, x2)["loss_fa"])
     assert reached["fa"] and reached["backbone"]  # the generator learns through the key
+
+
+def test_parallel_predictor_grad_is_infonce_against_the_online_key_with_its_gradient(monkeypatch):
+    """MoCo's parallel_predictor_grad: InfoNCE(q1, λ q2 + (1 − λ) q1, queue) with q2 the query
+    encoder's unit projection of the key view, differentiated (autograd of the formula)."""
+    monkeypatch.setattr(fa.base, "beta", lambda alpha, n, like: torch.full((n, 1), 0.25))
+    model = build(fa_cfg("moco", op="extrapolate", arch="parallel_predictor_grad",
+                         loss_mode="replace"))
+    x1, x2 = views()
+    _, _, queue = moco_by_hand(model, x1, x2)
+    ref = copy.deepcopy(model)
+    out = model(x1, x2)
+    q1 = F.normalize(ref.projector(ref.backbone(x1)), dim=1)
+    q2 = F.normalize(ref.projector(ref.backbone(x2)), dim=1)
+    lam = 1.25
+    k_hat = lam * q2 + (1 - lam) * q1.detach()  # the positive of the extrapolation: a constant
+    logits = torch.cat([(q1 * k_hat).sum(1, keepdim=True), q1 @ queue.t()], dim=1) / model.T
+    expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out["loss_fa"], expected)
+    params, ref_params = list(model.backbone.parameters()), list(ref.backbone.parameters())
+    got = torch.autograd.grad(out["loss_fa"], params)
+    want = torch.autograd.grad(expected, ref_params, retain_graph=True)
+    assert_grads_match(got, want)
+    # the key through the momentum encoder (no gradient) would give another gradient
+    sg = torch.autograd.grad(F.cross_entropy(torch.cat(
+        [(q1 * k_hat.detach()).sum(1, keepdim=True), q1 @ queue.t()], dim=1) / model.T,
+        torch.zeros(4, dtype=torch.long)), ref_params)
+    with pytest.raises(AssertionError):
+        assert_grads_match(got, sg)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from fa_helpers import (
+    assert_grads_match,
     fa_cfg,
     fa_term_grads,
 )
@@ -115,3 +118,60 @@ def test_parallel_predictor_refusals_are_one_line():
         with pytest.raises(ConfigError, match=match):
             check_cfg(fa_cfg(method, arch="parallel_predictor", **fa_keys))
     check_cfg(fa_cfg("moco", op="generator", arch="parallel_predictor"))  # InfoNCE trains it
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+
+@pytest.mark.parametrize("method", ["simsiam", "byol"])
+def test_parallel_predictor_grad_value_and_gradient_equal_the_formula_without_stop_gradient(
+        method, monkeypatch):
+    """L_fa = Σ_v ℓ(p_v, λ z_o + (1 − λ) p_v), z_o the other view's *online* projection, and
+    its gradient (autograd of that expression, z_o not detached) reaches every online parameter
+    both through the prediction and through the target."""
+    monkeypatch.setattr(fa.base, "beta", lambda alpha, n, like: torch.full((n, 1), 0.5))
+    model = build(fa_cfg(method, op="extrapolate", arch="parallel_predictor_grad",
+                         loss_mode="replace"))
+    ref = copy.deepcopy(model)
+    x1, x2 = views()
+    out = model(x1, x2)
+    z1, z2 = (ref.projector(ref.backbone(x)) for x in (x1, x2))
+    p1, p2 = ref.predictor(z1), ref.predictor(z2)
+    lam = 1.5
+
+    def cos(p, t):  # the positive of the extrapolation, p, is a constant
+        return F.cosine_similarity(p, lam * t + (1 - lam) * p.detach()).mean()
+
+    def loss(t1, t2):
+        if method == "byol":  # ℓ = 2 − 2 cos, summed over the two views
+            return (2 - 2 * cos(p1, t2)) + (2 - 2 * cos(p2, t1))
+        return -0.5 * (cos(p1, t2) + cos(p2, t1))  # D = −cos, averaged over the two views
+
+    expected = loss(z1, z2)
+    torch.testing.assert_close(out["loss_fa"], expected)
+    params = list(model.backbone.parameters()) + list(model.projector.parameters())
+    ref_params = list(ref.backbone.parameters()) + list(ref.projector.parameters())
+    got, want = _grads(out["loss_fa"], params), _grads(expected, ref_params)
+    assert_grads_match(got, want)
+    # with the stop-gradient the target is a constant: another gradient, which the check
+    # above tells apart
+    with pytest.raises(AssertionError):
+        assert_grads_match(got, _grads(loss(z1.detach(), z2.detach()), ref_params))
+
+
+def test_parallel_predictor_grad_refusals_and_generator():
+    from pretrain.build import check_cfg
+    from pretrain.errors import ConfigError
+
+    for stop in ("input", "all"):
+        with pytest.raises(ConfigError, match=f"FA.STOP_GRAD {stop} stops it"):
+            check_cfg(fa_cfg("simsiam", op="noise", arch="parallel_predictor_grad",
+                             stop_grad=stop))
+    with pytest.raises(ConfigError, match="FA.POSITION projector"):
+        check_cfg(fa_cfg("byol", op="noise", arch="parallel_predictor_grad", position="backbone"))
+    # the generator is refused at parallel_predictor (its output is a constant there) but
+    # learns here, through the differentiated target
+    model = build(fa_cfg("simsiam", op="generator", arch="parallel_predictor_grad"))
+    reached = fa_term_grads(model, model(*views())["loss_fa"])
+    assert reached["fa"] and reached["backbone"] and reached["predictor"]

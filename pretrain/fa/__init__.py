@@ -33,7 +33,7 @@ target network, SimSiam's own encoder), ``ε`` standard normal noise, ``w`` = FA
     ``projector``: MoCo: the L2-normalised projector outputs q, k (as published); SimSiam/BYOL:
     the projector output. ``backbone``: the pooled trunk feature; the result goes through the
     projector (MoCo then normalises it; a two-sided operator's key side is not used there).
-``FA.ARCH`` (SimSiam / BYOL; MoCo has no predictor: ``basic`` or ``parallel_predictor``)
+``FA.ARCH`` (SimSiam / BYOL; MoCo has no predictor: ``basic`` or ``parallel_predictor[_grad]``)
     ``basic``: the augmented feature is compared with the target directly, no predictor: a
     predictor-free Siamese term, known to collapse — a negative control, not a candidate.
     ``pre_predictor``: FA before the (shared) predictor: ``p̃ = pred(FA(.))``.
@@ -41,6 +41,9 @@ target network, SimSiam's own encoder), ``ε`` standard normal noise, ``w`` = FA
     ``separate_predictor``: like ``pre_predictor`` with the FA branch's own predictor.
     ``parallel_predictor``: FA and the predictor on different views: the prediction stays plain,
     its target is augmented, ``(p, FA(sg(z⁺)))``; MoCo: ``InfoNCE(q, FA(k), negatives)``.
+    ``parallel_predictor_grad``: the same without the stop-gradient (the gradient-flow axis):
+    the target is the other view's *online* projection and the loss differentiates it,
+    ``(p, FA(z⁺))``; MoCo: ``InfoNCE(q1, FA(q2), negatives)``, q2 from the query encoder.
 ``FA.STOP_GRAD`` — where the gradient of the FA term stops
     ``none``: nowhere. ``input``: FA's input is detached: FA's own parameters and what the branch
     applies after FA learn from it, the encoder before FA does not. ``all``: FA's output is

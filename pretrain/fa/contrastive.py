@@ -23,7 +23,9 @@ class ContrastiveInputs(NamedTuple):
     ``q``, ``k`` [N, C] unit queries and their keys; ``queue`` [K, C] the negatives; ``T`` the
     temperature; ``logits`` [N, 1+K] the plain problem's [q·k⁺, q·queue] / T; ``h``, ``h_k``
     [N, F] the pooled trunk features of the query and key views; ``project`` the method's
-    projector as a function [M, F] -> [M, C] (FA at POSITION backbone goes through it).
+    projector as a function [M, F] -> [M, C] (FA at POSITION backbone goes through it);
+    ``online_key`` computes, when called, the query encoder's unit projection of the key view
+    [N, C], with gradient (the target of ARCH parallel_predictor_grad; one more forward).
     """
 
     q: torch.Tensor
@@ -34,6 +36,7 @@ class ContrastiveInputs(NamedTuple):
     h: torch.Tensor
     h_k: torch.Tensor
     project: Callable[[torch.Tensor], torch.Tensor]
+    online_key: Callable[[], torch.Tensor] | None = None
 
 
 class ContrastiveFA(FABranch):
@@ -48,31 +51,35 @@ class ContrastiveFA(FABranch):
       generator's h join every query's negatives instead (MoCHi).
     - ROLE both: the mean of the two.
     - ARCH parallel_predictor (``target_side``): L_fa = InfoNCE(q, FA(k), negatives), the key
-      augmented with q as its positive, the query plain (``siamese.ParallelPredictor``).
+      augmented with q as its positive, the query plain (``siamese.ParallelPredictor``);
+      ``parallel_predictor_grad`` (``target_grad``): the key is the online encoder's, with
+      gradient, L_fa = InfoNCE(q1, FA(q2), negatives).
     Augmented features are never enqueued: MoCo enqueues only k.
     """
 
     HAS_NEGATIVES = True
 
     def __init__(self, op, *, role: str = "positive", renorm: bool = False,
-                 queue_mix: QueueMix | None = None, target_side: bool = False, **kw):
+                 queue_mix: QueueMix | None = None, target_side: bool = False,
+                 target_grad: bool = False, **kw):
         super().__init__(op, **kw)
         self.role, self.renorm, self.queue_mix = role, renorm, queue_mix
-        self.target_side = target_side
+        self.target_side, self.target_grad = target_side, target_grad
 
     @classmethod
     def from_config(cls, cfg, dim: int) -> dict:
-        fa = cfg.FA
+        fa, arch = cfg.FA, FA_ARCH_REGISTRY.get(cfg.FA.ARCH)
         return dict(super().from_config(cfg, dim), role=fa.ROLE, renorm=fa.RENORM,
                     queue_mix=QueueMix(fa.QUEUE_ALPHA) if fa.QUEUE_MIX else None,
-                    target_side=FA_ARCH_REGISTRY.get(fa.ARCH).TARGET_SIDE)
+                    target_side=arch.TARGET_SIDE, target_grad=arch.TARGET_GRAD)
 
     @classmethod
     def check(cls, cfg) -> None:
         arch = FA_ARCH_REGISTRY.get(cfg.FA.ARCH)
         if not arch.CONTRASTIVE:
             raise ConfigError(f"FA.ARCH '{cfg.FA.ARCH}' needs a predictor; MODEL.METHOD "
-                              f"{cfg.MODEL.METHOD} has none (use basic or parallel_predictor)")
+                              f"{cfg.MODEL.METHOD} has none (use basic, parallel_predictor or "
+                              "parallel_predictor_grad)")
         arch.check(cfg, cls)
 
     def forward(self, x: ContrastiveInputs) -> torch.Tensor:
@@ -104,8 +111,9 @@ class ContrastiveFA(FABranch):
         return q_aug, k_aug, aug
 
     def _augmented_key_term(self, x: ContrastiveInputs, negatives) -> torch.Tensor:
-        """InfoNCE(q, FA(k), negatives), q repeated for the NUM copies of the key."""
-        aug = self.augment(x.k, x.q)
+        """InfoNCE(q, FA(k), negatives), q repeated for the NUM copies of the key (k: the online
+        encoder's with ``target_grad``)."""
+        aug = self.augment(x.online_key() if self.target_grad else x.k, x.q)
         k_aug = F.normalize(aug.z, dim=1) if self.renorm else aug.z  # [NUM*N, C]
         num = k_aug.shape[0] // x.q.shape[0]
         return info_nce(x.q.repeat(num, 1), k_aug, negatives, x.T)[0]

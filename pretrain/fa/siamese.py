@@ -17,7 +17,16 @@ from .branch import FABranch
 FA_ARCH_REGISTRY = Registry("FA_ARCH")
 FA_ARCH_REGISTRY.__doc__ = "Where FA sits relative to the predictor, by FA.ARCH name."
 
-Pair = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+class Pair(NamedTuple):
+    """What the method scores with its loss: the (augmented) prediction ``p`` [M, C] against
+    ``target`` [M, C], per-row ``weight`` [M] (None: 1), and ``target_grad``: whether the loss
+    lets gradient into the target (only ``parallel_predictor_grad``)."""
+
+    p: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None = None
+    target_grad: bool = False
 
 
 class SiameseView(NamedTuple):
@@ -51,13 +60,15 @@ class FAArch:
     what the method scores. ``OWN_PREDICTOR``: the branch builds its own predictor
     (``branch.predictor``). ``AUGMENTED_TARGET``: a two-sided operator's augmented positive
     replaces the target. ``TARGET_SIDE``: FA acts on the target, the prediction (MoCo: the
-    query) stays plain. ``CONTRASTIVE``: MoCo (no predictor) takes it too.
+    query) stays plain. ``CONTRASTIVE``: MoCo (no predictor) takes it too. ``TARGET_GRAD``:
+    the target is not a constant (the loss lets gradient into it).
     """
 
     OWN_PREDICTOR = False
     AUGMENTED_TARGET = True
     TARGET_SIDE = False
     CONTRASTIVE = False
+    TARGET_GRAD = False
 
     @classmethod
     def check(cls, cfg, branch: type) -> None:
@@ -76,11 +87,11 @@ class FAArch:
         num = p_aug.shape[0] // view.z.shape[0]
         if aug.partner is not None:
             lam = aug.lam.float()
-            return [(p_aug, view.target.repeat(num, 1), lam),
-                    (p_aug, view.target[aug.partner], 1 - lam)]
+            return [Pair(p_aug, view.target.repeat(num, 1), lam),
+                    Pair(p_aug, view.target[aug.partner], 1 - lam)]
         if aug.positive is not None and branch.position == "projector" and self.AUGMENTED_TARGET:
-            return [(p_aug, aug.positive.detach(), None)]
-        return [(p_aug, view.target.repeat(num, 1), None)]
+            return [Pair(p_aug, aug.positive.detach())]
+        return [Pair(p_aug, view.target.repeat(num, 1))]
 
 
 @register_as(FA_ARCH_REGISTRY, "basic")
@@ -160,22 +171,61 @@ class ParallelPredictor(FAArch):
 
     @classmethod
     def check(cls, cfg, branch):
-        fa = cfg.FA
+        fa, name = cfg.FA, cfg.FA.ARCH
         if fa.POSITION != "projector":
-            raise ConfigError("FA.ARCH parallel_predictor augments the target, a projection: set "
+            raise ConfigError(f"FA.ARCH {name} augments the target, a projection: set "
                               "FA.POSITION projector")
         if branch.HAS_NEGATIVES and fa.ROLE != "positive":
-            raise ConfigError(f"FA.ARCH parallel_predictor augments the key: FA.ROLE '{fa.ROLE}' "
+            raise ConfigError(f"FA.ARCH {name} augments the key: FA.ROLE '{fa.ROLE}' "
                               "has no augmented query to use (use positive)")
-        if not branch.HAS_NEGATIVES and FA_REGISTRY.get(fa.OP).LEARNED:
+        if not cls.TARGET_GRAD and not branch.HAS_NEGATIVES and FA_REGISTRY.get(fa.OP).LEARNED:
             raise ConfigError(f"FA.OP {fa.OP} learns from the FA term through its output; with "
-                              "FA.ARCH parallel_predictor that is the target, which the loss "
-                              f"does not differentiate in MODEL.METHOD {cfg.MODEL.METHOD}")
+                              f"FA.ARCH {name} that is the target, which the loss does not "
+                              f"differentiate in MODEL.METHOD {cfg.MODEL.METHOD} (use "
+                              "parallel_predictor_grad)")
 
     def pairs(self, branch, view, heads):
         aug = branch.augment(view.target, view.p)  # FA(sg(z⁺)), the prediction as its positive
         num = aug.z.shape[0] // view.p.shape[0]
-        return [(view.p.repeat(num, 1), aug.z.detach(), None)]
+        return [Pair(view.p.repeat(num, 1), aug.z.detach())]
+
+
+@register_as(FA_ARCH_REGISTRY, "parallel_predictor_grad")
+class ParallelPredictorGrad(ParallelPredictor):
+    """``parallel_predictor`` with the stop-gradient removed (the paper's gradient-flow axis):
+    the augmented target is the other view's *online* projection, and the FA term's gradient
+    reaches the other view's encoder through it.
+
+        SimSiam: L_fa = ½ D′(p1, FA(z2)) + ½ D′(p2, FA(z1))
+        BYOL:    L_fa = ℓ′(p1, FA(z2)) + ℓ′(p2, FA(z1))   (z: the online network's projections)
+        MoCo:    L_fa = InfoNCE(q1, FA(q2), negatives)   (q2: the online encoder's unit
+                                                          projection of the key view)
+
+    D′ / ℓ′: the method's loss without its stop-gradient on the target. BYOL's target network
+    and MoCo's key encoder take no gradient, so the online network supplies the target here;
+    in MoCo that costs one more forward and backward of the key view through the query
+    encoder (its BatchNorm statistics see that view too). Needs FA.STOP_GRAD none, which is
+    what lets the gradient through the operator. A learned operator (``generator``) is allowed:
+    its output now reaches the loss with gradient.
+
+    Source: the paper's summary says "a stop-gradient strategy on projected features is crucial
+    for preventing overfitting"; this is the variant without it, our reading of that axis.
+    """
+
+    TARGET_GRAD = True
+
+    @classmethod
+    def check(cls, cfg, branch):
+        super().check(cfg, branch)
+        if cfg.FA.STOP_GRAD != "none":
+            raise ConfigError(f"FA.ARCH {cfg.FA.ARCH} lets the gradient through the augmented "
+                              f"target; FA.STOP_GRAD {cfg.FA.STOP_GRAD} stops it (use none)")
+
+    def pairs(self, branch, view, heads):
+        other = heads.views[1] if view is heads.views[0] else heads.views[0]
+        aug = branch.augment(other.z, view.p)  # FA(z⁺), z⁺ the online projection, with gradient
+        num = aug.z.shape[0] // view.p.shape[0]
+        return [Pair(view.p.repeat(num, 1), aug.z, target_grad=True)]
 
 
 class PredictorFA(FABranch):
@@ -190,6 +240,7 @@ class PredictorFA(FABranch):
     | post_predictor      | FA(p)              | (refused)                  |
 
     | parallel_predictor  | (p, FA(sg(z⁺)))    | (refused)                  |
+    | parallel_predictor_grad | (p, FA(z⁺)), z⁺ online, with gradient | (refused) |
 
     ``forward`` returns the pairs ``[(p̃, target, weight)]`` of both views (view 1's first), as
     the architecture's ``pairs`` makes them.
