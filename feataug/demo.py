@@ -38,15 +38,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from feataug import REPO_ROOT
+from feataug import CONFIGS_ENV, configs_dir
 from feataug.plots import plot_bars, plot_predictions
 from pretrain.errors import FeatAugError
 from pretrain.utils.stats import claim, format_pm, mean_std
 
-PRETRAIN_CONFIG = "configs/pretrain/fmnist_moco_r18.yaml"
-SCENES_CONFIG = "configs/detection/scenes_faster_R18_FPN.yaml"
-TREES_PRETRAIN_CONFIG = "configs/pretrain/tiny_moco_fa_r18.yaml"
-TREES_CONFIG = "configs/detection/tiny_faster_R18_FPN.yaml"
+# in FeatAug's config folder (feataug.configs_dir)
+PRETRAIN_CONFIG = "pretrain/fmnist_moco_r18.yaml"
+SCENES_CONFIG = "detection/scenes_faster_R18_FPN.yaml"
+TREES_PRETRAIN_CONFIG = "pretrain/tiny_moco_fa_r18.yaml"
+TREES_CONFIG = "detection/tiny_faster_R18_FPN.yaml"
 STARTS = ("random init", "MoCo v2", "MoCo v2 + FA")
 VERDICT_SEEDS = 3  # the claim rule needs three seeds
 # The FA variant of the demo: MoCHi's hard negatives after a warm-up of a quarter of the run
@@ -86,10 +87,11 @@ class DemoError(FeatAugError):
 
 
 def _config_path(name: str) -> Path:
-    """Config files ship in the repository next to the packages."""
-    path = REPO_ROOT / name
+    """``name`` in FeatAug's config folder (the package's, or ``$FEATAUG_CONFIGS``)."""
+    path = configs_dir() / name
     if not path.is_file():
-        raise DemoError(f"{path}: config file not found (run the demo from a FeatAug checkout)")
+        raise DemoError(f"{path}: config file not found (FeatAug's configs ship with the "
+                        f"package; {CONFIGS_ENV} names another folder)")
     return path
 
 

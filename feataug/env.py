@@ -10,7 +10,7 @@ import sys
 
 def _version(module: str) -> str:
     """``module``'s version, or why it does not import."""
-    from transfer.provenance import package_version
+    from pretrain.utils.provenance import package_version
 
     try:
         importlib.import_module(module)

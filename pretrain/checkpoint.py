@@ -15,6 +15,9 @@ A checkpoint is a ``torch.save`` dict:
 ``rng``         per-rank RNG states: python, numpy, torch and CUDA
 ``sampler``     data-order state: seed, epoch, iterations per epoch, per-rank batch, world size
 ``skipped``     indices of unreadable images found so far
+``provenance``  what produced the run: the record in ``provenance.json``
+                (``pretrain.utils.provenance``), plain data; None when built outside a run,
+                absent from checkpoints written before it (they load all the same)
 ==============  =====================================================================
 
 Everything in it loads with ``torch.load(weights_only=True)``; FeatAug reads it, as every file,
@@ -84,7 +87,8 @@ def backbone_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
 
 def build_checkpoint(*, cfg, model, optimizer, epoch: int, iteration: int, scaler=None,
                      rng: list | None = None, sampler: dict | None = None,
-                     skipped: list[int] | None = None) -> dict[str, Any]:
+                     skipped: list[int] | None = None,
+                     provenance: dict | None = None) -> dict[str, Any]:
     m = unwrap(model)
     return {
         "version": VERSION,
@@ -99,6 +103,7 @@ def build_checkpoint(*, cfg, model, optimizer, epoch: int, iteration: int, scale
         "rng": rng if rng is not None else [rng_state()],
         "sampler": sampler or {},
         "skipped": sorted(skipped or []),
+        "provenance": provenance,
     }
 
 
@@ -126,6 +131,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
              "optimizer": dict, "backbone": dict, "arch": dict}
     wrong = [f"{k} is a {type(ckpt[k]).__name__}, not {t.__name__}" for k, t in kinds.items()
              if not isinstance(ckpt[k], t) or isinstance(ckpt[k], bool)]
+    if not isinstance(ckpt.get("provenance") or {}, dict):  # optional: older ones lack it
+        wrong.append(f"provenance is a {type(ckpt['provenance']).__name__}, not dict")
     if wrong:
         raise CheckpointError(f"{path}: not a FeatAug pretraining checkpoint ({'; '.join(wrong)})")
     if ckpt["version"] > VERSION:
@@ -141,7 +148,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------- the run folder
 # Files a run writes in OUTPUT_DIR; their atomic-write temporaries are ``.NAME.*.tmp``.
 RUN_FILES = ("last.pth", "checkpoint_*.pth", "metrics.jsonl", "config.yaml", "curves.png",
-             "log.txt")
+             "log.txt", "provenance.json")
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
@@ -217,7 +224,7 @@ def save_run(state: dict, it: int, epoch: int, skipped: set, numbered: bool) -> 
         ckpt = build_checkpoint(cfg=state["cfg"], model=state["model"],
                                 optimizer=state["optimizer"], scaler=state["scaler"], epoch=epoch,
                                 iteration=it, rng=rngs, sampler=state["sampler"],
-                                skipped=sorted(skipped))
+                                skipped=sorted(skipped), provenance=state.get("provenance"))
         last = state["out"] / "last.pth"
         save_checkpoint(ckpt, last)
         if numbered:

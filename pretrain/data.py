@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .utils.io import walk_files
 
 logger = logging.getLogger("pretrain")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -116,18 +117,8 @@ def scan_folder(root: str | os.PathLike) -> ImageFiles:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (DATA.FORMAT folder)")
-    paths, seen, skipped = [], {os.path.realpath(root)}, []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here, kept = os.path.realpath(dirpath), []
-        for d in sorted(dirnames):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if real in seen or os.path.commonpath([here, real]) == real:
-                skipped.append(os.path.join(dirpath, d))
-            else:
-                seen.add(real)
-                kept.append(d)
-        dirnames[:] = kept
-        paths += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    files, skipped = walk_files(root)
+    paths = [p for p in files if _is_image(os.path.basename(p))]
     if skipped:
         logger.warning(f"{root}: skipped {len(skipped)} linked folder(s) already scanned: "
                        f"{skipped[0]}{' ...' if len(skipped) > 1 else ''}")

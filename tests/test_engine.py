@@ -359,6 +359,8 @@ def test_two_process_gloo_ddp_ranks_end_identical(tmp_path):
     ckpt = load_checkpoint(out / "last.pth")
     assert ckpt["iter"] == 3 and ckpt["sampler"]["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seeded SEED + rank
+    record = json.loads((out / "provenance.json").read_text())  # written once, by rank 0
+    assert record["world_size"] == 2 and ckpt["provenance"] == record
     for k in compared:
         assert torch.equal(ckpt["model"][k], r0[k]), k
     assert [r["iter"] for r in _metrics(out)] == [1, 2, 3]

@@ -264,13 +264,15 @@ def test_provenance_record(tmp_path):
     assert record["command"] == argv and record["command_line"].count("'x y.yaml'") == 1
     assert record["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert record["weights"]["path"] == str(weights)
+    from importlib import metadata
+
     import detectron2
     import faster_coco_eval
     import numpy
     import torchvision
 
     assert record["versions"] == {
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "feataug": metadata.version("feataug"), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "detectron2": detectron2.__version__, "faster-coco-eval": faster_coco_eval.__version__,
         "numpy": numpy.__version__}  # fmt: skip
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from feataug import configs_dir
 from pretrain.utils.amp import cpu_has_native_bf16
 from pretrain.utils.logger import setup_logging
 
@@ -113,13 +114,13 @@ def bench_detect(profile: Profile, result: dict, say: Callable[[str], None]) -> 
         opts = ["DATASETS.TRAIN", (name,), "DATASETS.TEST", (), "DATASETS.AUTO_NUM_CLASSES", False,
                 "MODEL.ROI_HEADS.NUM_CLASSES", 2, "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", 1000000,
                 "OUTPUT_DIR", tmp]
-        cfg = get_detection_cfg(DETECT_CONFIG, opts)
+        cfg = get_detection_cfg(configs_dir() / DETECT_CONFIG, opts)
         cfg.freeze()
         ours_cfg = cfg.clone()
         ours_cfg.defrost()
         ours_cfg.SOLVER.AMP.ENABLED = bool(cfg.SOLVER.AMP.ENABLED or amp)
         ours_cfg.freeze()
-        setting = (f"{DETECT_CONFIG.name}, {cfg.SOLVER.IMS_PER_BATCH} images/iter, {len(records)} "
+        setting = (f"{Path(DETECT_CONFIG).name}, {cfg.SOLVER.IMS_PER_BATCH} images/iter, {len(records)} "
                    f"generated {records[0]['width']}px images, ours "
                    f"{'bf16 autocast' if ours_cfg.SOLVER.AMP.ENABLED else 'fp32'}, Detectron2 fp32, "
                    f"{torch.get_num_threads()} threads")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feataug import CONFIGS
+from feataug import configs_dir
 
 from .harness import BenchError, machine_info, median, write_outputs
 from .jpegs import load_photos, memory_tmpdir, synthesize_jpegs
@@ -268,7 +268,7 @@ def phase_detect(p: GpuProfile, device: str, work: Path) -> dict:
             "MODEL.ROI_HEADS.NUM_CLASSES", 2, "MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
             "SOLVER.MAX_ITER", 1000000, "SOLVER.AMP.ENABLED", True, "OUTPUT_DIR", str(folder),
             *p.detect_opts]
-    cfg = get_detection_cfg(CONFIGS / "detection" / p.detect_config, opts)
+    cfg = get_detection_cfg(configs_dir() / "detection" / p.detect_config, opts)
     cfg.freeze()
     seed_all_rng(0)
     trainer = _SteppedTrainer(Trainer(cfg))

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from feataug import CONFIGS
 from pretrain.errors import FeatAugError
 from pretrain.utils.amp import cpu_has_native_bf16
 from pretrain.utils.io import atomic_write_text
@@ -43,7 +42,7 @@ FA_CONTENDERS: dict[str, tuple] = {
     # FA on the key, the query plain (FA.ARCH parallel_predictor), with the noise operator
     "parallel_predictor": ("FA.OP", "noise", "FA.ARCH", "parallel_predictor"),
 }
-DETECT_CONFIG = CONFIGS / "detection" / "tiny_faster_R18_FPN.yaml"
+DETECT_CONFIG = "detection/tiny_faster_R18_FPN.yaml"  # in FeatAug's configs (feataug.configs_dir)
 
 
 class BenchError(FeatAugError):
@@ -296,7 +295,7 @@ def machine_info() -> dict:
 
 def _module_version(module: str) -> str | None:
     """The version of an importable ``module``, else None (it is not available)."""
-    from transfer.provenance import package_version
+    from pretrain.utils.provenance import package_version
 
     return package_version(module, must_import=True)
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from feataug import CONFIGS_ENV, configs_dir, find_config
 from pretrain.errors import FeatAugError
 
 from .disk import estimate, format_disk
@@ -16,7 +17,11 @@ from .jobs import run_study
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", required=True, metavar="F.yaml", help="study grid file")
+    parser.add_argument("--grid", required=True, metavar="F.yaml",
+                        help="study grid file; a relative path that does not exist here is "
+                        "looked up in FeatAug's configs (those installed with the package, or "
+                        f"${CONFIGS_ENV}), a leading configs/ dropped: configs/study/cpu.yaml "
+                        "works from any folder")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="seeds 0..N-1 for every run (default: the grid's `seeds`, else 3)")
     parser.add_argument("--out", default="", metavar="DIR",
@@ -52,7 +57,11 @@ def main(args: argparse.Namespace) -> int:
             raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
         if args.jobs is not None and args.jobs < 1:
             raise StudyError(f"--jobs must be >= 1, got {args.jobs}")
-        grid = load_grid(args.grid)
+        grid_file = find_config(args.grid)
+        if not grid_file.exists() and not grid_file.is_absolute():
+            raise StudyError(f"{args.grid}: no such grid file, here or in FeatAug's configs "
+                             f"({configs_dir()})")
+        grid = load_grid(grid_file)
         seeds = list(range(args.seeds or grid.seeds))
         out = Path(args.out or Path("output") / "study" / Path(args.grid).stem)
         jobs = args.jobs or grid.jobs

@@ -10,15 +10,16 @@
                           the window's means; after_train: closes, plots ``curves.png``.
 4. ``Checkpointer``       after_step, at checkpoints: refuses non-finite weights, then writes
                           ``last.pth`` (and ``checkpoint_EPOCH.pth`` unless
-                          ``SOLVER.CHECKPOINT_PERIOD`` is 0).
+                          ``SOLVER.CHECKPOINT_PERIOD`` is 0), with the run's provenance.
 5. ``KnnMonitor``         before_train: the untrained trunk; after_step, every ``KNN.PERIOD``
-                          epochs and at the end: kNN top-1 (rank 0; writes through 3).
+                          epochs and at the end: kNN top-1 (every rank its share; rank 0
+                          writes through 3).
 6. ``ProgressBar``        rank 0's tqdm bar.
 
 The RNG state saved by 4 is the one after the step and its log line, and 5 draws no random
 numbers, so a resumed run draws what an uninterrupted one draws. Every rank runs every hook, so
-the collective calls inside them (``any_across_ranks``, ``all_gather_object``) come in the same
-order on all ranks.
+the collective calls inside them (``any_across_ranks``, ``all_gather_object``, the kNN
+monitor's gathers) come in the same order on all ranks.
 
 What the hooks use of the trainer (``PretrainTrainer``): ``cfg``, ``model`` (the method,
 unwrapped), ``optimizer``, ``scaler``, ``device``, ``out``, ``ipe`` (iterations per epoch),
@@ -41,7 +42,6 @@ from ..solver import lr_factor, set_lr
 from ..utils.dist import (
     all_gather_object,
     any_across_ranks,
-    barrier,
     get_world_size,
     is_main_process,
 )
@@ -134,10 +134,11 @@ class Checkpointer(HookBase):
     a numbered copy of every job would fill the disk). Non-finite weights stop the run instead:
     a good checkpoint is never replaced by one holding NaNs.
 
-    ``sampler``: the data-order state stored in the checkpoint (``checkpoint`` module)."""
+    ``sampler``: the data-order state stored in the checkpoint (``checkpoint`` module);
+    ``provenance``: the run's ``provenance.json`` record, stored with it (None off rank 0)."""
 
-    def __init__(self, sampler: dict, period: int) -> None:
-        self.sampler, self.period = sampler, period
+    def __init__(self, sampler: dict, period: int, provenance: dict | None = None) -> None:
+        self.sampler, self.period, self.provenance = sampler, period, provenance
 
     def after_step(self) -> None:
         t = self.trainer
@@ -150,7 +151,7 @@ class Checkpointer(HookBase):
             raise TrainingError(f"weights became non-finite at iteration {t.iter} (epoch "
                                 f"{t.epoch}); stopped, {t.last_good()}")
         state = dict(cfg=t.cfg, model=t.model, optimizer=t.optimizer, scaler=t.scaler, out=t.out,
-                     sampler=self.sampler)
+                     sampler=self.sampler, provenance=self.provenance)
         t.skipped = save_run(state, t.iter, done_epochs, t.skipped, numbered)
         t.last_saved = t.iter
 
@@ -163,10 +164,14 @@ def _finite_weights(model: torch.nn.Module) -> bool:
 
 
 class KnnMonitor(HookBase):
-    """Weighted-kNN top-1 of the trunk (``evaluation.evaluate_knn``) on rank 0, the other ranks
-    waiting: at iteration 0 when ``at_start`` (the same trunk untrained, what pretraining has to
-    beat; a fresh run only), at the end of every ``period``-th epoch and at the end. Evaluating
-    draws no random numbers, so it does not change the run."""
+    """Weighted-kNN top-1 of the trunk (``evaluation.evaluate_knn``): at iteration 0 when
+    ``at_start`` (the same trunk untrained, what pretraining has to beat; a fresh run only), at
+    the end of every ``period``-th epoch and at the end. Evaluating draws no random numbers, so
+    it does not change the run.
+
+    Under ``torchrun`` every rank does its share: it extracts the features of 1/W of the bank and
+    of the queries, and scores 1/W of the queries against the gathered bank, so no rank waits in
+    a collective while another evaluates alone."""
 
     def __init__(self, knn_sets: tuple, writer: MetricsWriter, period: int,
                  at_start: bool) -> None:
@@ -184,19 +189,17 @@ class KnnMonitor(HookBase):
         if (epoch_end and (t.iter // t.ipe) % self.period == 0) or t.iter == t.max_iter:
             t.knn_top1 = self.evaluate(t.iter, t.epoch)
 
-    def evaluate(self, it: int, epoch: int) -> float | None:
-        """Top-1 in percent on rank 0 (None on the others), logged and written to metrics."""
+    def evaluate(self, it: int, epoch: int) -> float:
+        """Top-1 in percent, the same on every rank (collective: every rank calls it); rank 0
+        logs it and writes it to metrics."""
         t, cfg = self.trainer, self.trainer.cfg
-        acc = None
+        acc = evaluate_knn(t.model.backbone, *self.knn_sets, t.device, k=cfg.KNN.K, t=cfg.KNN.T,
+                           batch_size=max(cfg.SOLVER.BATCH_SIZE // get_world_size(), 64),
+                           num_workers=cfg.DATALOADER.NUM_WORKERS,
+                           channels_last=cfg.SOLVER.CHANNELS_LAST)
         if is_main_process():
-            acc = evaluate_knn(t.model.backbone, *self.knn_sets, t.device, k=cfg.KNN.K,
-                               t=cfg.KNN.T,
-                               batch_size=max(cfg.SOLVER.BATCH_SIZE // get_world_size(), 64),
-                               num_workers=cfg.DATALOADER.NUM_WORKERS,
-                               channels_last=cfg.SOLVER.CHANNELS_LAST)
             self.writer.write({"iter": it, "epoch": epoch, "knn_top1": round(acc, 4)}, "knn")
             logger.info(f"iteration {it}: kNN top-1 {acc:.2f}%")
-        barrier()
         return acc
 
 

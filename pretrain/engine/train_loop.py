@@ -66,6 +66,8 @@ from ..utils.env import seed_all
 from ..utils.io import atomic_write_text
 from ..utils.lock import run_lock
 from ..utils.logger import setup_logging
+from ..utils.provenance import collect_pretrain
+from ..utils.provenance import write as write_provenance
 from .hooks import (
     Checkpointer,
     KnnMonitor,
@@ -117,7 +119,9 @@ class PretrainTrainer(TrainerBase):
     ``last.pth`` with ``resume``), the default hooks, and ``run_step``.
 
     Building it takes OUTPUT_DIR's lock into ``held`` (released when the caller closes it), once
-    the data is known to be usable; nothing is written to the folder before that.
+    the data is known to be usable; nothing is written to the folder before that. Then rank 0
+    writes what produced the run (``provenance.json``, also the head of ``log.txt`` and an entry
+    of every checkpoint; ``pretrain.utils.provenance``) and ``config.yaml``.
     """
 
     def __init__(self, cfg, device: torch.device, resume: bool, held: ExitStack) -> None:
@@ -135,8 +139,12 @@ class PretrainTrainer(TrainerBase):
         ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
         if ckpt is not None:
             check_resume_config(ckpt, cfg, last_path)
+        self.provenance = None  # what produced the run, on rank 0 (in every checkpoint too)
         if self.main:
             remove_stale_temporaries(self.out)
+            self.provenance = collect_pretrain(cfg, world_size=self.world,
+                                               start_iter=0 if ckpt is None else ckpt["iter"])
+            write_provenance(self.out, self.provenance)  # before logging: log.txt's head
         setup_logging(["pretrain"], self.out / "log.txt", main=self.main)
         if cfg.KNN.PERIOD > 0 and self.knn_sets is None:
             logger.warning("KNN.PERIOD is set but DATA.KNN_TRAIN_ROOT / KNN_VAL_ROOT are not: "
@@ -229,7 +237,7 @@ class PretrainTrainer(TrainerBase):
                         cfg.SOLVER.GAMMA),
             NonFiniteLossGuard(),
             writer,
-            Checkpointer(sampler, cfg.SOLVER.CHECKPOINT_PERIOD),
+            Checkpointer(sampler, cfg.SOLVER.CHECKPOINT_PERIOD, self.provenance),
             KnnMonitor(self.knn_sets, writer, cfg.KNN.PERIOD, cfg.KNN.AT_START)
             if self.knn_sets is not None else None,
             ProgressBar(),

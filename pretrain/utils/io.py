@@ -1,5 +1,6 @@
 """File output: atomic (a reader sees the old file or the new one, never half of one), and
-checked before any work (:func:`check_output`: never an input, never a file unasked)."""
+checked before any work (:func:`check_output`: never an input, never a file unasked); and the
+one walk of an input folder (:func:`walk_files`)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """``text`` as UTF-8, whatever the locale."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def walk_files(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Every file under the folder ``root``, recursively, folder by folder with names sorted,
+    links followed, each real folder once; and the linked folders left out (a link to a folder
+    already walked, or to one that contains it, would walk it again or never end). Names only:
+    no file is opened."""
+    paths, seen, skipped = [], {os.path.realpath(root)}, []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here, kept = os.path.realpath(dirpath), []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen or os.path.commonpath([here, real]) == real:
+                skipped.append(os.path.join(dirpath, d))
+            else:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
+        paths += [os.path.join(dirpath, f) for f in sorted(filenames)]
+    return paths, skipped
 
 
 @contextlib.contextmanager
