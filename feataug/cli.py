@@ -19,7 +19,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("feataug.env", "versions of torch, torchvision, detectron2, CUDA and COCO evaluators"),
     "pretrain": ("pretrain.engine", "self-supervised pretraining (MoCo v2 / SimSiam / BYOL + FA)"),
-    "lincls": ("pretrain.lincls", "linear evaluation of a pretrained backbone"),
+    "lincls": ("feataug.lincls", "linear evaluation of any pretraining checkpoint convert reads"),
     "convert": ("transfer.convert", "convert a pretraining checkpoint into Detectron2 weights"),
     "detect": ("transfer.detect", "fine-tune and evaluate Faster/Mask R-CNN with Detectron2"),
     "coco-eval": ("transfer.coco_eval", "COCO-evaluate a results file against ground truth"),

@@ -149,15 +149,34 @@ _C.KNN.AT_START = True  # also evaluate the untrained trunk at iteration 0 (the 
 _C.KNN.K = 200
 _C.KNN.T = 0.1
 
+# Weights & Biases, besides metrics.jsonl and TensorBoard (optional: pip install
+# 'feataug[wandb]'; pretrain/utils/tracking.py). Rank 0 logs the flat config, every
+# metrics.jsonl record (step: its iter) and the final result; the run's id is kept in
+# OUTPUT_DIR/wandb_run.json, so --resume goes on in the same W&B run.
+_C.LOGGER = CN()
+_C.LOGGER.WANDB = False
+_C.LOGGER.WANDB_PROJECT = ""  # empty: $WANDB_PROJECT, else "feataug"
+_C.LOGGER.WANDB_ENTITY = ""  # empty: wandb's default (your user, or $WANDB_ENTITY)
+_C.LOGGER.WANDB_NAME = ""  # empty: OUTPUT_DIR's folder name (feataug study: <run>/seed<k>)
+_C.LOGGER.WANDB_GROUP = ""  # empty: none (feataug study: the study's folder name)
+# empty: wandb's own choice ($WANDB_MODE, else online) | online | offline | disabled
+_C.LOGGER.WANDB_MODE = ""
+
 # ----------------------------------------------------------------------------- linear evaluation
-# ``feataug lincls``: a linear classifier on the frozen trunk (MoCo protocol: SGD, lr 30,
-# momentum 0.9, no weight decay, RandomResizedCrop + flip; cosine decay here).
+# ``feataug lincls``: a linear classifier on the frozen trunk, in a published protocol
+# (pretrain/lincls.py): moco (SGD, lr 30, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80) or
+# simsiam (LARS, lr 0.1 x batch / 256, batch 4096, 90 epochs, cosine). Both: momentum 0.9, no
+# weight decay, RandomResizedCrop + flip. A key left at 0 / "" / [] takes the protocol's value.
 _C.LINCLS = CN()
 _C.LINCLS.TRAIN_ROOT = ""  # labelled split in DATA.KNN_FORMAT; empty: DATA.KNN_TRAIN_ROOT
 _C.LINCLS.VAL_ROOT = ""  # empty: DATA.KNN_VAL_ROOT
-_C.LINCLS.EPOCHS = 100
-_C.LINCLS.BATCH_SIZE = 256
-_C.LINCLS.BASE_LR = 30.0  # for a batch of 256; scaled by BATCH_SIZE / 256
+_C.LINCLS.PROTOCOL = "moco"  # moco | simsiam
+_C.LINCLS.OPTIMIZER = ""  # sgd | lars
+_C.LINCLS.EPOCHS = 0
+_C.LINCLS.BATCH_SIZE = 0  # all processes together
+_C.LINCLS.BASE_LR = 0.0  # for a batch of 256; scaled by BATCH_SIZE / 256
+_C.LINCLS.SCHEDULE = ""  # steps (x0.1 at each of STEPS) | cosine; set per epoch
+_C.LINCLS.STEPS = []  # epochs
 _C.LINCLS.MOMENTUM = 0.9
 _C.LINCLS.WEIGHT_DECAY = 0.0
 # True: a fresh augmented view every epoch (the paper protocol). False: features of the
@@ -176,7 +195,7 @@ RESUME_FREE_KEYS = (
     "OUTPUT_DIR", "DEVICE", "DETERMINISTIC", "DATA.ROOT", "DATA.KNN_TRAIN_ROOT",
     "DATA.KNN_VAL_ROOT", "DATA.KNN_FORMAT", "DATALOADER.", "LOG_PERIOD", "TENSORBOARD", "KNN.",
     "LINCLS.", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.CHECKPOINT_ITERS", "SOLVER.CHANNELS_LAST",
-    "SOLVER.COMPILE", "DATA.AUG_DEVICE",
+    "SOLVER.COMPILE", "DATA.AUG_DEVICE", "LOGGER.",
 )
 
 

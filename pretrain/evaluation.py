@@ -12,8 +12,9 @@ so every rank returns the same top-1, the one a single process gets (same trunk,
 size). Every rank then holds the whole bank [M, C] in host memory.
 
 Linear probe (``linear_probe``): multinomial logistic regression on standardised features, fitted
-to convergence with L-BFGS (a convex problem, no random start). ``feataug lincls`` trains the
-paper protocol's SGD linear classifier instead (``pretrain/lincls.py``).
+to convergence with L-BFGS (a convex problem, no random start). ``feataug lincls`` trains a
+published protocol's linear classifier instead (MoCo's SGD or SimSiam's LARS;
+``pretrain/lincls.py``).
 """
 
 from __future__ import annotations

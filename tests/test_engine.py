@@ -421,7 +421,7 @@ def test_knn_monitor_and_linear_probe_separate_two_colors(tmp_path, capsys):
     assert cli.main(["lincls", "--checkpoint", str(out / "last.pth"), "--knn", "DATALOADER.NUM_WORKERS",
                      "0", "LINCLS.EPOCHS", "20", "LINCLS.BATCH_SIZE", "8", "LINCLS.AUGMENT",
                      "False", "LINCLS.BASE_LR", "1.0"]) == 0
-    result = json.loads((out / "lincls.json").read_text())
+    result = json.loads((out / "last_lincls" / "lincls.json").read_text())
     assert result["top1"] == 100.0 and result["knn_top1"] == 100.0
     assert result["val_images"] == 8 and result["classes"] == 2
     assert "top-1 100.00%" in capsys.readouterr().out

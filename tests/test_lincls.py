@@ -81,15 +81,20 @@ def test_an_existing_output_is_replaced_only_with_overwrite(run, tmp_path, capsy
     argv = ["lincls", "--checkpoint", src / "last.pth", "--output", out, *_opts(data)]
     line = refused(capsys, argv, keep=[src, tmp_path])
     assert line.endswith(f"--output {out}: exists; use --overwrite to replace it")
-    default = src / "lincls.json"  # the default output, beside the checkpoint
+    default = src / "last_lincls" / "lincls.json"  # the default output folder, beside it
+    default.parent.mkdir()
     default.write_text("{}")
     try:
         line = refused(capsys, argv[:3] + argv[5:], keep=[src, tmp_path])
-        assert line.endswith(f"{default}: exists; use --overwrite to replace it")
+        assert line.endswith(f"--output-dir {default.parent}: holds an evaluation (lincls.json); "
+                             "--resume continues it, --overwrite replaces it")
     finally:
         default.unlink()
+        default.parent.rmdir()
     before = tree_hashes(src, other)
-    assert cli.main([str(a) for a in [*argv, "--overwrite"]]) == 0
+    ev = tmp_path / "ev"  # the evaluation's own folder, outside the run folder
+    assert cli.main([str(a) for a in [*argv, "--overwrite", "--output-dir", ev]]) == 0
+    assert (ev / "lincls_last.pth").is_file() and not (ev / "lincls.json").exists()
     assert 0 <= json.loads(out.read_text())["top1"] <= 100
     assert not out.is_symlink() and tree_hashes(src, other) == before  # the link, not its target
 

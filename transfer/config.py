@@ -16,6 +16,12 @@ Keys added by :func:`add_feataug_config` (Detectron2's own keys keep their defau
     optional text file, one class name a line: the class list of every ``--register-voc``
     dataset (otherwise classes are collected from the annotations of the registered split;
     keep train and test consistent by giving a file when a class may be missing from one).
+``LOGGER.WANDB``, ``LOGGER.WANDB_PROJECT``, ``_ENTITY``, ``_NAME``, ``_GROUP``, ``_MODE``
+    Weights & Biases, as for pretraining (the same keys and defaults, ``pretrain.config``):
+    the flat config, the latest scalars of Detectron2's event storage (step: the iteration)
+    and the evaluation results (``transfer.wandb_writer.WandbWriter``); ``--resume`` goes on in
+    the run whose id ``OUTPUT_DIR/wandb_run.json`` keeps. Off by default; on without ``wandb``
+    installed, refused before anything is written.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from pathlib import Path
 
 from detectron2.config import CfgNode, get_cfg
 
+from pretrain.config import get_cfg as get_pretrain_cfg
 from pretrain.config import merge_config_file, merge_overrides
 from pretrain.errors import ConfigError
+from pretrain.utils.tracking import check_wandb
 
 
 def add_feataug_config(cfg: CfgNode) -> CfgNode:
@@ -34,6 +42,7 @@ def add_feataug_config(cfg: CfgNode) -> CfgNode:
     cfg.SOLVER.AMP.PRECISION = "auto"
     cfg.DATASETS.AUTO_NUM_CLASSES = False
     cfg.DATASETS.CLASS_NAMES_FILE = ""
+    cfg.LOGGER = CfgNode(get_pretrain_cfg().LOGGER)  # one set of W&B keys for both halves
     return cfg
 
 
@@ -67,6 +76,7 @@ def _check(cfg: CfgNode, source) -> None:
             f"bfloat16, got {cfg.SOLVER.AMP.PRECISION!r}"
         )
     _check_sequences(cfg, source)
+    check_wandb(cfg, source("LOGGER.WANDB_MODE"))
 
 
 # channels of the images each INPUT.FORMAT gives the model

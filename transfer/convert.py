@@ -49,6 +49,8 @@ from transfer.resnet_trunk import (
     infer_depth,
     reference_shapes,
     torchvision_to_detectron2,
+    trunk_shapes,
+    trunk_stem,
 )
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "ConvertError",
     "Conversion",
     "Format",
+    "Trunk",
     "convert",
     "convert_checkpoint",
     "detectron2_opts",
@@ -67,8 +70,10 @@ __all__ = [
     "infer_arch",
     "infer_depth",
     "read_checkpoint",
+    "read_trunk",
     "reference_shapes",
     "torchvision_to_detectron2",
+    "trunk_of",
 ]
 
 # ImageNet normalisation of torchvision-style weights, in Detectron2's 0-255 pixel units.
@@ -119,10 +124,12 @@ def _group(key: str, depth: int) -> str:
 
 
 def _split(container: Mapping, prefix: str, sequential: bool):
-    """``(trunk, dropped, stray)`` of a format's container: the trunk's tensors under
-    torchvision names, the count of dropped tensors per key group, and keys of a Sequential
+    """``(trunk, counters, dropped, stray)`` of a format's container: the trunk's tensors under
+    torchvision names, its BN ``num_batches_tracked`` counters (torchvision names; not part of
+    the trunk's checks), the count of dropped tensors per key group, and keys of a Sequential
     trunk at indices where torchvision's children hold no tensors."""
     trunk: dict[str, torch.Tensor] = {}
+    counters: dict[str, torch.Tensor] = {}
     dropped: Counter = Counter()
     group_depth = max(1, prefix.count("."))
     for k, v in container.items():
@@ -131,6 +138,8 @@ def _split(container: Mapping, prefix: str, sequential: bool):
             dropped[_group(k, group_depth)] += isinstance(v, torch.Tensor)
         elif k.endswith("num_batches_tracked"):
             dropped[prefix + "*.num_batches_tracked"] += 1
+            if isinstance(v, torch.Tensor):
+                counters[k[len(prefix) :]] = v
         elif k.startswith(prefix + "fc.") or k == prefix + "fc":
             dropped[prefix + "fc."] += 1
         elif isinstance(v, torch.Tensor):
@@ -138,20 +147,46 @@ def _split(container: Mapping, prefix: str, sequential: bool):
     stray: list[str] = []
     if sequential:
         trunk, fc, stray = from_sequential(trunk)
+        counters = from_sequential(counters)[0]
         dropped[prefix + "9. (fc)"] += len(fc)
-    return trunk, Counter({k: n for k, n in dropped.items() if n}), stray
+    return trunk, counters, Counter({k: n for k, n in dropped.items() if n}), stray
 
 
-def convert_checkpoint(path: str | Path, fmt: str = "auto") -> Conversion:
-    """Read ``path``, find and check its ResNet trunk, and rename it for Detectron2."""
-    source = str(path)
-    notes: list[str] = []
-    ckpt = read_checkpoint(path, notes)
+@dataclass
+class Trunk:
+    """A checkpoint's ResNet trunk in torchvision's names, checked exact (:func:`trunk_of`)."""
+
+    source: str
+    format: Format
+    container: tuple[str, ...]
+    prefix: str
+    arch: Arch
+    stem: str  # "imagenet" | "cifar" (transfer.resnet_trunk.STEMS)
+    state: dict[str, torch.Tensor]  # exactly trunk_shapes(arch, stem), in its order
+    counters: dict[str, torch.Tensor]  # BN num_batches_tracked found beside it
+    dropped: Counter = field(default_factory=Counter)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def trunk_of(ckpt: Mapping, fmt: str = "auto", source: str = "checkpoint",
+             notes: list[str] | None = None, cifar: bool = False) -> Trunk:
+    """The checked trunk of a checkpoint read by :func:`read_checkpoint`.
+
+    ``fmt``: a format name or ``"auto"`` (:func:`detect_format`). The architecture comes from
+    the trunk's keys and shapes (:func:`infer_arch`, agreeing with a FeatAug checkpoint's
+    ``arch.name``); every tensor must be there with its shape, nothing else, all finite
+    (:func:`check_trunk`). ``cifar``: FeatAug's recorded CIFAR stem is accepted
+    (:func:`trunk_stem`; linear evaluation), else only the ImageNet stem Detectron2 has
+    (:func:`check_stem`; conversion). Each refusal is one :class:`ConvertError` line."""
     form, container_path, container, prefix = detect_format(ckpt, fmt, source)
-    trunk, dropped, stray = _split(container, prefix, form.sequential)
-
+    trunk, counters, dropped, stray = _split(container, prefix, form.sequential)
     recorded = ckpt.get("arch") if form.name == "feataug" else None
-    check_stem(recorded, trunk, source)
+    if cifar:
+        stem = trunk_stem(recorded, trunk, source)
+    else:
+        check_stem(recorded, trunk, source)
+        stem = "imagenet"
     if stray:
         raise ConvertError(
             f"{source}: {prefix}{stray[0]}: torchvision's ResNet children as nn.Sequential hold "
@@ -162,13 +197,29 @@ def convert_checkpoint(path: str | Path, fmt: str = "auto") -> Conversion:
         raise ConvertError(
             f"{source}: arch.name is {recorded.get('name')!r} but the trunk is {arch.title}"
         )
-    check_trunk(trunk, arch, source)
-
-    as_numpy = lambda t: t.detach().to("cpu", torch.float32).contiguous().numpy()  # noqa: E731
-    model = {torchvision_to_detectron2(k): as_numpy(trunk[k]) for k in reference_shapes(arch)}
+    check_trunk(trunk, arch, source, stem)
     top = container_path[0] if container_path else None
     ignored = [str(k) for k in ckpt if k != top] if top is not None else []
-    return Conversion(source, form, container_path, prefix, arch, model, dropped, ignored, notes)
+    state = {k: trunk[k] for k in trunk_shapes(arch, stem)}
+    return Trunk(source, form, container_path, prefix, arch, stem, state, counters, dropped,
+                 ignored, list(notes or []))
+
+
+def read_trunk(path: str | Path, fmt: str = "auto", cifar: bool = False) -> Trunk:
+    """:func:`trunk_of` the checkpoint file ``path`` (:func:`read_checkpoint`: nothing in it
+    runs)."""
+    notes: list[str] = []
+    ckpt = read_checkpoint(path, notes)
+    return trunk_of(ckpt, fmt, str(path), notes, cifar)
+
+
+def convert_checkpoint(path: str | Path, fmt: str = "auto") -> Conversion:
+    """Read ``path``, find and check its ResNet trunk, and rename it for Detectron2."""
+    t = read_trunk(path, fmt)
+    as_numpy = lambda v: v.detach().to("cpu", torch.float32).contiguous().numpy()  # noqa: E731
+    model = {torchvision_to_detectron2(k): as_numpy(v) for k, v in t.state.items()}
+    return Conversion(t.source, t.format, t.container, t.prefix, t.arch, model, t.dropped,
+                      t.ignored, t.notes)
 
 
 def _check_output(src: Path, dst: Path, overwrite: bool) -> None:

@@ -29,6 +29,10 @@ read without executing anything from them and must fit the model, and an empty `
 (random initialization) needs ``--from-scratch`` (``transfer/weights.py``). The flags become a
 :class:`~transfer.options.DetectOptions`; :func:`run_detection` is the same run for library
 callers. The run itself: ``transfer/runner.py``; trial summaries: ``transfer/trials.py``.
+
+``LOGGER.WANDB True`` (``pip install 'feataug[wandb]'``) also logs every run to Weights & Biases
+(``transfer/wandb_writer.py``): the config, the scalars Detectron2 logs, the evaluation results;
+``--resume`` goes on in the same W&B run.
 """
 
 from __future__ import annotations

@@ -27,9 +27,13 @@ import torch
 
 from transfer.formats import ConvertError, listing
 
-__all__ = ["DEPTHS", "SEQUENTIAL_CHILDREN", "Arch", "check_stem", "check_trunk",
-           "from_sequential", "infer_arch", "infer_depth", "reference_shapes",
-           "torchvision_to_detectron2"]  # fmt: skip
+__all__ = ["DEPTHS", "SEQUENTIAL_CHILDREN", "STEMS", "Arch", "check_stem", "check_trunk",
+           "from_sequential", "infer_arch", "infer_depth", "reference_shapes", "trunk_shapes",
+           "trunk_stem", "torchvision_to_detectron2"]  # fmt: skip
+
+# conv1's kernel per stem: torchvision's ImageNet stem (7x7/2 conv + max-pool) and FeatAug's CIFAR
+# stem (3x3/1 conv with padding 1, no max-pool; pretrain.backbone)
+STEMS = {"imagenet": (7, 7), "cifar": (3, 3)}
 
 # (blocks per stage, bottleneck?) -> depth
 DEPTHS = {
@@ -174,9 +178,18 @@ def reference_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_trunk(trunk: Mapping[str, torch.Tensor], arch: Arch, source: str) -> None:
-    """Every tensor of :func:`reference_shapes` with its shape, no other tensor, finite values."""
+def trunk_shapes(arch: Arch, stem: str = "imagenet") -> dict[str, tuple[int, ...]]:
+    """:func:`reference_shapes` with ``stem``'s conv1 (:data:`STEMS`), in the same order."""
     ref = reference_shapes(arch)
+    if stem == "imagenet":
+        return ref
+    return {**ref, "conv1.weight": (arch.stem, 3, *STEMS[stem])}
+
+
+def check_trunk(trunk: Mapping[str, torch.Tensor], arch: Arch, source: str,
+                stem: str = "imagenet") -> None:
+    """Every tensor of :func:`trunk_shapes` with its shape, no other tensor, finite values."""
+    ref = trunk_shapes(arch, stem)
     missing = [k for k in ref if k not in trunk]
     if missing:
         raise ConvertError(f"{source}: {arch.title} keys missing: {listing(missing)}")
@@ -213,6 +226,34 @@ def check_stem(recorded: Any, trunk: Mapping[str, torch.Tensor], source: str) ->
             f"{source}: conv1 is {k}, a CIFAR-style stem; Detectron2's ResNet needs the "
             "ImageNet stem (7x7 conv1 + max-pool)"
         )
+
+
+def trunk_stem(recorded: Any, trunk: Mapping[str, torch.Tensor], source: str) -> str:
+    """The stem of a trunk read for evaluation in torchvision's layout (not Detectron2's, which
+    :func:`check_stem` guards): ``"imagenet"`` for a 7x7 conv1; ``"cifar"`` for a 3x3 conv1 where
+    the checkpoint records FeatAug's CIFAR stem (``recorded``: a FeatAug checkpoint's ``arch``).
+    A 3x3 conv1 without that record is refused: its padding (1 in FeatAug's stem and most CIFAR
+    ResNets, 2 in solo-learn's) is not in the weights, and it changes every feature."""
+    want = recorded.get("stem", "imagenet") if isinstance(recorded, Mapping) else None
+    if want is not None and want not in STEMS:
+        raise ConvertError(f"{source}: arch.stem {want!r} is not one of: {', '.join(STEMS)}")
+    conv1 = trunk.get("conv1.weight")
+    kernel = tuple(conv1.shape[2:]) if isinstance(conv1, torch.Tensor) and conv1.dim() == 4 else None
+    found = next((name for name, k in STEMS.items() if k == kernel), None)
+    if kernel is None or (want is None and found == "imagenet"):
+        return "imagenet"  # a missing conv1 is check_trunk's to report
+    k = "x".join(map(str, kernel))
+    if want is None and found == "cifar":
+        raise ConvertError(
+            f"{source}: conv1 is 3x3, a CIFAR-style stem whose padding the weights do not record "
+            "(1 in FeatAug's and most CIFAR ResNets, 2 in solo-learn's); only FeatAug "
+            "checkpoints, whose arch.stem records it, are evaluated with it"
+        )
+    if want is None or found != want:
+        expected = f"arch.stem {want!r} has a {'x'.join(map(str, STEMS[want]))} conv1" \
+            if want else "the ImageNet stem has a 7x7 conv1"
+        raise ConvertError(f"{source}: conv1 is {k}, but {expected}")
+    return want
 
 
 # ----------------------------------------------------------------------------- renaming

@@ -2,7 +2,10 @@
 train and evaluate once, or ``trials`` times with consecutive seeds, in every process.
 
 Each run writes ``eval_results.json``, the config it ran (``config.yaml``, after rescaling for
-the processes) and, on the main process, ``provenance.json`` and the head of ``log.txt``.
+the processes) and, on the main process, ``provenance.json`` and the head of ``log.txt``. With
+``LOGGER.WANDB`` each run is a W&B run (``transfer.wandb_writer``): trial ``k`` is
+``<name>/trial<k>`` in group ``<name>`` (``<name>``: ``LOGGER.WANDB_NAME``, else OUTPUT_DIR's
+folder name, unless ``LOGGER.WANDB_GROUP`` is set); ``--eval-only`` logs its results.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ def _run_trials(cfg, options: DetectOptions, record: dict | None) -> dict:
         tcfg.defrost()
         tcfg.SEED = base + k
         tcfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, f"trial{k}")
+        if cfg.LOGGER.WANDB:  # the trials of one command: one W&B group
+            name = cfg.LOGGER.WANDB_NAME or Path(cfg.OUTPUT_DIR).resolve().name
+            tcfg.LOGGER.WANDB_NAME = f"{name}/trial{k}"
+            tcfg.LOGGER.WANDB_GROUP = cfg.LOGGER.WANDB_GROUP or name
         tcfg.freeze()
         if record is not None:
             provenance.write(tcfg.OUTPUT_DIR, record, log=False)
@@ -106,6 +113,12 @@ def _run_once(cfg, options: DetectOptions) -> dict:
         model = Trainer.build_model(cfg)
         SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
         results = Trainer.test(cfg, model)
+        if cfg.LOGGER.WANDB and comm.is_main_process():
+            from transfer.wandb_writer import WandbWriter
+
+            writer = WandbWriter(cfg, resume=options.resume)
+            writer.log_results(results)
+            writer.close()
     else:
         trainer = Trainer(cfg)  # its checkpointer reads files safely; resuming needs this model
         trainer.resume_or_load(resume=options.resume)

@@ -13,7 +13,10 @@
   the device computes it natively, float16 on older GPUs, float32 on other CPUs);
 * weights and checkpoints loaded by :class:`transfer.checkpoint.SafeCheckpointer` (nothing from
   a file runs; resuming needs exactly this model);
-* the last evaluation's results in :attr:`Trainer.eval_results` (also returned by ``train``).
+* the last evaluation's results in :attr:`Trainer.eval_results` (also returned by ``train``);
+* with ``LOGGER.WANDB``, a :class:`transfer.wandb_writer.WandbWriter` beside Detectron2's
+  writers: the scalars and every evaluation's results in the W&B run of ``OUTPUT_DIR``, resumed
+  when training resumes from a checkpoint.
 
 Everything is done through ``DefaultTrainer``'s public methods (``build_hooks``, ``run_step``,
 ``state_dict``, ...), checked on Detectron2 0.7.2.
@@ -91,6 +94,8 @@ class Trainer(DefaultTrainer):
             :class:`CPUAutocastTrainer`, on the trainer's model, data and optimizer); None:
             ``DefaultTrainer``'s own ``SimpleTrainer``.
         eval_results: the last evaluation's results (``{}`` before one ran).
+        wandb_writer: the :class:`~transfer.wandb_writer.WandbWriter` with ``LOGGER.WANDB`` on
+            the main process, else None.
     """
 
     def __init__(self, cfg):
@@ -100,6 +105,7 @@ class Trainer(DefaultTrainer):
         plain.defrost()
         plain.SOLVER.AMP.ENABLED = False
         self.eval_results = {}
+        self.wandb_writer = None  # build_writers (main process, in DefaultTrainer.__init__)
         super().__init__(plain)
         self.cfg.defrost()
         self.cfg.SOLVER.AMP.ENABLED = cfg.SOLVER.AMP.ENABLED
@@ -154,10 +160,23 @@ class Trainer(DefaultTrainer):
         return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate)
                 if isinstance(h, hooks.EvalHook) else h for h in super().build_hooks()]
 
+    def build_writers(self):
+        """Detectron2's writers (console, ``metrics.json``, TensorBoard), and W&B with
+        ``LOGGER.WANDB``."""
+        writers = super().build_writers()
+        if self.cfg.LOGGER.WANDB:
+            from transfer.wandb_writer import WandbWriter
+
+            self.wandb_writer = WandbWriter(self.cfg)
+            writers.append(self.wandb_writer)
+        return writers
+
     def evaluate(self) -> dict:
         """Evaluate the model on ``DATASETS.TEST`` (``DefaultTrainer.test``); the results are
-        kept in :attr:`eval_results` and returned."""
+        kept in :attr:`eval_results` (and W&B's summary) and returned."""
         self.eval_results = self.test(self.cfg, self.model)
+        if self.wandb_writer is not None:
+            self.wandb_writer.log_results(self.eval_results)
         return self.eval_results
 
     def train(self) -> dict:
@@ -165,7 +184,10 @@ class Trainer(DefaultTrainer):
 
         ``DefaultTrainer.train`` is ``TrainerBase.train`` over that range, then a check of its
         last results against ``TEST.EXPECTED_RESULTS``; this checks :attr:`eval_results`.
+        A run resumed from a checkpoint goes on in its W&B run.
         """
+        if self.wandb_writer is not None:
+            self.wandb_writer.resume = self.start_iter > 0
         TrainerBase.train(self, self.start_iter, self.max_iter)
         if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
             assert self.eval_results, "No evaluation results obtained during training!"

@@ -24,6 +24,13 @@ A study grid (YAML) names a base pretraining config and lists runs as config ove
           FA.OP: [noise, extrapolate]
           DA.STRENGTH: [weak, strong]
         skip_invalid: false                   # true: drop combinations the model refuses
+    slurm:                                    # defaults of --slurm (its flags win)
+      nodes: 1
+      gpus_per_node: 8                        # one task per GPU; 0: a CPU job
+      time: 240                               # minutes
+      partition: gpu
+      account: my_account
+      args: {qos: high, mem: 64G}             # any other sbatch option
 
 ``{data}`` in any string stands for the dataset root (``$FEATAUG_DATA``, else ``datasets``).
 Each run of a block is ``base <- grid overrides <- block overrides <- one axes combination <-
@@ -42,6 +49,11 @@ with a result and resumes the others from their ``last.pth``; a folder that hold
 config is refused. After every job ``OUT/results.csv`` (one row per run x seed) and
 ``OUT/results.md`` (mean ± std over seeds, delta vs. the matching baseline) are rewritten; at the
 end ``OUT/plots/<AXIS>.png`` shows one bar chart per study axis (a config key that varies).
+
+``--slurm`` submits the unfinished jobs instead, one Slurm array task each (submitit, the
+``cluster`` extra), and returns; the same bookkeeping lets a rerun skip finished and queued jobs,
+resubmit the failed and missing ones, and write the reports once all have finished
+(``feataug.study.slurm``).
 
 Evaluation: the trunk of ``last.pth`` (or an untrained one for ``random_init``) embeds the
 labelled splits with the evaluation transform at ``DATA.IMAGE_SIZE``; weighted kNN (k=200,

@@ -26,7 +26,11 @@ EVAL_DEFAULTS = dict(train="", val="", format="folder", max_train=0, max_val=0,
 # COCO AP / AP50 on the test split; ``train`` / ``test`` are [COCO json, image folder].
 DETECTION_KEYS = {"config", "train", "test", "overrides", "trials"}
 GRID_KEYS = {"base", "seeds", "jobs", "prepare", "random_init", "overrides", "eval", "blocks",
-             "description"}
+             "description", "slurm"}
+# slurm: the defaults of `feataug study --slurm` (its flags win): key -> (type, least value);
+# ``args`` maps any other sbatch option to its value (``feataug.study.slurm``).
+SLURM_KEYS = {"nodes": (int, 1), "gpus_per_node": (int, 0), "time": (int, 1),
+              "partition": (str, None), "account": (str, None), "args": (dict, None)}
 BLOCK_KEYS = {"name", "base", "overrides", "variants", "axes", "skip_invalid", "control"}
 
 
@@ -64,6 +68,7 @@ class Grid:
     seeds: int = 3
     prepare: list[str] = field(default_factory=list)
     jobs: int = 1
+    slurm: dict = field(default_factory=dict)  # the checked `slurm:` mapping
 
     def run(self, name: str) -> Run:
         return next(r for r in self.runs if r.name == name)
@@ -288,6 +293,31 @@ def _detection_spec(spec, grid_dir: Path, data_root: str, where: str) -> dict:
     return out
 
 
+def _slurm_spec(spec, where: str) -> dict:
+    """The checked ``slurm:`` mapping (``SLURM_KEYS``); ``args`` keys are spelt with ``_``, their
+    values become strings (``true``: an option without a value)."""
+    spec = _mapping(spec, where, "slurm")
+    unknown = set(spec) - set(SLURM_KEYS)
+    _need(not unknown, where, f"slurm: unknown key(s) {sorted(unknown)}; allowed: "
+          f"{sorted(SLURM_KEYS)} (any other sbatch option goes under slurm.args)")
+    for key, value in spec.items():
+        kind, least = SLURM_KEYS[key]
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        ok = ok and (least is None or value >= least) and (kind is not str or bool(value.strip()))
+        what = {int: f"an integer >= {least}", str: "a non-empty string", dict: "a mapping"}[kind]
+        _need(ok, where, f"slurm.{key} must be {what}, got {value!r}")
+    args = {}
+    for key, value in spec.get("args", {}).items():
+        name = str(key).replace("-", "_")
+        _need(name not in SLURM_KEYS, where, f"slurm.args.{key}: set it as slurm.{name}")
+        ok = value is True or (isinstance(value, (str, int, float)) and not isinstance(value, bool)
+                               and str(value).strip() != "")
+        _need(ok, where, f"slurm.args.{key} must be a number, a non-empty string or true (an "
+              f"option without a value), got {value!r}")
+        args[name] = True if value is True else str(value)
+    return {**spec, "args": args} if "args" in spec else spec
+
+
 def _parse_yaml(text: str, where: str) -> Any:
     """``text`` as plain YAML: a tag is refused, never constructed."""
     import yaml
@@ -375,4 +405,5 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
     jobs = top.get("jobs", 1)
     _need(isinstance(jobs, int) and jobs >= 1, where,
           f"jobs must be a positive integer, got {jobs!r}")
-    return Grid(str(path), text, runs, axes, ev, seeds, prepare, jobs)
+    slurm = _slurm_spec(top.get("slurm"), where)
+    return Grid(str(path), text, runs, axes, ev, seeds, prepare, jobs, slurm)

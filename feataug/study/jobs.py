@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain.config import get_cfg
 from pretrain.utils.io import atomic_write_text
 from pretrain.utils.lock import run_lock
+from pretrain.utils.tracking import check_wandb
 
 from .grid import Grid, Run, StudyError, _digest_cfg, _resolve
 from .report import METRICS, write_reports
@@ -46,8 +48,19 @@ class Job:
 
     def cfg(self):
         """The frozen pretraining config this job trains: the grid's (``grid_cfg``) with
-        ``STUDY_DEFAULTS`` for the keys the grid's overrides do not set."""
-        return self._resolve(dict(STUDY_DEFAULTS))
+        ``STUDY_DEFAULTS`` for the keys the grid's overrides do not set. With ``LOGGER.WANDB``
+        on, likewise, the job is the W&B run ``<run>/seed<k>`` in a group named after the
+        study's folder (``wandb_defaults``)."""
+        cfg = self._resolve(dict(STUDY_DEFAULTS))
+        if cfg.LOGGER.WANDB:
+            cfg = self._resolve({**dict(STUDY_DEFAULTS), **self.wandb_defaults()})
+        return cfg
+
+    def wandb_defaults(self) -> dict:
+        """W&B name and group of the job: ``<run>/seed<k>``, the study's folder name (the job
+        folder is ``STUDY/runs/<run>/seed<k>``)."""
+        return {"LOGGER.WANDB_NAME": f"{self.run.name}/seed{self.seed}",
+                "LOGGER.WANDB_GROUP": Path(self.output_dir).parent.parent.parent.name}
 
     def grid_cfg(self):
         """The frozen config as the grid alone resolves it (base config <- overrides), the one
@@ -63,8 +76,10 @@ class Job:
 
     def digest(self) -> str:
         """What a job folder's records must match: the grid's config (not ``STUDY_DEFAULTS``,
-        so the folders of studies run before a default changed stay valid), seed, evaluation."""
-        spec = dict(config=_digest_cfg(self.grid_cfg()), random_init=self.run.random_init,
+        so the folders of studies run before a default changed stay valid; ``LOGGER`` at its
+        defaults, so turning W&B on or off keeps finished jobs finished), seed, evaluation."""
+        cfg = {**self.grid_cfg(), "LOGGER": get_cfg().LOGGER}
+        spec = dict(config=_digest_cfg(cfg), random_init=self.run.random_init,
                     seed=self.seed, eval=self.eval)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -149,6 +164,8 @@ def run_study(grid: Grid, out: str | os.PathLike, seeds: Sequence[int],
     out = Path(out)
     runner = runner or pretrain_and_evaluate
     all_jobs = make_jobs(grid, out, seeds)
+    for job in {j.run.name: j for j in all_jobs}.values():  # before anything is written
+        check_wandb(job.cfg(), job.run.name)
     digests = {j.output_dir: j.digest() for j in all_jobs}
     records, todo = {}, []
     for j in all_jobs:
@@ -265,6 +282,20 @@ def pretrain_and_evaluate(job: Job) -> dict:
         last = None if job.run.random_init else Path(cfg.OUTPUT_DIR) / "last.pth"
         result |= detection_metrics(job.eval["detection"], last, Path(job.output_dir), job.seed)
     t2 = time.perf_counter()
-    return {**{k: round(v, 4) for k, v in result.items()}, **info,
-            "pretrain_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
-            "cpu_s": round(time.process_time() - cpu0, 1)}
+    metrics = {**{k: round(v, 4) for k, v in result.items()}, **info,
+               "pretrain_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
+               "cpu_s": round(time.process_time() - cpu0, 1)}
+    if cfg.LOGGER.WANDB:
+        log_job_metrics(cfg, metrics)
+    return metrics
+
+
+def log_job_metrics(cfg, metrics: dict) -> None:
+    """A job's metrics as ``study/KEY`` in the summary of its W&B run: the pretraining run,
+    resumed by the id its folder keeps (for an untrained trunk, a new run)."""
+    from pretrain.utils.tracking import open_run
+
+    run = open_run(cfg, cfg.OUTPUT_DIR, resume=True, job_type="pretrain")
+    run.summary.update({f"study/{k}": v for k, v in metrics.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)})
+    run.finish()

@@ -8,23 +8,29 @@
                           non-finite loss, before anything below logs or saves it.
 3. ``MetricsWriter``      before_train: opens ``metrics.jsonl``; after_step, at log lines: writes
                           the window's means; after_train: closes, plots ``curves.png``.
-4. ``Checkpointer``       after_step, at checkpoints: refuses non-finite weights, then writes
+4. ``WandbLogger``        only with ``LOGGER.WANDB``; before_train: opens (or resumes) the W&B
+                          run and receives every record 3 writes from then on (so it comes
+                          before 6, whose first record is written in before_train);
+                          after_train: the final result, then closes the run.
+5. ``Checkpointer``       after_step, at checkpoints: refuses non-finite weights, then writes
                           ``last.pth`` (and ``checkpoint_EPOCH.pth`` unless
                           ``SOLVER.CHECKPOINT_PERIOD`` is 0), with the run's provenance.
-5. ``KnnMonitor``         before_train: the untrained trunk; after_step, every ``KNN.PERIOD``
+6. ``KnnMonitor``         before_train: the untrained trunk; after_step, every ``KNN.PERIOD``
                           epochs and at the end: kNN top-1 (every rank its share; rank 0
                           writes through 3).
-6. ``ProgressBar``        rank 0's tqdm bar.
+7. ``ProgressBar``        rank 0's tqdm bar.
 
-The RNG state saved by 4 is the one after the step and its log line, and 5 draws no random
-numbers, so a resumed run draws what an uninterrupted one draws. Every rank runs every hook, so
+The RNG state saved by 5 is the one after the step and its log line, and 4 and 6 draw no
+random numbers from the global generators, so a resumed run draws what an uninterrupted one
+draws. Every rank runs every hook, so
 the collective calls inside them (``any_across_ranks``, ``all_gather_object``, the kNN
 monitor's gathers) come in the same order on all ranks.
 
 What the hooks use of the trainer (``PretrainTrainer``): ``cfg``, ``model`` (the method,
 unwrapped), ``optimizer``, ``scaler``, ``device``, ``out``, ``ipe`` (iterations per epoch),
 ``epoch`` (of the step just taken), ``skipped`` (unreadable image indices), ``window``
-(``StepWindow``), ``log_due()`` / ``save_due()`` (the schedule), ``last_good()``; they report
+(``StepWindow``), ``log_due()`` / ``save_due()`` (the schedule), ``last_good()``,
+``summary()`` (what ``train`` returns); they report
 back through ``window_values``, ``last_record``, ``last_saved``, ``knn_top1`` and
 ``knn_top1_init``.
 """
@@ -32,6 +38,7 @@ back through ``window_values``, ``last_record``, ``last_saved``, ``knn_top1`` an
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -45,11 +52,12 @@ from ..utils.dist import (
     get_world_size,
     is_main_process,
 )
+from ..utils.tracking import open_run
 from .metrics import Metrics, plot_curves
 from .trainer import HookBase
 
 __all__ = ["Checkpointer", "KnnMonitor", "LRScheduler", "MetricsWriter", "NonFiniteLossGuard",
-           "ProgressBar"]
+           "ProgressBar", "WandbLogger"]
 
 logger = logging.getLogger("pretrain")
 
@@ -95,11 +103,13 @@ class NonFiniteLossGuard(HookBase):
 class MetricsWriter(HookBase):
     """``metrics.jsonl`` (and TensorBoard): one record every ``LOG_PERIOD`` iterations and at
     the end, the means of the window ``NonFiniteLossGuard`` read; ``curves.png`` once the run
-    has completed. Other hooks write their records through ``write`` (e.g. kNN)."""
+    has completed. Other hooks write their records through ``write`` (e.g. kNN), and receive
+    every record written through ``listeners`` (``listener(record, prefix)``, e.g. W&B)."""
 
     def __init__(self, tensorboard: bool) -> None:
         self.tensorboard = tensorboard
         self.metrics: Metrics | None = None
+        self.listeners: list[Callable[[dict, str], None]] = []
 
     def before_train(self) -> None:
         t = self.trainer
@@ -118,6 +128,8 @@ class MetricsWriter(HookBase):
 
     def write(self, record: dict, prefix: str = "train") -> None:
         self.metrics.write(record, prefix)
+        for listener in self.listeners:
+            listener(record, prefix)
 
     def after_train(self) -> None:
         if self.metrics is None:
@@ -125,6 +137,48 @@ class MetricsWriter(HookBase):
         self.metrics.close()
         if self.trainer.completed and is_main_process():
             plot_curves(self.metrics.path, self.trainer.out / "curves.png")
+
+
+class WandbLogger(HookBase):
+    """Weights & Biases (``LOGGER.WANDB``; ``pretrain.utils.tracking``), rank 0: the run's
+    config (flat), every record ``writer`` writes (the means of each log line as ``train/KEY``,
+    kNN as ``knn/knn_top1``; the step is the record's ``iter``) and, once the run has completed,
+    the final result (``train``'s summary) as ``final/KEY`` in the run's summary.
+
+    A resumed run (``start_iter`` > 0) goes on in the W&B run whose id its output folder keeps;
+    W&B does not take back what a killed run logged after its checkpoint, so the steps logged
+    again after a resume are the ones W&B already holds (online it keeps the first values)."""
+
+    SUMMARY = ("iter", "epoch", "loss", "knn_top1", "knn_top1_init", "skipped_images")
+
+    def __init__(self, writer: MetricsWriter) -> None:
+        self.writer, self.run = writer, None
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if not is_main_process():
+            return
+        self.run = open_run(t.cfg, t.out, resume=t.start_iter > 0, job_type="pretrain")
+        self.writer.listeners.append(self.log)
+
+    def log(self, record: dict, prefix: str) -> None:
+        """One metrics.jsonl record: its numbers, at step ``iter``."""
+        values = {("epoch" if k == "epoch" else f"{prefix}/{k}"): v for k, v in record.items()
+                  if k != "iter" and isinstance(v, int | float) and not isinstance(v, bool)}
+        self.run.log(values, step=record["iter"])
+
+    def after_train(self) -> None:
+        if self.run is None:
+            return
+        t = self.trainer
+        if self.log in self.writer.listeners:
+            self.writer.listeners.remove(self.log)
+        if t.completed:
+            summary = t.summary()
+            self.run.summary.update({f"final/{k}": summary[k] for k in self.SUMMARY
+                                     if summary.get(k) is not None})
+        self.run.finish(exit_code=0 if t.completed else 1)
+        self.run = None
 
 
 class Checkpointer(HookBase):

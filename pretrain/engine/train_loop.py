@@ -10,7 +10,8 @@ optimizer (resuming them from ``last.pth``), and its ``run_step`` is one iterati
 
 The method handles its own schedule in ``before_step`` / ``after_step`` (FA's strength,
 momentum encoders). The rest are hooks (``hooks``, called in the order documented there): the
-lr schedule, the non-finite-loss guard, metrics, checkpoints, the kNN monitor, the progress bar;
+lr schedule, the non-finite-loss guard, metrics (and W&B), checkpoints, the kNN monitor, the
+progress bar;
 ``train(cfg, extra_hooks=...)`` appends more.
 
 The views come whole from the loader workers (``DATA.AUG_DEVICE cpu``), or as uint8 crops and
@@ -68,6 +69,7 @@ from ..utils.lock import run_lock
 from ..utils.logger import setup_logging
 from ..utils.provenance import collect_pretrain
 from ..utils.provenance import write as write_provenance
+from ..utils.tracking import check_wandb
 from .hooks import (
     Checkpointer,
     KnnMonitor,
@@ -75,6 +77,7 @@ from .hooks import (
     MetricsWriter,
     NonFiniteLossGuard,
     ProgressBar,
+    WandbLogger,
 )
 from .launch import aug_device, compile_encoders, init_distributed, set_determinism, wrap_ddp
 from .metrics import StepWindow
@@ -93,6 +96,7 @@ def train(cfg, resume: bool = False, extra_hooks: Sequence[HookBase] = ()) -> di
     and on Ctrl-C a ``KeyboardInterrupt`` whose message says where the run stopped.
     """
     check_cfg(cfg)
+    check_wandb(cfg)  # LOGGER.WANDB without wandb: refused before anything is written
     out = Path(cfg.OUTPUT_DIR)
     check_output_dir(out, resume)
     check_data_paths(cfg)
@@ -237,6 +241,7 @@ class PretrainTrainer(TrainerBase):
                         cfg.SOLVER.GAMMA),
             NonFiniteLossGuard(),
             writer,
+            WandbLogger(writer) if cfg.LOGGER.WANDB else None,
             Checkpointer(sampler, cfg.SOLVER.CHECKPOINT_PERIOD, self.provenance),
             KnnMonitor(self.knn_sets, writer, cfg.KNN.PERIOD, cfg.KNN.AT_START)
             if self.knn_sets is not None else None,
