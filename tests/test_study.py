@@ -266,6 +266,43 @@ def test_resume_skips_finished_jobs_and_retries_failed(tmp_path):
     assert CALLS == []
 
 
+def test_a_key_added_to_the_defaults_keeps_finished_jobs_finished(tmp_path, monkeypatch):
+    """A new config key at a default that keeps the old behaviour leaves every digest (and the
+    finished job folders) valid; a grid that changes a value does not."""
+    from pretrain import config
+    from pretrain.config import CN
+
+    grid = study.load_grid(write_grid(tmp_path, SMALL))
+    out = tmp_path / "out"
+    CALLS.clear()
+    FAIL.clear()
+    study.run_study(grid, out, [0], runner=fake_runner, echo=lambda line: None)
+    before = {j.output_dir: j.digest() for j in study.make_jobs(grid, out, [0])}
+    plain = config.get_cfg
+
+    def with_a_new_key():
+        cfg = plain()
+        cfg.NEW_NODE = CN({"KEY": 7})
+        return cfg
+
+    monkeypatch.setattr(config, "get_cfg", with_a_new_key)
+    study.grid._base_cfg.cache_clear()
+    study.grid._base_cfg_pickle.cache_clear()
+    grown = study.load_grid(write_grid(tmp_path, SMALL, "g2.yaml"))
+    jobs = study.make_jobs(grown, out, [0])
+    assert all(j.grid_cfg().NEW_NODE.KEY == 7 for j in jobs)  # the key is in every job's config
+    assert {j.output_dir: j.digest() for j in jobs} == before
+    CALLS.clear()
+    study.run_study(grown, out, [0], runner=fake_runner, echo=lambda line: None)
+    assert CALLS == []  # nothing reran
+    changed = study.load_grid(write_grid(tmp_path, "overrides: {NEW_NODE.KEY: 8}\n" + SMALL,
+                                         "g3.yaml"))
+    with pytest.raises(StudyError, match="made for a different config"):
+        study.run_study(changed, out, [0], runner=fake_runner, echo=lambda line: None)
+    study.grid._base_cfg.cache_clear()
+    study.grid._base_cfg_pickle.cache_clear()
+
+
 # ----------------------------------------------------------------------------- aggregation
 @pytest.mark.parametrize("no_plots", [True, False])
 def test_cli_names_only_the_files_it_wrote(no_plots, tmp_path, capsys, monkeypatch):

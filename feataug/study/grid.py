@@ -151,15 +151,33 @@ def _check_model(cfg) -> None:
 
 
 def _digest_cfg(cfg, drop_fa: bool = False) -> str:
-    """Canonical text of a config without OUTPUT_DIR and SEED (optionally without FA).
+    """Canonical text of what a config sets away from FeatAug's defaults, without OUTPUT_DIR and
+    SEED (optionally without FA): ``{"KEY.SUB": value}`` of every key whose value differs from
+    ``pretrain.config.get_cfg()``'s.
 
-    A job's digest is taken of the config as the grid resolves it, before the study's own
-    defaults (``jobs.STUDY_DEFAULTS``) are added: those may change without touching the digests
-    of the job folders a study has already finished."""
-    c = {k: v for k, v in cfg.items() if k not in ("OUTPUT_DIR", "SEED")}
-    if drop_fa:
-        del c["FA"]
-    return json.dumps(c, sort_keys=True, default=str)
+    Keys at their default are left out, so a key added to the defaults later (at a value that
+    keeps the old behaviour) leaves every digest, and every finished job folder, valid. A job's
+    digest is taken of the config as the grid resolves it, before the study's own defaults
+    (``jobs.STUDY_DEFAULTS``) are added: those may change without touching the digests of the
+    job folders a study has already finished."""
+    from pretrain.config import get_cfg
+
+    defaults = _flat(get_cfg())
+    c = {k: v for k, v in _flat(cfg).items()
+         if k not in ("OUTPUT_DIR", "SEED") and not (drop_fa and k.startswith("FA."))
+         and (k not in defaults or v != defaults[k])}
+    return json.dumps(c, sort_keys=True)
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """``{"KEY.SUB": value}`` of a (nested) config, values in their JSON form (tuples as lists)."""
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))
+    return out
 
 
 def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root: str, where: str):
