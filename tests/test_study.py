@@ -6,7 +6,12 @@ import csv
 import gzip
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +306,54 @@ def test_a_key_added_to_the_defaults_keeps_finished_jobs_finished(tmp_path, monk
         study.run_study(changed, out, [0], runner=fake_runner, echo=lambda line: None)
     study.grid._base_cfg.cache_clear()
     study.grid._base_cfg_pickle.cache_clear()
+
+
+STUDY_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from feataug import study
+
+def runner(job):
+    Path(job.output_dir, "pid").write_text(str(os.getpid()))
+    time.sleep(300)
+    return {"knn_top1": 1.0}
+
+if __name__ == "__main__":
+    grid = study.load_grid(sys.argv[1])
+    study.run_study(grid, sys.argv[2], [0], runner=runner, jobs=2, plots=False)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_study_leaves_no_job_running(tmp_path):
+    """SIGKILL the study process while two jobs run: the job processes end with it (they would
+    otherwise run on unseen and write records a later run of the study does not expect)."""
+    script = tmp_path / "run_study.py"
+    script.write_text(textwrap.dedent(STUDY_SCRIPT))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(write_grid(tmp_path, SMALL)),
+                             str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids := list(out.glob("runs/*/seed0/pid"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "jobs did not start"
+            time.sleep(0.2)
+        workers = [int(p.read_text()) for p in pids]
+        assert all(_running(w) for w in workers)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(w) for w in workers)
 
 
 # ----------------------------------------------------------------------------- aggregation

@@ -139,10 +139,30 @@ def _execute(job: Job, runner: Callable[[Job], dict], digest: str | None) -> dic
     return record
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, study: int) -> None:
+    """A job process: ``threads`` torch threads, and it ends with the study process ``study``
+    (pid): a killed study leaves no job running unseen (an interrupted job resumes from its
+    ``last.pth`` at the next run)."""
     import torch
 
+    _end_with(study)
     torch.set_num_threads(threads)
+
+
+def _end_with(parent: int) -> None:
+    """Ask Linux to send this process SIGTERM when ``parent`` exits (prctl PR_SET_PDEATHSIG);
+    elsewhere nothing. If ``parent`` is already gone, end now."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):  # no prctl: not Linux
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _execute_quiet(job: Job, runner: Callable[[Job], dict], digest: str) -> dict:
@@ -206,7 +226,7 @@ def _run_all(todo: list[Job], runner, jobs: int, digests: dict) -> Iterable[dict
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads, os.getpid())) as pool:
         futures = [pool.submit(_execute_quiet, j, runner, digests[j.output_dir]) for j in todo]
         for f in as_completed(futures):
             yield f.result()
