@@ -322,11 +322,13 @@ def load_cfg(config_file: str | None = None, opts=None, *, text: str | None = No
     return cfg
 
 
-def _flat(cfg: CN, prefix: str = "") -> dict:
+def flat_config(cfg, prefix: str = "") -> dict:
+    """A (nested) config as one flat dict ``{"SOLVER.BASE_LR": 0.03, ...}``, tuples as lists
+    (resume checks, the study's digests, W&B's run config)."""
     out = {}
     for k, v in cfg.items():
-        if isinstance(v, CN):
-            out.update(_flat(v, f"{prefix}{k}."))
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
@@ -334,6 +336,6 @@ def _flat(cfg: CN, prefix: str = "") -> dict:
 
 def config_differences(saved: CN, cfg: CN) -> list[str]:
     """``KEY old -> new`` for every key outside ``RESUME_FREE_KEYS`` where the two differ."""
-    a, b = _flat(saved), _flat(cfg)
+    a, b = flat_config(saved), flat_config(cfg)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
             if not k.startswith(RESUME_FREE_KEYS) and a.get(k) != b.get(k)]

@@ -69,3 +69,28 @@ def refused(capsys, argv: list, *, keep=(), code: int = 2, out: str | None = Non
     if out is not None:
         assert captured.out == out, captured.out
     return err[0]
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int, timeout: float = 240) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes with one OpenMP thread each and
+    wait for them; kill them and fail the test after ``timeout`` seconds (no test hangs)."""
+    import os
+    import time
+
+    import torch.multiprocessing as mp
+
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the children's
+    try:
+        ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"the {nprocs} ranks did not finish in {timeout:g} s")
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = before

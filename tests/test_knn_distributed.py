@@ -10,8 +10,6 @@ whole batches of the one-process loader, hence the features must agree exactly (
 
 from __future__ import annotations
 
-import os
-import time
 from types import SimpleNamespace
 
 import cv2
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from torch import nn
 
 from pretrain.data import ArrayImages, ImageDataset
@@ -144,22 +142,7 @@ def runs(tmp_path_factory, one_thread):
     """(the one-process reference, [rank 0's results, rank 1's])."""
     tmp = tmp_path_factory.mktemp("knn_dist")
     _write_folder(tmp / "data" / "train", N_BANK, 6), _write_folder(tmp / "data" / "val", N_VAL, 7)
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # the children's
-    try:
-        ctx = mp.start_processes(_rank, args=(str(tmp / "init"), str(tmp), str(tmp / "data")),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + 240
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("the two ranks did not finish in 240 s")
-    finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
+    spawn_ranks(_rank, (str(tmp / "init"), str(tmp), str(tmp / "data")), WORLD)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return _scenarios(str(tmp / "data")), ranks
 

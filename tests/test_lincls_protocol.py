@@ -19,15 +19,13 @@ import fcntl
 import json
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
-from conftest import refused
+from conftest import refused, spawn_ranks
 from test_engine import _images
 
 import pretrain.lincls as lincls
@@ -270,16 +268,8 @@ def test_two_processes_give_the_one_process_accuracy_each_seeing_its_share(files
     argv = ["--checkpoint", files["moco"], *_opts(files["data"], "LINCLS.STEPS", "[2]")]
     one, two = files["root"] / "one", files["root"] / "two"
     reference = app.run(_args([*argv, "--output-dir", one]))
-    os.environ["OMP_NUM_THREADS"] = "1"  # the children's (the tests run with it set anyway)
-    ctx = mp.start_processes(_rank, args=(str(files["root"] / "init"),
-                                          [*argv, "--output-dir", str(two)], str(files["root"])),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two ranks did not finish in 240 s")
+    spawn_ranks(_rank, (str(files["root"] / "init"), [*argv, "--output-dir", str(two)],
+                        str(files["root"])), WORLD)
     ranks = [torch.load(files["root"] / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in ranks:
         assert (r["result"]["top1"], r["result"]["top5"]) == (reference["top1"],

@@ -160,24 +160,15 @@ def _digest_cfg(cfg, drop_fa: bool = False) -> str:
     digest is taken of the config as the grid resolves it, before the study's own defaults
     (``jobs.STUDY_DEFAULTS``) are added: those may change without touching the digests of the
     job folders a study has already finished."""
-    from pretrain.config import get_cfg
+    from pretrain.config import flat_config, get_cfg
 
-    defaults = _flat(get_cfg())
-    c = {k: v for k, v in _flat(cfg).items()
+    defaults, given = (
+        {k: json.loads(json.dumps(v, default=str)) for k, v in flat_config(c).items()}
+        for c in (get_cfg(), cfg))  # values in their JSON form
+    c = {k: v for k, v in given.items()
          if k not in ("OUTPUT_DIR", "SEED") and not (drop_fa and k.startswith("FA."))
          and (k not in defaults or v != defaults[k])}
     return json.dumps(c, sort_keys=True)
-
-
-def _flat(node, prefix: str = "") -> dict:
-    """``{"KEY.SUB": value}`` of a (nested) config, values in their JSON form (tuples as lists)."""
-    out = {}
-    for k, v in node.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))
-    return out
 
 
 def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root: str, where: str):

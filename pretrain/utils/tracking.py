@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Mapping
 from pathlib import Path
 
+from ..config import flat_config
 from ..errors import ConfigError, reason
 from .io import atomic_write_text
 
-__all__ = ["RUN_FILE", "WANDB_MISSING", "check_wandb", "flat_config", "open_run",
-           "stored_run_id"]
+__all__ = ["RUN_FILE", "WANDB_MISSING", "check_wandb", "open_run", "stored_run_id"]
 
 WANDB_MISSING = "LOGGER.WANDB is True but wandb is not installed: pip install 'feataug[wandb]'"
 WANDB_MODES = ("", "online", "offline", "disabled")
@@ -45,18 +44,6 @@ def check_wandb(cfg, where: str = "") -> None:
         import wandb  # noqa: F401
     except ImportError:
         raise ConfigError(WANDB_MISSING) from None
-
-
-def flat_config(cfg: Mapping, prefix: str = "") -> dict:
-    """A (nested) config as one flat dict ``{"SOLVER.BASE_LR": 0.03, ...}``, tuples as lists:
-    the run's config as W&B shows and filters it."""
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def stored_run_id(out: str | os.PathLike) -> str | None:
