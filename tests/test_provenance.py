@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,8 @@ def test_single_file_fingerprint_is_its_name_and_size(tmp_path):
 def test_pretraining_writes_provenance_and_every_checkpoint_carries_it(tmp_path):
     data, out = _images(tmp_path / "d", 8), tmp_path / "o"  # batch 4: 2 iterations per epoch
     assert _pretrain(data, out, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1") == 0
+    # the run's log file ended with it
+    assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger("pretrain").handlers)
 
     record = json.loads((out / "provenance.json").read_text())
     assert record["command"] == sys.argv and record["world_size"] == 1

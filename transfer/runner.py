@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from pretrain.utils.io import atomic_write_text
-from pretrain.utils.logger import setup_logging
+from pretrain.utils.logger import close_log_files, setup_logging
 from transfer import provenance
 from transfer.options import DetectOptions
 from transfer.preflight import setup
@@ -26,6 +26,7 @@ from transfer.trials import plain, write_trials
 __all__ = ["run", "worker"]
 
 logger = logging.getLogger("transfer.detect")
+LOGGERS = ("detectron2", "fvcore", "transfer", "d2")  # a detection run's log.txt takes these
 
 
 def worker(options: DetectOptions) -> None:
@@ -46,18 +47,21 @@ def run(cfg, options: DetectOptions) -> dict:
         argv = None if options.argv is None else list(options.argv)
         record = provenance.collect(cfg, argv, comm.get_world_size())
         provenance.write(cfg.OUTPUT_DIR, record)
-    setup_logging(("detectron2", "fvcore", "transfer", "d2"), Path(cfg.OUTPUT_DIR) / "log.txt",
+    setup_logging(LOGGERS, Path(cfg.OUTPUT_DIR) / "log.txt",
                   console=not options.quiet, main=comm.is_main_process())
     if record is not None:
         logger.info(f"provenance: {Path(cfg.OUTPUT_DIR, 'provenance.json')}")
-    if not options.eval_only:
-        _, lines = rescale_for_world_size(cfg, comm.get_world_size())
-        logger.info(lines[0])
-        for line in lines[1:]:
-            logger.warning(line)
-    if options.trials is None:
-        return _run_once(cfg, options)
-    return _run_trials(cfg, options, record)
+    try:
+        if not options.eval_only:
+            _, lines = rescale_for_world_size(cfg, comm.get_world_size())
+            logger.info(lines[0])
+            for line in lines[1:]:
+                logger.warning(line)
+        if options.trials is None:
+            return _run_once(cfg, options)
+        return _run_trials(cfg, options, record)
+    finally:
+        close_log_files(LOGGERS)
 
 
 def _run_trials(cfg, options: DetectOptions, record: dict | None) -> dict:

@@ -66,7 +66,7 @@ from ..utils.dist import any_across_ranks, get_rank, get_world_size, is_main_pro
 from ..utils.env import seed_all
 from ..utils.io import atomic_write_text
 from ..utils.lock import run_lock
-from ..utils.logger import setup_logging
+from ..utils.logger import close_log_files, setup_logging
 from ..utils.provenance import collect_pretrain
 from ..utils.provenance import write as write_provenance
 from ..utils.tracking import check_wandb
@@ -116,6 +116,7 @@ def train(cfg, resume: bool = False, extra_hooks: Sequence[HookBase] = ()) -> di
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
         held.close()
+        close_log_files(["pretrain"])
 
 
 class PretrainTrainer(TrainerBase):

@@ -37,3 +37,17 @@ def setup_logging(names: Iterable[str], log_file: str | Path | None = None, *,
         log.propagate = False
         for h in handlers:
             log.addHandler(h)
+
+
+def close_log_files(names: Iterable[str]) -> None:
+    """Detach and close the log files ``setup_logging`` gave these loggers; their console
+    handlers stay. A run's log file ends with the run: a later record of the same process
+    (the next job of an in-process study, a library that re-configures logging and closes every
+    handler, as ``submitit`` does when imported) must not reopen a finished run's ``log.txt``,
+    whose folder may be gone by then."""
+    for name in names:
+        log = logging.getLogger(name)
+        for h in list(log.handlers):
+            if getattr(h, _MARK, False) and isinstance(h, logging.FileHandler):
+                log.removeHandler(h)
+                h.close()
