@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"feataug {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parse_args(parser, rest)
+    if getattr(args, "config_file", ""):  # configs/... names a packaged config from any folder
+        from feataug import find_config
+
+        args.config_file = str(find_config(args.config_file))
     from pretrain.errors import FeatAugError, TrainingError  # here: --help stays free of torch
 
     if hasattr(sys.stdout, "reconfigure"):  # non-ASCII names print on an ASCII console too

@@ -100,6 +100,12 @@ def test_FEATAUG_CONFIGS_is_where_configs_are_looked_up(tmp_path, monkeypatch, c
     assert cli_main(["study", "--grid", "configs/study/g.yaml", "--dry-run", "--out",
                      str(tmp_path / "o")]) == 0
     assert "11 runs x 2 seeds" in capsys.readouterr().out
+    # every --config-file is looked up the same way: the error names the file found
+    (mine / "pretrain" / "bad.yaml").write_text("NO_SUCH_KEY: 1\n")
+    for command in (["pretrain"], ["detect"], ["lincls", "--random-init"]):
+        assert cli_main([*command, "--config-file", "configs/pretrain/bad.yaml"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(mine / "pretrain" / "bad.yaml") in err, err
 
     (elsewhere / "configs" / "study").mkdir(parents=True)  # a file in the working folder wins
     (elsewhere / "configs" / "study" / "g.yaml").write_text("x: 1\n")
