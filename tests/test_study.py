@@ -135,6 +135,11 @@ blocks:
     ("blocks: [{name: a, axes: {MODEL.METHOD: [moco, sarsa]}}]\n", "MODEL.METHOD 'sarsa'"),
     ("blocks: [{name: a}]\nprepare: [imagenet]\n", "unknown dataset 'imagenet'"),
     ("blocks: [{name: a, variants: {off: {FA.ENABLED: false}}}]\n", "variant name False"),
+    # counts that size a list or a process pool are capped (no out-of-memory from a grid)
+    ("seeds: 100000000\nblocks: [{name: a}]\n", "seeds must be an integer from 1 to 1000, "
+     "got 100000000"),
+    ("seeds: 0\nblocks: [{name: a}]\n", "seeds must be an integer from 1 to 1000, got 0"),
+    ("jobs: 1000000000\nblocks: [{name: a}]\n", "jobs must be an integer from 1 to 1000"),
 ])
 def test_bad_grids_are_refused_with_the_file_named(tmp_path, body, message):
     path = write_grid(tmp_path, body)
@@ -171,6 +176,14 @@ def test_cli_dry_run_and_error_line(tmp_path, capsys):
     bad = write_grid(tmp_path, "blocks: 3\n", "bad.yaml")
     line = refused(capsys, ["study", "--grid", bad], keep=[tmp_path])
     assert line == f"feataug study: error: {bad}: `blocks:` must be a non-empty list"
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--jobs"])
+def test_absurd_counts_on_the_command_line_are_refused(tmp_path, capsys, flag):
+    # (1001, not 10**8: were the cap gone, this test must not exhaust the memory itself)
+    line = refused(capsys, ["study", "--grid", write_grid(tmp_path, SMALL), "--dry-run", flag,
+                            "1001"], keep=[tmp_path], out="")
+    assert line == f"feataug study: error: {flag} must be from 1 to 1000, got 1001"
 
 
 @pytest.mark.parametrize("in_grid", [False, True])

@@ -135,11 +135,32 @@ def test_grid_slurm_defaults_and_flags(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ("slurm: {gpus: 8}\n", "slurm: unknown key(s) ['gpus']"),
-    ("slurm: {nodes: 0}\n", "slurm.nodes must be an integer >= 1, got 0"),
-    ("slurm: {time: '1:00:00'}\n", "slurm.time must be an integer >= 1, got '1:00:00'"),
+    ("slurm: {nodes: 0}\n", "slurm.nodes must be an integer from 1 to 100000, got 0"),
+    ("slurm: {nodes: 100000000000000000000000}\n", "slurm.nodes must be an integer from 1 to "
+     "100000, got 100000000000000000000000"),
+    ("slurm: {time: 525601}\n", "slurm.time must be an integer from 1 to 525600, got 525601"),
+    ("slurm: {time: '1:00:00'}\n", "slurm.time must be an integer from 1 to 525600, got "
+     "'1:00:00'"),
     ("slurm: {partition: ''}\n", "slurm.partition must be a non-empty string"),
-    ("slurm: {gpus_per_node: true}\n", "slurm.gpus_per_node must be an integer >= 0"),
-    ("slurm: {args: {nodes: 2}}\n", "slurm.args.nodes: set it as slurm.nodes"),
+    ("slurm: {gpus_per_node: true}\n", "slurm.gpus_per_node must be an integer from 0 to 256"),
+    ("slurm: {gpus_per_node: 257}\n", "slurm.gpus_per_node must be an integer from 0 to 256"),
+    ("slurm: {args: {nodes: 2}}\n", "slurm.args.nodes: set it as slurm.nodes or --nodes"),
+    ("slurm: {args: {part: gpu}}\n", "slurm.args.part: set it as slurm.partition or "
+     "--partition"),  # sbatch reads an unambiguous abbreviation as the option
+    # the keys --slurm-arg refuses
+    ("slurm: {args: {1: x}}\n", "slurm.args.1: not an sbatch option name"),
+    ("slurm: {args: {'mem per': 4G}}\n", "slurm.args.mem per: not an sbatch option name"),
+    # the options the study sets
+    ("slurm: {args: {array: 0-9999}}\n", "slurm.args.array: the study sets --array itself"),
+    ("slurm: {args: {arr: 0-9999}}\n", "slurm.args.arr: the study sets --array itself"),
+    ("slurm: {args: {job-name: x}}\n", "slurm.args.job-name: the study sets --job-name itself"),
+    ("slurm: {args: {output: /x}}\n", "slurm.args.output: the study sets --output itself"),
+    ("slurm: {args: {error: /x}}\n", "slurm.args.error: the study sets --error itself"),
+    ("slurm: {args: {signal: 'USR1@1'}}\n", "slurm.args.signal: the study sets --signal itself"),
+    ("slurm: {args: {open_mode: truncate}}\n", "slurm.args.open_mode: the study sets "
+     "--open-mode itself"),
+    ("slurm: {args: {ntasks-per-node: 1}}\n", "slurm.args.ntasks-per-node: the study sets "
+     "--ntasks-per-node itself"),
     ("slurm: {args: {exclusive: false}}\n", "slurm.args.exclusive must be a number, a non-"),
     ("slurm: [1]\n", "slurm must be a mapping"),
 ])
@@ -150,12 +171,25 @@ def test_bad_slurm_mappings_are_refused(tmp_path, body, message):
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
 
 
+def test_sbatch_options_named_like_the_studys_own_are_kept():
+    """``gpus`` and ``ntasks`` are sbatch options of their own, not abbreviations."""
+    flags = argparse.Namespace(nodes=None, gpus_per_node=None, partition=None, time=None,
+                               account=None, slurm_arg=["gpus=4", "ntasks=8", "mem-per-gpu=8G"])
+    assert slurm.resources({}, flags)["args"] == {"gpus": "4", "ntasks": "8",
+                                                  "mem_per_gpu": "8G"}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--nodes", "2"], "--nodes: only with --slurm"),
     (["--collect", "--partition", "p"], "--collect, --partition: only with --slurm"),
-    (["--slurm", "--time", "0"], "--time must be >= 1, got 0"),
-    (["--slurm", "--slurm-arg", "gpus-per-node=2"], "--slurm-arg 'gpus-per-node=2': use "
-     "--gpus-per-node"),
+    (["--slurm", "--time", "0"], "--time must be from 1 to 525600, got 0"),
+    (["--slurm", "--nodes", str(10**23)], f"--nodes must be from 1 to 100000, got {10**23}"),
+    (["--slurm", "--slurm-arg", "gpus-per-node=2"], "--slurm-arg 'gpus-per-node=2': set it as "
+     "slurm.gpus_per_node or --gpus-per-node"),
+    (["--slurm", "--slurm-arg", "array=0-9999"], "--slurm-arg 'array=0-9999': the study sets "
+     "--array itself"),
+    (["--slurm", "--slurm-arg", "mem per=4G"], "--slurm-arg 'mem per=4G': not an sbatch option "
+     "name (a letter, then letters, digits, - or _)"),
     (["--slurm", "--slurm-arg", "=x"], "--slurm-arg '=x': expected KEY=VALUE (or KEY alone "
      "for an sbatch option without a value)"),
     (["--slurm", "--collect", "--dry-run"], "--collect and --dry-run: choose one"),
@@ -189,6 +223,70 @@ def test_without_slurm_the_submission_is_refused_before_anything_is_written(tmp_
 
 
 # ----------------------------------------------------------------------------- sbatch script
+def _yaml_string(text: str) -> str:
+    return json.dumps(text)  # a YAML double-quoted string: "\n" is a newline
+
+
+@pytest.mark.parametrize("slurm_map, flags, where", [
+    ("{args: {comment: %s}}", [], "{path}: slurm.args.comment"),
+    ("{args: {%s: x}}", [], "{path}: slurm.args[%r]"),
+    ("{partition: %s}", [], "{path}: slurm.partition"),
+    ("{account: %s}", [], "{path}: slurm.account"),
+    (None, ["--slurm-arg", "comment=%s"], "--slurm-arg %r"),
+    (None, ["--slurm-arg", "%s"], "--slurm-arg %r"),
+    (None, ["--partition", "%s"], "--partition"),
+    (None, ["--account", "%s"], "--account"),
+])
+@pytest.mark.parametrize("control", ["\n", "\r", "\t", "\x7f"])
+def test_a_control_character_never_reaches_the_sbatch_script(tmp_path, capsys, slurm_map,
+                                                              flags, where, control):
+    """A newline in a string the sbatch script holds would end its ``#SBATCH`` line and run
+    the rest: refused, from the grid or a flag, in one line naming the key."""
+    pytest.importorskip("submitit")
+    marker = tmp_path / "PWNED"
+    payload = f"x{control}touch {marker} #"
+    body = f"slurm: {slurm_map % _yaml_string(payload)}\n" if slurm_map else ""
+    path = write_grid(tmp_path, body + SMALL)
+    flags = [f.replace("%s", payload) for f in flags]
+    line = refused(capsys, ["study", "--grid", path, "--out", tmp_path / "out", "--slurm",
+                            "--dry-run", *flags], keep=[tmp_path])
+    shown = where.format(path=path).replace("%r", repr(flags[-1] if flags else payload))
+    assert line == f"feataug study: error: {shown}: contains a control character"
+    assert not marker.exists()
+
+
+def test_the_job_name_and_the_log_folder_are_checked_too(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    path = write_grid(tmp_path, SMALL, "a\nb.yaml")
+    line = refused(capsys, ["study", "--grid", path, "--out", tmp_path / "out", "--slurm",
+                            "--dry-run"], keep=[tmp_path])
+    assert line.endswith(": the job name: contains a control character")
+    out = tmp_path / "o\nut"
+    line = refused(capsys, ["study", "--grid", write_grid(tmp_path, SMALL), "--out", out,
+                            "--slurm", "--dry-run"], keep=[tmp_path])
+    assert line == f"feataug study: error: --out {str(out)!r}: contains a control character"
+
+
+def test_shell_text_in_a_slurm_string_stays_inside_its_sbatch_line(tmp_path, capsys):
+    """Without a control character a hostile value is one quoted ``#SBATCH`` line: the script
+    runs nothing but submitit's command."""
+    pytest.importorskip("submitit")
+    marker = tmp_path / "PWNED"
+    payload = f"x'; touch {marker} # $(touch {marker}) `touch {marker}`"
+    path = write_grid(tmp_path, f"slurm: {{args: {{comment: {_yaml_string(payload)}}}}}\n"
+                      + SMALL)
+    assert cli_main(["study", "--grid", str(path), "--out", str(tmp_path / "out"), "--slurm",
+                     "--dry-run", "--slurm-arg", f"mail-user={payload}"]) == 0
+    script = capsys.readouterr().out.split("the sbatch script:\n", 1)[1].split(
+        "\njobs (array task", 1)[0]
+    commands = [line for line in script.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2 and commands[0] == "export SUBMITIT_EXECUTOR=slurm"
+    assert commands[1].startswith("srun ") and "touch" not in commands[1]
+    sbatch = [shlex.split(line) for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert ["#SBATCH", f"--comment={payload}"] in sbatch
+    assert ["#SBATCH", f"--mail-user={payload}"] in sbatch
+
+
 def test_dry_run_prints_the_sbatch_script_and_the_jobs(tmp_path, capsys, monkeypatch):
     """The script submitit would write for the array, against tests/data/study_slurm.sbatch
     (the output folder and the Python executable as placeholders); nothing is written."""

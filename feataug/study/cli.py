@@ -15,7 +15,7 @@ from pretrain.errors import FeatAugError
 
 from . import slurm
 from .disk import estimate, format_disk
-from .grid import Grid, StudyError, _fmt, load_grid
+from .grid import MAX_COUNT, Grid, StudyError, _fmt, check_text, load_grid
 from .jobs import run_study
 
 
@@ -69,10 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    if args.seeds is not None and args.seeds < 1:
-        raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.jobs is not None and args.jobs < 1:
-        raise StudyError(f"--jobs must be >= 1, got {args.jobs}")
+    for flag, value in (("--seeds", args.seeds), ("--jobs", args.jobs)):
+        if value is not None and not 1 <= value <= MAX_COUNT:
+            raise StudyError(f"{flag} must be from 1 to {MAX_COUNT}, got {value}")
     cluster_only = [flag for flag, value in (
         ("--collect", args.collect), ("--nodes", args.nodes is not None),
         ("--gpus-per-node", args.gpus_per_node is not None),
@@ -115,6 +114,9 @@ def main(args: argparse.Namespace) -> int:
         jobs = args.jobs or grid.jobs
         print(format_plan(grid, seeds))
         res = slurm.resources(grid.slurm, args) if args.slurm else None
+        if args.slurm:  # the job name and the log folder land in the sbatch script too
+            check_text(_job_name(args.grid), f"--grid {args.grid!r}: the job name")
+            check_text(str(out.absolute()), f"--out {str(out.absolute())!r}")
         if args.dry_run:
             text, warning = format_disk(estimate(grid, out, seeds), out, jobs)
             print(text)

@@ -27,10 +27,18 @@ EVAL_DEFAULTS = dict(train="", val="", format="folder", max_train=0, max_val=0,
 DETECTION_KEYS = {"config", "train", "test", "overrides", "trials"}
 GRID_KEYS = {"base", "seeds", "jobs", "prepare", "random_init", "overrides", "eval", "blocks",
              "description", "slurm"}
-# slurm: the defaults of `feataug study --slurm` (its flags win): key -> (type, least value);
-# ``args`` maps any other sbatch option to its value (``feataug.study.slurm``).
-SLURM_KEYS = {"nodes": (int, 1), "gpus_per_node": (int, 0), "time": (int, 1),
-              "partition": (str, None), "account": (str, None), "args": (dict, None)}
+# slurm: the defaults of `feataug study --slurm` (its flags win): key -> (type, least, most);
+# time in minutes (at most a year); ``args`` maps any other sbatch option to its value
+# (``feataug.study.slurm``).
+SLURM_KEYS = {"nodes": (int, 1, 100_000), "gpus_per_node": (int, 0, 256),
+              "time": (int, 1, 525_600), "partition": (str, None, None),
+              "account": (str, None, None), "args": (dict, None, None)}
+# sbatch options the study sets itself: submitit's array, logs and requeue signal, the job name,
+# one task per GPU; slurm.args / --slurm-arg may not change them
+STUDY_SBATCH = ("array", "output", "error", "open_mode", "signal", "job_name", "ntasks_per_node")
+# the most seeds, worker processes or detection trials a grid or a flag may ask for (each
+# sizes a list or a process pool)
+MAX_COUNT = 1000
 BLOCK_KEYS = {"name", "base", "overrides", "variants", "axes", "skip_invalid", "control"}
 
 
@@ -85,6 +93,37 @@ def _subst(value, data_root: str):
         return value.replace("{data}", data_root)
     if isinstance(value, list):
         return [_subst(v, data_root) for v in value]
+    return value
+
+
+def check_text(value: str, what: str) -> str:
+    """``value``; StudyError ``WHAT: contains a control character`` where it has one (in the
+    sbatch script a newline would end an ``#SBATCH`` line and start a shell command)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise StudyError(f"{what}: contains a control character")
+    return value
+
+
+def sbatch_option(key, what: str) -> str:
+    """``key`` of ``slurm.args`` or ``--slurm-arg`` as submitit spells it (``-`` -> ``_``);
+    StudyError ``WHAT: ...`` for a malformed name or an option the study sets, also abbreviated
+    (sbatch reads ``--arr`` as ``--array``; ``gpus`` and ``ntasks`` are options of their own)."""
+    name = str(key).strip().replace("-", "_")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise StudyError(f"{what}: not an sbatch option name (a letter, then letters, digits, "
+                         "- or _)")
+    for owner in [k for k in SLURM_KEYS if k != "args"] + list(STUDY_SBATCH):
+        if owner.startswith(name.lower()) and name.lower() not in ("gpus", "ntasks"):
+            flag = "--" + owner.replace("_", "-")
+            raise StudyError(f"{what}: set it as slurm.{owner} or {flag}" if owner in SLURM_KEYS
+                             else f"{what}: the study sets {flag} itself")
+    return name
+
+
+def _count(value, where: str, what: str) -> int:
+    """``value`` of the grid's ``what``, checked: an integer from 1 to ``MAX_COUNT``."""
+    _need(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT,
+          where, f"{what} must be an integer from 1 to {MAX_COUNT}, got {value!r}")
     return value
 
 
@@ -288,12 +327,11 @@ def _detection_spec(spec, grid_dir: Path, data_root: str, where: str) -> dict:
     config = Path(_subst(config, data_root))
     config = config if config.is_absolute() else grid_dir / config
     _need(config.is_file(), where, f"eval.detection.config {config} not found")
-    out = {"config": str(config.resolve()), "trials": spec.get("trials", 1),
+    out = {"config": str(config.resolve()),
+           "trials": _count(spec.get("trials", 1), where, "eval.detection.trials"),
            "overrides": {k: _subst(v, data_root)
                          for k, v in _mapping(spec.get("overrides"), where,
                                               "eval.detection.overrides").items()}}
-    _need(isinstance(out["trials"], int) and out["trials"] >= 1, where,
-          f"eval.detection.trials must be a positive integer, got {out['trials']!r}")
     for split in ("train", "test"):
         pair = _subst(spec.get(split), data_root)
         _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair),
@@ -304,26 +342,33 @@ def _detection_spec(spec, grid_dir: Path, data_root: str, where: str) -> dict:
 
 def _slurm_spec(spec, where: str) -> dict:
     """The checked ``slurm:`` mapping (``SLURM_KEYS``); ``args`` keys are spelt with ``_``, their
-    values become strings (``true``: an option without a value)."""
+    values become strings (``true``: an option without a value). Every string lands in the
+    sbatch script: a control character in one is refused."""
     spec = _mapping(spec, where, "slurm")
     unknown = set(spec) - set(SLURM_KEYS)
     _need(not unknown, where, f"slurm: unknown key(s) {sorted(unknown)}; allowed: "
           f"{sorted(SLURM_KEYS)} (any other sbatch option goes under slurm.args)")
     for key, value in spec.items():
-        kind, least = SLURM_KEYS[key]
+        kind, least, most = SLURM_KEYS[key]
         ok = isinstance(value, kind) and not isinstance(value, bool)
-        ok = ok and (least is None or value >= least) and (kind is not str or bool(value.strip()))
-        what = {int: f"an integer >= {least}", str: "a non-empty string", dict: "a mapping"}[kind]
+        ok = ok and (least is None or least <= value <= most) and (
+            kind is not str or bool(value.strip()))
+        what = {int: f"an integer from {least} to {most}", str: "a non-empty string",
+                dict: "a mapping"}[kind]
         _need(ok, where, f"slurm.{key} must be {what}, got {value!r}")
+        if kind is str:
+            check_text(value, f"{where}: slurm.{key}")
     args = {}
     for key, value in spec.get("args", {}).items():
-        name = str(key).replace("-", "_")
-        _need(name not in SLURM_KEYS, where, f"slurm.args.{key}: set it as slurm.{name}")
+        # the key as it reads, or its repr where that would not be one plain line
+        label = f"slurm.args.{key}" if str(key).isprintable() else f"slurm.args[{key!r}]"
+        check_text(str(key), f"{where}: {label}")
+        name = sbatch_option(key, f"{where}: {label}")
         ok = value is True or (isinstance(value, (str, int, float)) and not isinstance(value, bool)
                                and str(value).strip() != "")
-        _need(ok, where, f"slurm.args.{key} must be a number, a non-empty string or true (an "
+        _need(ok, where, f"{label} must be a number, a non-empty string or true (an "
               f"option without a value), got {value!r}")
-        args[name] = True if value is True else str(value)
+        args[name] = True if value is True else check_text(str(value), f"{where}: {label}")
     return {**spec, "args": args} if "args" in spec else spec
 
 
@@ -408,11 +453,7 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
     for name in prepare:
         _need(name in PREPARERS, where, f"prepare: unknown dataset {name!r}; "
               f"choose from {', '.join(PREPARERS)}")
-    seeds = top.get("seeds", 3)
-    _need(isinstance(seeds, int) and seeds >= 1, where,
-          f"seeds must be a positive integer, got {seeds!r}")
-    jobs = top.get("jobs", 1)
-    _need(isinstance(jobs, int) and jobs >= 1, where,
-          f"jobs must be a positive integer, got {jobs!r}")
+    seeds = _count(top.get("seeds", 3), where, "seeds")
+    jobs = _count(top.get("jobs", 1), where, "jobs")
     slurm = _slurm_spec(top.get("slurm"), where)
     return Grid(str(path), text, runs, axes, ev, seeds, prepare, jobs, slurm)

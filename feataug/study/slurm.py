@@ -22,7 +22,6 @@ warning signal requeues the same call, which resumes from ``last.pth`` as any re
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from pathlib import Path
 from pretrain.engine.launch import dist_env
 from pretrain.utils.io import atomic_write_text
 
-from .grid import SLURM_KEYS, Grid, StudyError
+from .grid import SLURM_KEYS, Grid, StudyError, check_text, sbatch_option
 from .jobs import Job, execute, finished, make_jobs, pretrain_and_evaluate
 from .report import write_reports
 
@@ -67,20 +66,21 @@ def resources(grid_spec: dict, args) -> dict:
         value = getattr(args, key)
         if value is None:
             continue
-        kind, least = SLURM_KEYS[key]
-        if (least is not None and value < least) or (kind is str and not value.strip()):
-            raise StudyError(f"{flag} must be " + (f">= {least}" if least is not None
+        kind, least, most = SLURM_KEYS[key]
+        if (least is not None and not least <= value <= most) or (
+                kind is str and not value.strip()):
+            raise StudyError(f"{flag} must be " + (f"from {least} to {most}" if least is not None
                                                    else "a non-empty string") + f", got {value!r}")
+        if kind is str:
+            check_text(value, flag)
         res[key] = value
     for item in args.slurm_arg or []:
-        key, eq, value = item.partition("=")
-        name = key.strip().replace("-", "_")
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or (eq and not value.strip()):
-            raise StudyError(f"--slurm-arg {item!r}: expected KEY=VALUE (or KEY alone for an "
-                             "sbatch option without a value)")
-        if name in FLAGS:
-            raise StudyError(f"--slurm-arg {item!r}: use {FLAGS[name]}")
-        res["args"][name] = value.strip() if eq else True
+        what = f"--slurm-arg {item!r}"
+        key, eq, value = check_text(item, what).partition("=")
+        if not key.strip() or (eq and not value.strip()):
+            raise StudyError(f"{what}: expected KEY=VALUE (or KEY alone for an sbatch option "
+                             "without a value)")
+        res["args"][sbatch_option(key, what)] = value.strip() if eq else True
     return res
 
 
