@@ -12,14 +12,17 @@ the linear layer (the protocols, DDP and resume are documented there).
 The evaluation's folder (``--output-dir``; default ``<checkpoint name>_lincls`` beside the
 checkpoint, ``OUTPUT_DIR/lincls_random_init`` for ``--random-init``) holds ``lincls.json`` (the
 result; ``--output`` puts it elsewhere), ``lincls_last.pth`` (``--resume`` continues from it),
-``config.yaml`` and ``provenance.json`` (the checkpoint's path, sha256 and format). Every
-refusal is one line, before anything is written; nothing is replaced without ``--overwrite``.
+``config.yaml`` and ``provenance.json`` (the checkpoint's path, sha256 and format). The folder
+must be new, empty or an evaluation's own (its ``provenance.json`` says so), and neither it nor
+the result may lie inside the data. Every refusal is one line, before anything is written;
+nothing is replaced without ``--overwrite``, and nothing lincls did not write even with it.
 Under ``torchrun`` every rank runs this; rank 0 writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -33,8 +36,8 @@ __all__ = ["add_arguments", "build_trunk", "main", "read_source", "run"]
 
 # a pretraining run's own files: an --output-dir holding them is refused (provenance.json and
 # config.yaml would be replaced)
-RUN_FILES = ("last.pth", "metrics.jsonl")
-# what the evaluation itself writes in its folder, besides the result
+RUN_FILES = ("last.pth", "checkpoint_*.pth", "metrics.jsonl")
+# what the evaluation itself writes in its folder, besides the result (and the folder's lock)
 OWN_FILES = ("lincls_last.pth", "provenance.json", "config.yaml")
 SUFFIXES = (".pth.tar", ".pth", ".pt", ".ckpt", ".torch", ".tar", ".pkl")
 
@@ -89,32 +92,48 @@ def _default_dir(args, cfg) -> Path:
     return ckpt.with_name(f"{stem}_lincls")
 
 
-def _check_outputs(args, out_dir: Path, result: Path) -> None:
+def _check_outputs(args, cfg, out_dir: Path, result: Path) -> None:
     """Refuse, before any work, a folder or result file that would lose data or could not be
-    written."""
-    from pretrain.lincls import RESULT_NAME, STATE_NAME
+    written: a folder that is not empty and not an evaluation's own
+    (:func:`pretrain.lincls_folder.evaluation_folder`), a result that is one of the
+    evaluation's files, and anything that is an input or lies inside the data."""
+    from pretrain.lincls import RESULT_NAME, STATE_NAME, split_roots
+    from pretrain.lincls_folder import evaluation_folder
     from pretrain.utils.io import check_output, check_output_folder
+    from pretrain.utils.lock import LOCK_NAME
 
-    check_output_folder(out_dir, ConfigError)
-    if out_dir.is_dir():
-        held = [n for n in RUN_FILES if (out_dir / n).exists()]
-        if held:
-            raise ConfigError(f"--output-dir {out_dir}: holds a pretraining run ({held[0]}); give "
-                              "another folder")
-    inputs = {"--checkpoint": args.checkpoint, "--config-file": args.config_file}
+    train, val = split_roots(cfg)
+    data = {"LINCLS.TRAIN_ROOT" if cfg.LINCLS.TRAIN_ROOT else "DATA.KNN_TRAIN_ROOT": train,
+            "LINCLS.VAL_ROOT" if cfg.LINCLS.VAL_ROOT else "DATA.KNN_VAL_ROOT": val}
+    check_output_folder(out_dir, ConfigError, flag="--output-dir", inputs=data)
+    # the lock and the temporaries of killed writes are no one's data
+    spare = [LOCK_NAME, *(f".{n}.*.tmp" for n in (*OWN_FILES, RESULT_NAME))]
+    held = sorted(p.name for p in out_dir.iterdir()
+                  if not any(fnmatch.fnmatch(p.name, s) for s in spare)) if out_dir.is_dir() else []
+    run = [n for n in held if any(fnmatch.fnmatch(n, r) for r in RUN_FILES)]
+    if run:
+        raise ConfigError(f"--output-dir {out_dir}: holds a pretraining run ({run[0]}); give "
+                          "another folder")
+    if held and not evaluation_folder(out_dir):
+        more = ", ..." if len(held) > 3 else ""
+        raise ConfigError(f"--output-dir {out_dir}: holds files feataug lincls did not write "
+                          f"({', '.join(held[:3])}{more}); give a new or empty folder")
     if args.resume:
         if not (out_dir / STATE_NAME).is_file():
             raise ConfigError(f"--resume: {out_dir / STATE_NAME}: no such file (nothing to "
                               "continue; drop --resume to start)")
     elif not args.overwrite:
-        held = [n for n in (STATE_NAME, RESULT_NAME) if (out_dir / n).exists()]
-        if held:
-            raise ConfigError(f"--output-dir {out_dir}: holds an evaluation ({held[0]}); "
+        found = [n for n in (STATE_NAME, RESULT_NAME) if (out_dir / n).exists()]
+        if found:
+            raise ConfigError(f"--output-dir {out_dir}: holds an evaluation ({found[0]}); "
                               "--resume continues it, --overwrite replaces it")
-    own = result == out_dir / RESULT_NAME
-    if result.parent.absolute() == out_dir.absolute() and result.name in OWN_FILES:
+    # links and ".." resolved: ev/../ev/lincls_last.pth is the state file
+    inside = result.parent.resolve() == out_dir.resolve()
+    if inside and result.name in (*OWN_FILES, LOCK_NAME):
         raise ConfigError(f"--output {result}: the evaluation writes its {result.name} there; "
                           "give another name")
+    inputs = {"--checkpoint": args.checkpoint, "--config-file": args.config_file, **data}
+    own = inside and result.name == RESULT_NAME  # --resume rewrites its own result
     check_output(result, inputs=inputs, overwrite=args.overwrite or (args.resume and own),
                  flag="--output" if args.output else "")
 
@@ -161,7 +180,7 @@ def run(args: argparse.Namespace, on_epoch: Callable[[int], None] | None = None)
     lincls.settings(cfg)  # a bad LINCLS key: refused before the outputs are looked at
     out_dir = _default_dir(args, cfg)
     result_path = Path(args.output) if args.output else out_dir / lincls.RESULT_NAME
-    _check_outputs(args, out_dir, result_path)
+    _check_outputs(args, cfg, out_dir, result_path)
     device, created = init_distributed(cfg)
     try:
         barrier()  # every rank has checked its outputs before rank 0 writes

@@ -13,7 +13,8 @@ from fvcore.common.config import CfgNode as CN
 
 from .errors import ConfigError, reason
 
-__all__ = ["ConfigError", "RESUME_FREE_KEYS", "config_differences", "get_cfg", "load_cfg"]
+__all__ = ["ConfigError", "RESUME_FREE_KEYS", "check_run_keys", "config_differences", "get_cfg",
+           "load_cfg"]
 
 
 _C = CN()
@@ -314,12 +315,26 @@ def load_cfg(config_file: str | None = None, opts=None, *, text: str | None = No
         merge_config_file(cfg, config_file)
     elif text is not None:
         try:
-            cfg.merge_from_other_cfg(cfg.load_cfg(text))
+            top = yaml.safe_load(text)
+            if isinstance(top, dict):  # else refused below, as a file is (_check_bases)
+                cfg.merge_from_other_cfg(cfg.load_cfg(text))
         except (*_MERGE_ERRORS, yaml.YAMLError) as e:
             raise ConfigError(f"{source}: {reason(e)}") from None
+        if not isinstance(top, dict):
+            what = "empty" if top is None else f"a {type(top).__name__}"
+            raise ConfigError(f"{source}: must map KEY: value at the top level (it is {what})")
     merge_overrides(cfg, opts)
     cfg.freeze()
     return cfg
+
+
+def check_run_keys(cfg) -> None:
+    """Raise :class:`ConfigError` for the keys every command uses that no run can work with:
+    ``SEED`` outside torch's 64-bit seeds, ``DATA.IMAGE_SIZE`` below 1."""
+    if not isinstance(cfg.SEED, int) or not 0 <= cfg.SEED < 2**63:
+        raise ConfigError(f"SEED {cfg.SEED} must be an integer in [0, 2**63)")
+    if not isinstance(cfg.DATA.IMAGE_SIZE, int) or cfg.DATA.IMAGE_SIZE < 1:
+        raise ConfigError(f"DATA.IMAGE_SIZE {cfg.DATA.IMAGE_SIZE} must be a positive integer")
 
 
 def flat_config(cfg, prefix: str = "") -> dict:

@@ -23,6 +23,7 @@ import gzip
 import logging
 import os
 import random
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .utils.io import walk_files
+from .utils.io import read_regular, walk_files
 
 logger = logging.getLogger("pretrain")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -51,7 +52,7 @@ def decode_image(path: str | os.PathLike) -> np.ndarray | None:
     refuses truncated files (returns ``None``) instead of padding them with gray.
     """
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
+        buf = np.frombuffer(read_regular(path), dtype=np.uint8)
         if buf.size == 0:
             return None
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -151,19 +152,12 @@ def read_list(list_file: str | os.PathLike) -> ImageFiles:
     return ImageFiles(paths, labels, [str(c) for c in range(n_cls)])
 
 
-def _open_maybe_gzip(path: Path):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzipped or not) into a numpy array with native byte order."""
     path = Path(path)
     try:
-        with _open_maybe_gzip(path) as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
+        data = read_regular(path)
+    except OSError as e:
         raise DataError(f"{path}: cannot read IDX file ({e})") from None
     return parse_idx(data, str(path))
 
@@ -175,7 +169,10 @@ def parse_idx(data: bytes, what: str) -> np.ndarray:
     sizes, then the values, big-endian, C order.
     """
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{what}: cannot decompress IDX file ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DataError(f"{what}: not an IDX file (bad magic number)")
     ndim = data[3]

@@ -54,6 +54,7 @@ same weights, bit for bit, as an uninterrupted one with the same process count.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,8 +63,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from pretrain.data import ResumableSampler, build_eval_dataset, collate, worker_init
-from pretrain.errors import CheckpointError, ConfigError
+from pretrain.config import check_run_keys
+from pretrain.data import (
+    ImageDataset,
+    ResumableSampler,
+    build_eval_dataset,
+    collate,
+    worker_init,
+)
+from pretrain.errors import CheckpointError, ConfigError, DataError
 from pretrain.evaluation import eval_loader, extract_sharded, labelled
 from pretrain.lincls_folder import (
     RESULT_NAME,
@@ -150,6 +158,7 @@ def settings(cfg) -> dict:
     steps = s["LINCLS.STEPS"]
     if any(not isinstance(m, int) or m < 1 for m in steps) or steps != sorted(set(steps)):
         raise ConfigError(f"LINCLS.STEPS {steps}: epochs must be increasing positive integers")
+    check_run_keys(cfg)
     return s
 
 
@@ -181,15 +190,46 @@ def split_roots(cfg) -> tuple[str, str]:
     return train_root, val_root
 
 
+class _Counted(ImageDataset):
+    """An :class:`ImageDataset` that marks every unreadable image it replaced (by the next
+    readable one) in a shared-memory mask, which loader workers write into too."""
+
+    def __init__(self, dataset: ImageDataset):
+        super().__init__(dataset.source, dataset.transform, dataset.max_tries)
+        self.unreadable = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()  # [N]
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        if out[2]:
+            self.unreadable[out[2]] = True
+        return out
+
+    def found(self) -> list[str]:
+        """The names of the unreadable images any rank met. Collective."""
+        mine = self.unreadable.nonzero().flatten().tolist()
+        return [self.source.name(i) for i in sorted(set().union(*all_gather_object(mine)))]
+
+
 def _datasets(cfg, augment: bool):
-    """(train set, val set, classes); every fault (no split, no labels) is one line."""
+    """(train set, val set, classes); every fault (no split, no labels, other classes in the
+    two folders) is one line."""
     train_root, val_root = split_roots(cfg)
     size = cfg.DATA.IMAGE_SIZE
     eval_tf = build_eval_transform(size)
-    train_set = build_eval_dataset(cfg, train_root,
-                                   build_train_transform(size) if augment else eval_tf)
-    val_set = build_eval_dataset(cfg, val_root, eval_tf)
+    train_set = _Counted(build_eval_dataset(cfg, train_root,
+                                            build_train_transform(size) if augment else eval_tf))
+    val_set = _Counted(build_eval_dataset(cfg, val_root, eval_tf))
     classes = max(labelled(train_set, train_root), labelled(val_set, val_root))
+    # a folder numbers its own class sub-folders by sorted name: with other names a label means
+    # another class in each split, so both must hold the same classes, as ImageNet's train and
+    # val do in both published protocols (list and IDX labels are the numbers written there)
+    train, val = train_set.classes, val_set.classes
+    if (cfg.DATA.KNN_FORMAT or cfg.DATA.FORMAT) == "folder" and train != val:
+        only = [sorted(set(a) - set(b)) for a, b in ((val, train), (train, val))]
+        names = [", ".join(o[:3]) + (" ..." if len(o) > 3 else "") or "none" for o in only]
+        raise DataError(f"{val_root} and {train_root}: the val and train splits have other "
+                        f"classes (only in val: {names[0]}; only in train: {names[1]}); "
+                        "labels are numbered by class folder name, so give both the same ones")
     return train_set, val_set, classes
 
 
@@ -255,8 +295,14 @@ def linear_eval(cfg, backbone: nn.Module, device: torch.device, progress: bool =
         _train(run, start, progress, on_epoch)
         top1, top5 = _evaluate(head, run["backbone"], val_set, device, run["dtype"],
                                min(batch, EVAL_BATCH), cfg.DATALOADER.NUM_WORKERS)
+    found = {"train": train_set.found(), "val": val_set.found()}
+    bad = found["train"] + found["val"]
+    if bad and is_main_process():  # each was replaced by the next readable image, as in pretraining
+        print(f"warning: {len(bad)} unreadable image(s) were replaced by the next readable one: "
+              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}", file=sys.stderr)
     return dict(top1=top1, top5=top5, **sizes, epochs=s["LINCLS.EPOCHS"], global_batch=batch,
-                lr=lr0, resumed_at=start, settings=s, history=history)
+                lr=lr0, resumed_at=start, settings=s, history=history,
+                unreadable_images={k: len(v) for k, v in found.items()})
 
 
 def _optimizer(s: dict, head: nn.Linear, lr: float) -> torch.optim.Optimizer:

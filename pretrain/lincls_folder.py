@@ -21,6 +21,7 @@ reads it; FeatAug reads it through :func:`pretrain.utils.safe_load.load_torch`):
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.checkpoint import rng_state, set_rng_state
-from pretrain.errors import CheckpointError, ConfigError
+from pretrain.errors import CheckpointError, ConfigError, reason
 from pretrain.utils.dist import (
     all_gather_object,
     any_across_ranks,
@@ -39,10 +40,28 @@ from pretrain.utils.dist import (
 )
 from pretrain.utils.io import atomic_torch_save, atomic_write_text
 
-__all__ = ["RESULT_NAME", "STATE_NAME", "load_state", "locked", "save_state", "start_folder"]
+__all__ = ["RESULT_NAME", "STATE_NAME", "evaluation_folder", "load_state", "locked",
+           "save_state", "start_folder"]
 
 STATE_NAME, RESULT_NAME = "lincls_last.pth", "lincls.json"
 STATE_KIND, STATE_VERSION = "feataug-lincls", 1
+# fields only the provenance.json of an evaluation has (start_folder): they mark its folder
+RECORD_FIELDS = ("checkpoint", "splits", "start_epoch")
+# the state's fields load_state reads, with their types
+STATE_FIELDS = {"epoch": int, "identity": dict, "head": dict, "optimizer": dict, "rng": list,
+                "history": list}
+
+
+def evaluation_folder(out: Path) -> bool:
+    """Whether ``out`` is the folder of an evaluation: its ``provenance.json`` is the record
+    :func:`start_folder` writes there before anything else (so also after a first epoch that
+    was interrupted). Anything else, a run's or a user's, is not ours to replace."""
+    path = out / "provenance.json"
+    try:  # is_file first: a named pipe would block the read
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):  # unreadable, not JSON
+        return False
+    return isinstance(record, dict) and all(k in record for k in RECORD_FIELDS)
 
 
 @contextlib.contextmanager
@@ -110,7 +129,8 @@ def save_state(path: Path, *, epoch: int, identity: dict, config: str, head: nn.
 
 def load_state(path: Path, ident: dict, head: nn.Linear, optimizer) -> tuple[int, list]:
     """Load ``path`` into ``head`` and ``optimizer`` and this rank's RNG states; returns
-    (epochs done, history). Refused, with one line, where its ``identity`` differs from
+    (epochs done, history). Refused, with one line naming the field, where a field is missing,
+    of another type or out of range, does not fit, or where its ``identity`` differs from
     ``ident`` (:func:`pretrain.lincls.identity`)."""
     from pretrain.utils.safe_load import UnsafeFileError, load_torch
 
@@ -123,23 +143,68 @@ def load_state(path: Path, ident: dict, head: nn.Linear, optimizer) -> tuple[int
         raise CheckpointError(str(e)) from None
     if not isinstance(st, dict) or st.get("kind") != STATE_KIND:
         raise CheckpointError(f"{path}: not a {STATE_NAME} written by feataug lincls")
-    saved = st.get("identity") or {}
-    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in ident.items() if saved.get(k) != v]
+    if st.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: field 'version' is {st.get('version')!r}; this FeatAug "
+                              f"reads version {STATE_VERSION}")
+    for field, kind in STATE_FIELDS.items():
+        if field not in st:
+            raise CheckpointError(f"{path}: field '{field}' is missing")
+        if not isinstance(st[field], kind) or isinstance(st[field], bool):
+            raise CheckpointError(f"{path}: field '{field}' is a {type(st[field]).__name__}, "
+                                  f"not {kind.__name__}")
+    saved = st["identity"]
+    diff = [f"{k} {saved.get(k)!r:.80} -> {v!r}" for k, v in ident.items()
+            if not _same(saved.get(k), v)]
     if diff:
         more = f" and {len(diff) - 2} more" if len(diff) > 2 else ""
         raise ConfigError(f"{path} was written with other settings ({'; '.join(diff[:2])}{more}): "
                           "resume with the same ones, or start afresh with --overwrite")
+    epoch, epochs, history = st["epoch"], ident["LINCLS.EPOCHS"], st["history"]
+    if not 1 <= epoch <= epochs:  # saved after each epoch: 1 .. EPOCHS
+        raise CheckpointError(f"{path}: field 'epoch' {epoch} is not in 1..{epochs}")
+    if len(history) != epoch or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{path}: field 'history' must hold one record per epoch done "
+                              f"({epoch}), not {len(history)}")
+    _check_head(path, st["head"], head)
+    for field, load in (("head", head.load_state_dict), ("optimizer", optimizer.load_state_dict),
+                        ("rng", lambda rngs: _set_rng(path, rngs))):
+        try:
+            load(st[field])
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: field '{field}' does not fit this evaluation "
+                                  f"({reason(e, with_type=True)})") from None
+    return epoch, list(history)
+
+
+def _same(saved, value) -> bool:
+    """``saved == value`` for an identity entry; False where the comparison itself fails (a
+    crafted file's tensor compared with a number)."""
     try:
-        head.load_state_dict(st["head"])
-        optimizer.load_state_dict(st["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: does not fit this evaluation "
-                              f"({str(e).strip().splitlines()[0]})") from None
-    rngs, world = st.get("rng") or [], get_world_size()
+        return bool(saved == value)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def _check_head(path: Path, saved: dict, head: nn.Linear) -> None:
+    """One line naming every key of the saved layer that is missing, extra or of another shape
+    (``load_state_dict``'s own message names none of them on its first line)."""
+    want = {k: list(v.shape) for k, v in head.state_dict().items()}
+    got = {k: list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+           for k, v in saved.items()}
+    diff = [f"{k} {got.get(k, 'missing')} (this evaluation's: {want.get(k, 'none')})"
+            for k in sorted(want.keys() | got.keys(), key=str) if got.get(k) != want.get(k)]
+    if diff:
+        raise CheckpointError(f"{path}: field 'head' does not fit this evaluation's "
+                              f"layer: {'; '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}")
+
+
+def _set_rng(path: Path, rngs: list) -> None:
+    """This rank's RNG states from every rank's (``rng``); another process count keeps the
+    current states, with a warning."""
+    world = get_world_size()
     if len(rngs) == world:
         set_rng_state(rngs[get_rank()])
     elif is_main_process():
-        print(f"warning: {path} was written by {len(rngs)} process(es), this run has {world}: "
-              "the float sums, hence the last bits, will differ from an uninterrupted run",
-              file=sys.stderr)
-    return int(st["epoch"]), list(st.get("history") or [])
+        print(f"warning: {path} was written by {len(rngs)} process(es), this run has "
+              f"{world}: the float sums, hence the last bits, will differ from an uninterrupted "
+              "run", file=sys.stderr)

@@ -417,6 +417,7 @@ ERROR_CASES = [
         "lacks 'area'",
     ),
     ("missing results file", "dt", GOOD_GT, None, [], "cannot read"),
+    ("results file a named pipe", "dt", GOOD_GT, "fifo", [], "not a regular file"),
     *[(f"GT annotation {key} {value!r}", "gt",
        {**GOOD_GT, "annotations": [{**GOOD_GT["annotations"][0], key: value}]}, [GOOD_DT], [], words)
       for key, value, words in [
@@ -433,12 +434,16 @@ ERROR_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.timeout(120)  # the named pipe case hangs where it regresses
 @pytest.mark.parametrize(
     "bad, gt, dts, extra, words", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES]
 )
 def test_cli_errors(tmp_path, capsys, bad, gt, dts, extra, words):
     gt_path = _write(tmp_path / "my_gt.json", gt)
-    dt_path = str(tmp_path / "my_dt.json") if dts is None else _write(tmp_path / "my_dt.json", dts)
+    dt_path = str(tmp_path / "my_dt.json") if dts in (None, "fifo") else \
+        _write(tmp_path / "my_dt.json", dts)
+    if dts == "fifo":  # nobody writes: reading it would block for ever
+        os.mkfifo(dt_path)
     out = tmp_path / "out" / "stats.json"
     rc = cli.main(
         ["coco-eval", "--gt", gt_path, "--results", dt_path, "--json-out", str(out), *extra]

@@ -174,6 +174,23 @@ def test_idx_corrupt_files_are_named(tmp_path):
     short.write_bytes(short.read_bytes()[:-3])
     with pytest.raises(DataError, match=f"{short}: IDX data has 29 bytes"):
         read_idx(short)
+    cut = tmp_path / "z-images-idx3-ubyte.gz"
+    cut.write_bytes(gzip.compress(short.read_bytes())[:-8])
+    with pytest.raises(DataError, match=f"{cut}: cannot decompress"):
+        read_idx(cut)
+
+
+@pytest.mark.timeout(60)
+def test_a_named_pipe_is_a_bad_file_not_a_hang(tmp_path):
+    """A pipe among the images (or given as the IDX file) would block the reader for ever."""
+    _png(tmp_path / "a.png", _smooth(seed=1))
+    os.mkfifo(tmp_path / "b_pipe.jpg")
+    src = load_source(str(tmp_path), "folder")
+    assert [decode_image(p) is None for p in src.paths] == [False, True]
+    assert ImageDataset(src, _identity)[1][2] == [1]  # replaced and reported like any bad file
+    os.mkfifo(tmp_path / "pipe-images-idx3-ubyte")
+    with pytest.raises(DataError, match="not a regular file"):
+        read_idx(tmp_path / "pipe-images-idx3-ubyte")
 
 
 # ----------------------------------------------------------------------------- bad files

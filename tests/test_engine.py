@@ -21,6 +21,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from conftest import refused
 
 from feataug import cli
 from pretrain.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint
@@ -470,3 +471,16 @@ def test_short_fashion_mnist_run_beats_its_untrained_trunk(tmp_path):
     assert knn[400] > knn[0] + 5, knn
 
 
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("DATA.IMAGE_SIZE", 0, "DATA.IMAGE_SIZE 0 must be a positive integer"),
+    ("SEED", 10**20, f"SEED {10**20} must be an integer in [0, 2**63)"),
+    ("SEED", -1, "SEED -1 must be an integer in [0, 2**63)"),
+])  # fmt: skip
+def test_a_seed_or_image_size_no_run_can_use_is_refused_before_anything_is_written(
+        tmp_path, capsys, key, value, words):
+    data = _images(tmp_path / "d", 8)
+    line = refused(capsys, ["pretrain", "--config-file", TINY, "DATA.ROOT", data, "OUTPUT_DIR",
+                            tmp_path / "o", *SMALL, key, value], keep=[tmp_path])
+    assert line.endswith(words), line

@@ -1,5 +1,6 @@
 """``pretrain.utils.io``: a Ctrl-C during a checkpoint write is raised after the write, and the
-file is then complete (truth: the object read back)."""
+file is then complete (truth: the object read back); an input that is a pipe or a device is
+refused without a byte read (truth: the call returns, pytest-timeout is the guard)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from pretrain.utils.io import atomic_torch_save, sigint_deferred
+from pretrain.utils.io import atomic_torch_save, read_regular, sigint_deferred
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +56,17 @@ def test_an_ignored_sigint_stays_ignored():
     with sigint_deferred():
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.timeout(60)
+def test_read_regular_refuses_a_pipe_a_device_and_a_folder_without_blocking(tmp_path):
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)  # nobody writes: a plain open() for reading would block for ever
+    for path in (pipe, "/dev/zero", tmp_path):
+        with pytest.raises(OSError, match="not a regular file"):
+            read_regular(path)
+    (tmp_path / "f.bin").write_bytes(b"\x00abc")
+    os.symlink(tmp_path / "f.bin", tmp_path / "link.bin")  # a link to a file is that file
+    assert read_regular(tmp_path / "f.bin") == read_regular(tmp_path / "link.bin") == b"\x00abc"
+    with pytest.raises(FileNotFoundError):
+        read_regular(tmp_path / "missing")

@@ -1,5 +1,7 @@
 """`feataug lincls` output: never the checkpoint or config it reads (by any path or link), an
-existing file only with ``--overwrite``, never a folder, all checked before the evaluation.
+existing file only with ``--overwrite``, never a folder, never the evaluation's state file or
+anything in the data, and never a folder holding files lincls did not write; all checked before
+the evaluation.
 
 Truth: the sha256 of every file under the run folder before and after each refusal, and an
 evaluation that fails the test if it is reached.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from test_engine import TINY, _images, _pretrain
 
 import pretrain.lincls as lincls
 from feataug import cli
+from pretrain.lincls_folder import RECORD_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,13 +88,14 @@ def test_an_existing_output_is_replaced_only_with_overwrite(run, tmp_path, capsy
     default = src / "last_lincls" / "lincls.json"  # the default output folder, beside it
     default.parent.mkdir()
     default.write_text("{}")
+    record = dict.fromkeys(RECORD_FIELDS, 0)  # an evaluation's folder (evaluation_folder)
+    (default.parent / "provenance.json").write_text(json.dumps(record))
     try:
         line = refused(capsys, argv[:3] + argv[5:], keep=[src, tmp_path])
         assert line.endswith(f"--output-dir {default.parent}: holds an evaluation (lincls.json); "
                              "--resume continues it, --overwrite replaces it")
     finally:
-        default.unlink()
-        default.parent.rmdir()
+        shutil.rmtree(default.parent)
     before = tree_hashes(src, other)
     ev = tmp_path / "ev"  # the evaluation's own folder, outside the run folder
     assert cli.main([str(a) for a in [*argv, "--overwrite", "--output-dir", ev]]) == 0
@@ -105,3 +110,66 @@ def test_output_that_is_a_folder(overwrite, run, tmp_path, capsys, no_eval):
     line = refused(capsys, ["lincls", "--checkpoint", src / "last.pth", "--output", tmp_path,
                             *overwrite, *_opts(data)], keep=[src, tmp_path])
     assert line.endswith(f"--output {tmp_path}: is a folder; give the output file's name")
+
+
+# ----------------------------------------------------------------------------- other files
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("files, words", [
+    ({"config.yaml": "precious\n", "provenance.json": "{}\n"},
+     "holds files feataug lincls did not write (config.yaml, provenance.json)"),
+    ({"checkpoint_0005.pth": "a pretraining checkpoint"}, "holds a pretraining run"),
+])  # fmt: skip
+def test_a_folder_lincls_did_not_write_is_refused(files, words, overwrite, run, tmp_path, capsys):
+    """Truth: the hashes of the folder's files (``refused``); the evaluation is not stopped
+    beforehand, so without the check it would replace them."""
+    data, src = run
+    det = tmp_path / "det"
+    det.mkdir()
+    for name, text in files.items():
+        (det / name).write_text(text)
+    line = refused(capsys, ["lincls", "--checkpoint", src / "last.pth", "--output-dir", det,
+                            *overwrite, *_opts(data)], keep=[det, src])
+    assert f"--output-dir {det}: {words}" in line, line
+
+
+def test_an_evaluation_folder_is_resumed_and_replaced_but_not_other_files(run, tmp_path):
+    """Its own folder (its provenance.json says so) takes --resume and --overwrite; a file
+    lincls never writes stays as it was."""
+    data, src = run
+    ev = tmp_path / "ev"
+    argv = ["lincls", "--checkpoint", src / "last.pth", "--output-dir", ev, *_opts(data)]
+    assert cli.main([str(a) for a in argv]) == 0
+    (ev / "notes.txt").write_text("mine")
+    for flag in ("--resume", "--overwrite"):
+        assert cli.main([str(a) for a in [*argv, flag]]) == 0
+    assert (ev / "notes.txt").read_text() == "mine" and (ev / "lincls.json").is_file()
+
+
+def test_the_state_file_is_never_the_output_under_another_spelling(run, tmp_path, capsys):
+    data, src = run
+    ev = tmp_path / "ev"
+    argv = ["lincls", "--checkpoint", src / "last.pth", "--output-dir", ev, *_opts(data)]
+    assert cli.main([str(a) for a in argv]) == 0
+    (tmp_path / "link").symlink_to(ev)
+    for dst in (ev / ".." / "ev" / "lincls_last.pth", tmp_path / "link" / "lincls_last.pth"):
+        line = refused(capsys, [*argv, "--output", dst, "--overwrite"], keep=[ev, src])
+        assert line.endswith(f"--output {dst}: the evaluation writes its lincls_last.pth there; "
+                             "give another name")
+
+
+@pytest.mark.parametrize("flag, where", [("--output", "a/000.jpg"), ("--output-dir", "."),
+                                         ("--output-dir", "a/new")])
+def test_no_output_goes_into_the_data(flag, where, run, capsys):
+    data, src = run
+    dst = data / where
+    line = refused(capsys, ["lincls", "--checkpoint", src / "last.pth", flag, dst, "--overwrite",
+                            *_opts(data)], keep=[data, src])
+    assert f"{flag} {dst}: is " in line and "the DATA.KNN_TRAIN_ROOT folder" in line, line
+
+
+def test_an_output_dir_that_is_a_file_names_the_flag(run, tmp_path, capsys, no_eval):
+    data, src = run
+    (tmp_path / "afile").write_text("x")
+    line = refused(capsys, ["lincls", "--checkpoint", src / "last.pth", "--output-dir",
+                            tmp_path / "afile", *_opts(data)], keep=[tmp_path])
+    assert line.endswith(f"--output-dir {tmp_path / 'afile'}: exists and is not a folder")

@@ -397,3 +397,91 @@ def test_bad_input_is_one_line_before_anything_is_written(files, tmp_path, capsy
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         line = refused(capsys, argv, keep=[tmp_path, data])
     assert words in line, line
+
+
+@pytest.mark.parametrize("train, val, words", [
+    (("b",), ("a", "b"), "(only in val: a; only in train: none)"),
+    (("a", "b"), ("a", "c"), "(only in val: c; only in train: b)"),
+])  # fmt: skip
+def test_splits_with_other_classes_are_refused(files, tmp_path, capsys, train, val, words):
+    """Each folder numbers its classes by sorted name: train b is 0, which val reads as a."""
+    _images(tmp_path / "train", 4, classes=train), _images(tmp_path / "val", 4, classes=val)
+    line = refused(capsys, ["lincls", "--checkpoint", files["moco"], "--output-dir",
+                            tmp_path / "ev", *_opts(tmp_path)], keep=[tmp_path])
+    assert f"{tmp_path / 'val'} and {tmp_path / 'train'}: the val and train splits have other " \
+        f"classes {words}" in line, line
+
+
+def test_unreadable_images_are_counted(files, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(files["data"], tmp_path / "data")
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "a" / "000.jpg").write_bytes(b"not a JPEG")
+    out = tmp_path / "ev"
+    assert cli.main(["lincls", "--checkpoint", str(files["moco"]), "--output-dir", str(out),
+                     *_opts(tmp_path / "data", "LINCLS.EPOCHS", 1)]) == 0
+    result = json.loads((out / "lincls.json").read_text())
+    assert result["unreadable_images"] == {"train": 1, "val": 1}
+    assert "warning: 2 unreadable image(s) were replaced" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("DATA.IMAGE_SIZE", 0, "DATA.IMAGE_SIZE 0 must be a positive integer"),
+    ("DATA.IMAGE_SIZE", -5, "DATA.IMAGE_SIZE -5 must be a positive integer"),
+    ("SEED", 10**20, f"SEED {10**20} must be an integer in [0, 2**63)"),
+])  # fmt: skip
+def test_a_bad_image_size_or_seed_is_refused_before_anything_is_written(files, tmp_path, capsys,
+                                                                         key, value, words):
+    line = refused(capsys, ["lincls", "--checkpoint", files["moco"], "--output-dir",
+                            tmp_path / "ev", *_opts(files["data"], key, value)],
+                   keep=[tmp_path, files["data"]])
+    assert line.endswith(words), line
+
+
+def test_a_stored_config_that_is_no_mapping_is_one_line(files, tmp_path, capsys):
+    ckpt = torch.load(files["feataug"], weights_only=True)
+    ckpt["config"] = "- 1\n- 2\n"
+    torch.save(ckpt, tmp_path / "list.pth")
+    line = refused(capsys, ["lincls", "--checkpoint", tmp_path / "list.pth", "--output-dir",
+                            tmp_path / "ev", *_opts(files["data"])], keep=[tmp_path])
+    assert line.endswith(f"{tmp_path / 'list.pth'} (its stored config): must map KEY: value at "
+                         "the top level (it is a list)"), line
+
+
+@pytest.fixture(scope="module")
+def one_epoch(files) -> Path:
+    """A finished one-epoch evaluation, for --resume from a crafted state."""
+    out = files["root"] / "one_epoch"
+    app.run(_args(["--checkpoint", files["moco"], "--output-dir", out,
+                   *_opts(files["data"], "LINCLS.EPOCHS", 1, "LINCLS.AUGMENT", "False")]))
+    return out
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(identity=[1]), "field 'identity' is a list, not dict"),
+    (dict(epoch="seven"), "field 'epoch' is a str, not int"),
+    (dict(epoch=None), "field 'epoch' is missing"),
+    (dict(epoch=-3), "field 'epoch' -3 is not in 1..1"),
+    (dict(head="x"), "field 'head' is a str, not dict"),
+    (dict(head={"weight": torch.zeros(3, 512), "bias": torch.zeros(3)}),
+     "field 'head' does not fit this evaluation's layer: bias [3] (this evaluation's: [2]); "
+     "weight [3, 512] (this evaluation's: [2, 512])"),
+    (dict(rng=["junk"]), "field 'rng' does not fit this evaluation (TypeError: "),
+    (dict(history=5), "field 'history' is a int, not list"),
+    (dict(optimizer={"state": {}, "param_groups": "x"}), "field 'optimizer' does not fit"),
+])  # fmt: skip
+def test_a_crafted_state_is_refused_naming_the_field(files, one_epoch, tmp_path, capsys, edit,
+                                                     words):
+    import shutil
+
+    out = tmp_path / "ev"
+    shutil.copytree(one_epoch, out)
+    state = _head(out)
+    for field, value in edit.items():
+        state.pop(field) if value is None else state.update({field: value})
+    torch.save(state, out / lincls.STATE_NAME)
+    line = refused(capsys, ["lincls", "--checkpoint", files["moco"], "--output-dir", out,
+                            "--resume", *_opts(files["data"], "LINCLS.EPOCHS", 1,
+                                               "LINCLS.AUGMENT", "False")], keep=[tmp_path])
+    assert f"{out / lincls.STATE_NAME}: {words}" in line, line

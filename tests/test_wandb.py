@@ -185,6 +185,28 @@ def test_wandb_mode_is_checked(tmp_path, capsys):
     assert tree_hashes(tmp_path / "o") == {str(tmp_path / "o"): "<absent>"}
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("WANDB_PROJECT", "lab/feataug", "contains '/'"),
+    ("WANDB_PROJECT", "p" * 129, "longer than 128 characters (129)"),
+    ("WANDB_GROUP", "a\nb", "contains '\\n'"),
+])  # fmt: skip
+def test_a_name_wandb_would_refuse_is_refused_before_anything_is_written(tmp_path, capsys, key,
+                                                                         value, words):
+    """Truth for the project: wandb's own settings validator refuses the same value."""
+    data = _images(tmp_path / "d", 8)
+    from test_engine import SMALL, TINY
+
+    line = refused(capsys, ["pretrain", "--config-file", TINY, "DATA.ROOT", data, "OUTPUT_DIR",
+                            tmp_path / "o", *SMALL, *WANDB_ON, f"LOGGER.{key}", value],
+                   keep=[tmp_path])
+    assert f"LOGGER.{key}" in line and words in line and not (tmp_path / "o").exists()
+    if key == "WANDB_PROJECT":
+        import wandb
+
+        with pytest.raises(Exception, match="Invalid project name"):
+            wandb.Settings(project=value)
+
+
 # ----------------------------------------------------------------------------- study jobs
 STUDY = """
 random_init: true

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 from pretrain.errors import DataError
+from pretrain.utils.io import read_regular
 
 __all__ = ["IOU_TYPES", "COCOEvalError", "check_gt", "check_iou_type", "check_unique_ids",
            "load_gt", "load_results", "read_json"]  # fmt: skip
@@ -45,8 +46,7 @@ class COCOEvalError(DataError, ValueError):
 def read_json(path: PathLike) -> Any:
     """The JSON document in ``path``; a file that cannot be read or parsed is one error line."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(read_regular(path))
     except OSError as e:
         raise COCOEvalError(f"{path}: cannot read: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -34,6 +34,7 @@ from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.structures import BoxMode
 
 from pretrain.errors import FeatAugError, reason
+from pretrain.utils.io import read_regular
 from transfer.coco_checks import COCOEvalError, check_gt
 from transfer.voc import DatasetError, parse_voc_xml
 
@@ -81,7 +82,7 @@ def datasets_root() -> Path:
 
 def _utf8_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file (OSError as raised); other bytes are one error line."""
-    data = path.read_bytes()
+    data = read_regular(path)
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -119,7 +120,7 @@ def _parse_voc_xml(path: str) -> tuple[tuple[int, int] | None, tuple[tuple, ...]
 @cache
 def _parse_voc_xml_cached(path: str, mtime_ns: int, size: int):
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
     except OSError as e:
         raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
     return parse_voc_xml(data, path)

@@ -49,6 +49,7 @@ from ..checkpoint import (
     remove_stale_temporaries,
     resume_run,
 )
+from ..config import check_run_keys
 from ..data import ResumableSampler, build_dataset, collate, worker_init
 from ..device_aug import augment
 from ..errors import ConfigError, DataError
@@ -96,6 +97,7 @@ def train(cfg, resume: bool = False, extra_hooks: Sequence[HookBase] = ()) -> di
     and on Ctrl-C a ``KeyboardInterrupt`` whose message says where the run stopped.
     """
     check_cfg(cfg)
+    check_run_keys(cfg)
     check_wandb(cfg)  # LOGGER.WANDB without wandb: refused before anything is written
     out = Path(cfg.OUTPUT_DIR)
     check_output_dir(out, resume)

@@ -1,12 +1,15 @@
 """File output: atomic (a reader sees the old file or the new one, never half of one), and
-checked before any work (:func:`check_output`: never an input, never a file unasked); and the
-one walk of an input folder (:func:`walk_files`)."""
+checked before any work (:func:`check_output`: never an input, never a file unasked); the
+one walk of an input folder (:func:`walk_files`); and the one read of an input file that cannot
+hang on a pipe (:func:`read_regular`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -78,6 +81,23 @@ def walk_files(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     return paths, skipped
 
 
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The bytes of the regular file ``path``. Anything else raises :class:`OSError` before a
+    byte is read: a named pipe would block the reader for ever, a device (``/dev/zero``) never
+    end. Opened non-blocking, so that opening a pipe cannot block either."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # closed by the file object from here on
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
     """Ctrl-C inside the block raises ``KeyboardInterrupt`` once the block is done.
@@ -114,16 +134,37 @@ def nearest_existing(path: str | os.PathLike) -> Path:
     return path if path.exists() else next(p for p in path.parents if p.exists())
 
 
-def check_output_folder(out: Path, error: type[Exception]) -> None:
-    """Refuse an OUTPUT_DIR ``out`` that is not a folder, or that cannot be created or written
-    (checked on ``out`` or its nearest existing parent), with ``error`` and one line."""
+def check_output_folder(out: Path, error: type[Exception], *, flag: str = "OUTPUT_DIR",
+                        inputs: dict[str, Any] | None = None) -> None:
+    """Refuse an output folder ``out`` that is not a folder, or that cannot be created or written
+    (checked on ``out`` or its nearest existing parent), or that is, or lies inside, one of
+    ``inputs`` (as for :func:`check_output`), with ``error`` and one line naming ``flag``."""
     if out.exists() and not out.is_dir():
-        raise error(f"OUTPUT_DIR {out}: exists and is not a folder")
+        raise error(f"{flag} {out}: exists and is not a folder")
     folder = out if out.exists() else nearest_existing(out)
     if not folder.is_dir():
-        raise error(f"OUTPUT_DIR {out}: cannot be created, {folder} is not a folder")
+        raise error(f"{flag} {out}: cannot be created, {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise error(f"OUTPUT_DIR {out}: no write permission in {folder}")
+        raise error(f"{flag} {out}: no write permission in {folder}")
+    clash = _input_clash(out, inputs)
+    if clash:
+        raise error(f"{flag} {out}: {clash}")
+
+
+def _input_clash(dst: Path, inputs: dict[str, Any] | None) -> str:
+    """Why ``dst`` may not be written: it is one of ``inputs`` (label -> path) under any spelling
+    or link, or lies inside one that is a folder (a dataset); "" if neither."""
+    for label, src in (inputs or {}).items():
+        if not src or not Path(src).exists():
+            continue
+        if Path(src).is_dir():  # links resolved: a linked spelling of the folder is inside it
+            real, folder = dst.resolve(), Path(src).resolve()
+            if real.is_relative_to(folder):
+                where = "is" if real == folder else "is inside"
+                return f"{where} the {label} folder {src}; give a path outside it"
+        elif dst.exists() and os.path.samefile(src, dst):
+            return f"the output is the {label} file {src}; give another name"
+    return ""
 
 
 def check_output(path: str | os.PathLike, *, inputs: dict[str, Any] | None = None,
@@ -131,16 +172,17 @@ def check_output(path: str | os.PathLike, *, inputs: dict[str, Any] | None = Non
                  ) -> None:
     """Refuse, before any work, an output file that could not be written or would lose data:
     a folder; one of ``inputs`` (label -> path, e.g. ``{"--checkpoint": c}``), under any
-    spelling or link; an existing file (or link) without ``overwrite``; a path whose folder is a
-    file or cannot be written. ``flag`` prefixes the path in the message (``--output F: ...``);
-    ``error``: the exception class (default :class:`~pretrain.errors.ConfigError`)."""
+    spelling or link, or a path inside one that is a folder (a dataset); an existing file (or
+    link) without ``overwrite``; a path whose folder is a file or cannot be written. ``flag``
+    prefixes the path in the message (``--output F: ...``); ``error``: the exception class
+    (default :class:`~pretrain.errors.ConfigError`)."""
     error, dst = error or ConfigError, Path(path)
     name = f"{flag} {dst}" if flag else str(dst)
     if dst.is_dir():
         raise error(f"{name}: is a folder; give the output file's name")
-    for label, src in (inputs or {}).items():
-        if src and dst.exists() and Path(src).exists() and os.path.samefile(src, dst):
-            raise error(f"{name}: the output is the {label} file {src}; give another name")
+    clash = _input_clash(dst, inputs)
+    if clash:
+        raise error(f"{name}: {clash}")
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise error(f"{name}: exists; use --overwrite to replace it")
     folder = next(p for p in dst.absolute().parents if p.exists())

@@ -28,16 +28,33 @@ __all__ = ["RUN_FILE", "WANDB_MISSING", "check_wandb", "open_run", "stored_run_i
 WANDB_MISSING = "LOGGER.WANDB is True but wandb is not installed: pip install 'feataug[wandb]'"
 WANDB_MODES = ("", "online", "offline", "disabled")
 RUN_FILE = "wandb_run.json"  # {"wandb_run_id": ...} in the run's output folder
+# What wandb.init refuses in a name, checked before a run writes anything: a project name
+# (wandb's settings validator) has at most 128 characters and none of these; no name holds a
+# control character.
+NAME_RULES = {"WANDB_PROJECT": ("/\\#?%:", 128), "WANDB_ENTITY": ("", None),
+              "WANDB_NAME": ("", None), "WANDB_GROUP": ("", None)}
 
 
 def check_wandb(cfg, where: str = "") -> None:
     """Raise :class:`ConfigError` for a ``LOGGER.WANDB_MODE`` that is not one of
-    ``WANDB_MODES``, and (:data:`WANDB_MISSING`) when ``LOGGER.WANDB`` is on and ``wandb``
-    cannot be imported. ``where`` (e.g. the config file) prefixes the mode's message."""
+    ``WANDB_MODES``, a name W&B would refuse (:data:`NAME_RULES`), and
+    (:data:`WANDB_MISSING`) when ``LOGGER.WANDB`` is on and ``wandb`` cannot be imported.
+    ``where`` (e.g. the config file) prefixes the key's message. Whether an online run has a
+    login is wandb's to say, at the run's start (:func:`open_run`)."""
+    at = f"{where}{': ' if where else ''}"
     mode = cfg.LOGGER.WANDB_MODE
     if mode not in WANDB_MODES:
-        raise ConfigError(f"{where}{': ' if where else ''}LOGGER.WANDB_MODE must be empty, "
-                          f"online, offline or disabled, got {mode!r}")
+        raise ConfigError(f"{at}LOGGER.WANDB_MODE must be empty, online, offline or disabled, "
+                          f"got {mode!r}")
+    for key, (banned, longest) in NAME_RULES.items():
+        value = cfg.LOGGER[key]
+        bad = sorted({c for c in value if c in banned or not c.isprintable()})
+        too_long = longest is not None and len(value) > longest
+        if too_long or bad:
+            why = (f"longer than {longest} characters ({len(value)})" if too_long
+                   else f"contains {', '.join(map(repr, bad))}")
+            raise ConfigError(f"{at}LOGGER.{key} {value[:40]!r}{'...' * (len(value) > 40)}: "
+                              f"{why}; W&B would refuse it")
     if not cfg.LOGGER.WANDB:
         return
     try:
@@ -83,8 +100,10 @@ def open_run(cfg, out: str | os.PathLike, resume: bool, job_type: str):
     try:
         run = wandb.init(**kwargs)
     except Exception as e:  # noqa: BLE001 - wandb's errors have no common base class
-        raise ConfigError(f"LOGGER.WANDB: wandb.init failed ({reason(e, with_type=True)}); log "
-                          "in (wandb login) or set LOGGER.WANDB_MODE offline") from e
+        hint = "" if mode in ("offline", "disabled") else \
+            "; log in (wandb login) or set LOGGER.WANDB_MODE offline"
+        raise ConfigError(f"LOGGER.WANDB: wandb.init failed ({reason(e, with_type=True)}){hint}") \
+            from e
     # a resumed run may change resume-free keys (DATALOADER.NUM_WORKERS, ...): allowed here
     run.config.update(flat_config(cfg), allow_val_change=True)
     return run
