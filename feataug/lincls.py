@@ -108,8 +108,12 @@ def _check_outputs(args, cfg, out_dir: Path, result: Path) -> None:
     check_output_folder(out_dir, ConfigError, flag="--output-dir", inputs=data)
     # the lock and the temporaries of killed writes are no one's data
     spare = [LOCK_NAME, *(f".{n}.*.tmp" for n in (*OWN_FILES, RESULT_NAME))]
-    held = sorted(p.name for p in out_dir.iterdir()
-                  if not any(fnmatch.fnmatch(p.name, s) for s in spare)) if out_dir.is_dir() else []
+    try:
+        held = sorted(p.name for p in out_dir.iterdir()
+                      if not any(fnmatch.fnmatch(p.name, s) for s in spare)) \
+            if out_dir.is_dir() else []
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out_dir}: cannot list it ({e.strerror or e})") from None
     run = [n for n in held if any(fnmatch.fnmatch(n, r) for r in RUN_FILES)]
     if run:
         raise ConfigError(f"--output-dir {out_dir}: holds a pretraining run ({run[0]}); give "

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .config import config_differences, load_cfg
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, reason
 from .utils.dist import all_gather_object, is_main_process, unwrap
 from .utils.env import seed_all
 from .utils.io import atomic_torch_save, atomic_write, check_output_folder
@@ -243,8 +243,8 @@ def resume_run(ckpt: dict, path: Path, model, optimizer, scaler, rank: int, worl
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: does not fit the model of this config ({first})") from None
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+    fields = [("scaler", scaler.load_state_dict)] if scaler.is_enabled() and ckpt.get("scaler") \
+        else []
     s = ckpt.get("sampler", {})
     if (s.get("dataset_size"), s.get("iters_per_epoch"), s.get("world_size")) != (
         data["size"], data["ipe"], world
@@ -253,9 +253,15 @@ def resume_run(ckpt: dict, path: Path, model, optimizer, scaler, rank: int, worl
                        f"{s.get('iters_per_epoch')} iterations/epoch, {s.get('world_size')} "
                        "processes: the data order will differ from an uninterrupted run")
     rngs = ckpt.get("rng") or []
-    if len(rngs) == world:
-        set_rng_state(rngs[rank])
+    if isinstance(rngs, list) and len(rngs) == world:
+        fields.append(("rng", lambda rngs: set_rng_state(rngs[rank])))
     else:
         seed_all(int(ckpt["iter"]) * 1000 + rank)
+    for field, load in fields:  # plain data a crafted file may shape in any way: one line
+        try:
+            load(ckpt[field])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: field '{field}' does not fit this run "
+                                  f"({reason(e, with_type=True)})") from None
     logger.info(f"resumed from {path} at iteration {ckpt['iter']} (epoch {ckpt['epoch']})")
     return int(ckpt["iter"]), set(ckpt.get("skipped", []))

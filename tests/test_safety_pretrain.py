@@ -164,6 +164,21 @@ def test_a_checkpoint_with_fields_of_the_wrong_type_is_one_line(finished_run, tm
     assert f"{tmp_path / 'bad.pth'}: " in line and words in line, line
 
 
+@pytest.mark.parametrize("rng", [["junk"], [{"python": 1}], [{}]], ids=["str", "int", "empty"])
+def test_a_resumed_checkpoint_whose_rng_does_not_fit_is_one_line(finished_run, tmp_path, capsys,
+                                                                 rng):
+    """``rng`` is plain data the schema check takes as any list: its inside is checked where it
+    is loaded."""
+    data, src = finished_run
+    out = _copy(src, tmp_path / "o")
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    ckpt["rng"] = rng
+    torch.save(ckpt, out / "last.pth")
+    line = refused(capsys, ["pretrain", "--config-file", TINY, "--resume", "DATA.ROOT", data,
+                            "OUTPUT_DIR", out, *SMALL, *RUN], keep=[out / "last.pth"])
+    assert f"{out / 'last.pth'}: field 'rng' does not fit this run" in line, line
+
+
 # ----------------------------------------------------------------------------- where a run writes
 @pytest.mark.parametrize("case", ["out in data", "out in data via a link", "out in knn",
                                   "data in out", "data in a finished run", "data in a locked run"])
