@@ -15,8 +15,9 @@ from pretrain.errors import FeatAugError
 
 from . import slurm
 from .disk import estimate, format_disk
-from .grid import MAX_COUNT, Grid, StudyError, _fmt, check_text, load_grid
+from .grid import MAX_COUNT, Grid, StudyError, _fmt, load_grid
 from .jobs import run_study
+from .sbatch import check_text
 
 
 def _add_slurm_arguments(parser: argparse.ArgumentParser) -> None:

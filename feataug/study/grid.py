@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.errors import ConfigError, FeatAugError, reason
+from pretrain.errors import ConfigError, reason
+
+from .errors import StudyError, need
+from .sbatch import slurm_spec
 
 RANDOM_INIT = "random-init"
 EVAL_DEFAULTS = dict(train="", val="", format="folder", max_train=0, max_val=0,
@@ -27,23 +30,10 @@ EVAL_DEFAULTS = dict(train="", val="", format="folder", max_train=0, max_val=0,
 DETECTION_KEYS = {"config", "train", "test", "overrides", "trials"}
 GRID_KEYS = {"base", "seeds", "jobs", "prepare", "random_init", "overrides", "eval", "blocks",
              "description", "slurm"}
-# slurm: the defaults of `feataug study --slurm` (its flags win): key -> (type, least, most);
-# time in minutes (at most a year); ``args`` maps any other sbatch option to its value
-# (``feataug.study.slurm``).
-SLURM_KEYS = {"nodes": (int, 1, 100_000), "gpus_per_node": (int, 0, 256),
-              "time": (int, 1, 525_600), "partition": (str, None, None),
-              "account": (str, None, None), "args": (dict, None, None)}
-# sbatch options the study sets itself: submitit's array, logs and requeue signal, the job name,
-# one task per GPU; slurm.args / --slurm-arg may not change them
-STUDY_SBATCH = ("array", "output", "error", "open_mode", "signal", "job_name", "ntasks_per_node")
 # the most seeds, worker processes or detection trials a grid or a flag may ask for (each
 # sizes a list or a process pool)
 MAX_COUNT = 1000
 BLOCK_KEYS = {"name", "base", "overrides", "variants", "axes", "skip_invalid", "control"}
-
-
-class StudyError(FeatAugError):
-    """A grid or output folder that cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +72,6 @@ class Grid:
         return next(r for r in self.runs if r.name == name)
 
 
-def _need(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise StudyError(f"{where}: {msg}")
-
-
 def _subst(value, data_root: str):
     """``{data}`` -> the dataset root, in strings and inside lists."""
     if isinstance(value, str):
@@ -96,39 +81,15 @@ def _subst(value, data_root: str):
     return value
 
 
-def check_text(value: str, what: str) -> str:
-    """``value``; StudyError ``WHAT: contains a control character`` where it has one (in the
-    sbatch script a newline would end an ``#SBATCH`` line and start a shell command)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise StudyError(f"{what}: contains a control character")
-    return value
-
-
-def sbatch_option(key, what: str) -> str:
-    """``key`` of ``slurm.args`` or ``--slurm-arg`` as submitit spells it (``-`` -> ``_``);
-    StudyError ``WHAT: ...`` for a malformed name or an option the study sets, also abbreviated
-    (sbatch reads ``--arr`` as ``--array``; ``gpus`` and ``ntasks`` are options of their own)."""
-    name = str(key).strip().replace("-", "_")
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
-        raise StudyError(f"{what}: not an sbatch option name (a letter, then letters, digits, "
-                         "- or _)")
-    for owner in [k for k in SLURM_KEYS if k != "args"] + list(STUDY_SBATCH):
-        if owner.startswith(name.lower()) and name.lower() not in ("gpus", "ntasks"):
-            flag = "--" + owner.replace("_", "-")
-            raise StudyError(f"{what}: set it as slurm.{owner} or {flag}" if owner in SLURM_KEYS
-                             else f"{what}: the study sets {flag} itself")
-    return name
-
-
 def _count(value, where: str, what: str) -> int:
     """``value`` of the grid's ``what``, checked: an integer from 1 to ``MAX_COUNT``."""
-    _need(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT,
+    need(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT,
           where, f"{what} must be an integer from 1 to {MAX_COUNT}, got {value!r}")
     return value
 
 
 def _mapping(obj, where: str, what: str) -> dict:
-    _need(obj is None or isinstance(obj, dict), where, f"{what} must be a mapping, got {obj!r}")
+    need(obj is None or isinstance(obj, dict), where, f"{what} must be a mapping, got {obj!r}")
     return dict(obj or {})
 
 
@@ -214,14 +175,14 @@ def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root:
     """(name, config_file, overrides, resolved cfg) of every valid run of one block."""
     block = _mapping(block, where, f"blocks[{index}]")
     unknown = set(block) - BLOCK_KEYS
-    _need(not unknown, where, f"blocks[{index}]: unknown key(s) {sorted(unknown)}; "
+    need(not unknown, where, f"blocks[{index}]: unknown key(s) {sorted(unknown)}; "
           f"allowed: {sorted(BLOCK_KEYS)}")
     bname = str(block.get("name", ""))
     bwhere = f"{where}: block {bname or index}"
     base = block.get("base", top.get("base"))
-    _need(isinstance(base, str) and base, bwhere, "no base config (`base:` in the grid or block)")
+    need(isinstance(base, str) and base, bwhere, "no base config (`base:` in the grid or block)")
     config_file = (grid_dir / base) if not Path(base).is_absolute() else Path(base)
-    _need(config_file.is_file(), bwhere, f"base config {config_file} not found")
+    need(config_file.is_file(), bwhere, f"base config {config_file} not found")
     try:  # a fault of the file itself is no combination's: skip_invalid does not apply
         _base_cfg(str(config_file))
     except ConfigError as e:
@@ -230,14 +191,14 @@ def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root:
               **_mapping(block.get("overrides"), bwhere, "overrides")}
     variants = _mapping(block.get("variants"), bwhere, "variants") or {"": {}}
     for vname in variants:
-        _need(isinstance(vname, str), bwhere, f"variant name {vname!r} is not a string (YAML "
+        need(isinstance(vname, str), bwhere, f"variant name {vname!r} is not a string (YAML "
               "reads off/no/yes/on as booleans: quote it)")
     axes = _mapping(block.get("axes"), bwhere, "axes")
     for key, values in axes.items():
-        _need(isinstance(values, list) and values, bwhere, f"axis {key} needs a non-empty list")
+        need(isinstance(values, list) and values, bwhere, f"axis {key} needs a non-empty list")
     skip_invalid = bool(block.get("skip_invalid", False))
     control = block.get("control")
-    _need(control is None or control in variants, bwhere,
+    need(control is None or control in variants, bwhere,
           f"control {control!r} is not one of the block's variants ({', '.join(variants)})")
 
     out, refused, used = [], {}, set()
@@ -270,7 +231,7 @@ def _expand_block(block: dict, index: int, grid_dir: Path, top: dict, data_root:
             name = _safe(".".join(p for p in parts if p))
             out.append((name, str(config_file), over, cfg, vname == control))
     for (key, value), why in refused.items():
-        _need((key, _fmt(value)) in used, bwhere, f"{key} value {value!r} is never valid: {why}")
+        need((key, _fmt(value)) in used, bwhere, f"{key} value {value!r} is never valid: {why}")
     return out
 
 
@@ -320,13 +281,13 @@ def _detection_spec(spec, grid_dir: Path, data_root: str, where: str) -> dict:
     """The checked ``eval.detection`` mapping, paths made absolute."""
     spec = _mapping(spec, where, "eval.detection")
     unknown = set(spec) - DETECTION_KEYS
-    _need(not unknown, where, f"eval.detection: unknown key(s) {sorted(unknown)}; "
+    need(not unknown, where, f"eval.detection: unknown key(s) {sorted(unknown)}; "
           f"allowed: {sorted(DETECTION_KEYS)}")
     config = spec.get("config")
-    _need(isinstance(config, str) and config, where, "eval.detection.config is required")
+    need(isinstance(config, str) and config, where, "eval.detection.config is required")
     config = Path(_subst(config, data_root))
     config = config if config.is_absolute() else grid_dir / config
-    _need(config.is_file(), where, f"eval.detection.config {config} not found")
+    need(config.is_file(), where, f"eval.detection.config {config} not found")
     out = {"config": str(config.resolve()),
            "trials": _count(spec.get("trials", 1), where, "eval.detection.trials"),
            "overrides": {k: _subst(v, data_root)
@@ -334,42 +295,10 @@ def _detection_spec(spec, grid_dir: Path, data_root: str, where: str) -> dict:
                                               "eval.detection.overrides").items()}}
     for split in ("train", "test"):
         pair = _subst(spec.get(split), data_root)
-        _need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair),
+        need(isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair),
               where, f"eval.detection.{split} must be [COCO json, image folder], got {pair!r}")
         out[split] = pair
     return out
-
-
-def _slurm_spec(spec, where: str) -> dict:
-    """The checked ``slurm:`` mapping (``SLURM_KEYS``); ``args`` keys are spelt with ``_``, their
-    values become strings (``true``: an option without a value). Every string lands in the
-    sbatch script: a control character in one is refused."""
-    spec = _mapping(spec, where, "slurm")
-    unknown = set(spec) - set(SLURM_KEYS)
-    _need(not unknown, where, f"slurm: unknown key(s) {sorted(unknown)}; allowed: "
-          f"{sorted(SLURM_KEYS)} (any other sbatch option goes under slurm.args)")
-    for key, value in spec.items():
-        kind, least, most = SLURM_KEYS[key]
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-        ok = ok and (least is None or least <= value <= most) and (
-            kind is not str or bool(value.strip()))
-        what = {int: f"an integer from {least} to {most}", str: "a non-empty string",
-                dict: "a mapping"}[kind]
-        _need(ok, where, f"slurm.{key} must be {what}, got {value!r}")
-        if kind is str:
-            check_text(value, f"{where}: slurm.{key}")
-    args = {}
-    for key, value in spec.get("args", {}).items():
-        # the key as it reads, or its repr where that would not be one plain line
-        label = f"slurm.args.{key}" if str(key).isprintable() else f"slurm.args[{key!r}]"
-        check_text(str(key), f"{where}: {label}")
-        name = sbatch_option(key, f"{where}: {label}")
-        ok = value is True or (isinstance(value, (str, int, float)) and not isinstance(value, bool)
-                               and str(value).strip() != "")
-        _need(ok, where, f"{label} must be a number, a non-empty string or true (an "
-              f"option without a value), got {value!r}")
-        args[name] = True if value is True else check_text(str(value), f"{where}: {label}")
-    return {**spec, "args": args} if "args" in spec else spec
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -392,13 +321,13 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
 
     path = Path(path)
     where = str(path)
-    _need(path.is_file(), where, "no such grid file")
+    need(path.is_file(), where, "no such grid file")
     text = path.read_text()
     top = _mapping(_parse_yaml(text, where), where, "the grid")
     unknown = set(top) - GRID_KEYS
-    _need(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
+    need(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
     blocks = top.get("blocks")
-    _need(isinstance(blocks, list) and blocks, where, "`blocks:` must be a non-empty list")
+    need(isinstance(blocks, list) and blocks, where, "`blocks:` must be a non-empty list")
     data_root = str(data_root or default_root())
 
     expanded, seen = [], {}
@@ -414,7 +343,7 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
             key = (config_file, _digest_cfg(cfg))
             if key in seen:  # the same run reached twice (e.g. FA off under several FA values)
                 continue
-            _need(name not in {n for n, *_ in expanded}, where,
+            need(name not in {n for n, *_ in expanded}, where,
                   f"two different runs are both named {name!r}; give the variants distinct names")
             seen[key] = name
             expanded.append((name, config_file, over, cfg, is_control))
@@ -439,21 +368,21 @@ def load_grid(path: str | os.PathLike, data_root: str | None = None) -> Grid:
 
     ev = {**EVAL_DEFAULTS, **_mapping(top.get("eval"), where, "eval")}
     unknown = set(ev) - set(EVAL_DEFAULTS)
-    _need(not unknown, where, f"eval: unknown key(s) {sorted(unknown)}; "
+    need(not unknown, where, f"eval: unknown key(s) {sorted(unknown)}; "
           f"allowed: {sorted(EVAL_DEFAULTS)}")
     ev = {k: _subst(v, data_root) for k, v in ev.items()}
     if ev["detection"] is None:
         del ev["detection"]  # (so that grids without it keep their job digests)
     else:
         ev["detection"] = _detection_spec(ev["detection"], path.parent, data_root, where)
-    _need(bool(ev["train"]) and bool(ev["val"]), where,
+    need(bool(ev["train"]) and bool(ev["val"]), where,
           "eval.train and eval.val (labelled splits) are required")
     prepare = top.get("prepare") or []
     prepare = [prepare] if isinstance(prepare, str) else list(prepare)
     for name in prepare:
-        _need(name in PREPARERS, where, f"prepare: unknown dataset {name!r}; "
+        need(name in PREPARERS, where, f"prepare: unknown dataset {name!r}; "
               f"choose from {', '.join(PREPARERS)}")
     seeds = _count(top.get("seeds", 3), where, "seeds")
     jobs = _count(top.get("jobs", 1), where, "jobs")
-    slurm = _slurm_spec(top.get("slurm"), where)
+    slurm = slurm_spec(top.get("slurm"), where)
     return Grid(str(path), text, runs, axes, ev, seeds, prepare, jobs, slurm)

@@ -30,9 +30,10 @@ from pathlib import Path
 from pretrain.engine.launch import dist_env
 from pretrain.utils.io import atomic_write_text
 
-from .grid import SLURM_KEYS, Grid, StudyError, check_text, sbatch_option
+from .grid import Grid, StudyError
 from .jobs import Job, execute, finished, make_jobs, pretrain_and_evaluate
 from .report import write_reports
+from .sbatch import SLURM_KEYS, check_text, sbatch_option
 
 INSTALL = "pip install 'feataug[cluster]'"
 # submitit's executor for the tasks: "slurm", or "local" (each task a local process: the tests)
