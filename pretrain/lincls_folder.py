@@ -38,7 +38,7 @@ from pretrain.utils.dist import (
     get_world_size,
     is_main_process,
 )
-from pretrain.utils.io import atomic_torch_save, atomic_write_text
+from pretrain.utils.io import atomic_torch_save, atomic_write_text, read_regular
 
 __all__ = ["RESULT_NAME", "STATE_NAME", "evaluation_folder", "load_state", "locked",
            "save_state", "start_folder"]
@@ -56,10 +56,9 @@ def evaluation_folder(out: Path) -> bool:
     """Whether ``out`` is the folder of an evaluation: its ``provenance.json`` is the record
     :func:`start_folder` writes there before anything else (so also after a first epoch that
     was interrupted). Anything else, a run's or a user's, is not ours to replace."""
-    path = out / "provenance.json"
-    try:  # is_file first: a named pipe would block the read
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):  # unreadable, not JSON
+    try:
+        record = json.loads(read_regular(out / "provenance.json"))
+    except (OSError, ValueError):  # absent, not a regular file, unreadable, not JSON
         return False
     return isinstance(record, dict) and all(k in record for k in RECORD_FIELDS)
 
